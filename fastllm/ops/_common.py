@@ -1,0 +1,106 @@
+"""Shared by the public ops: argument checks that name the argument, 2-D row views for the
+kernels, and the calls into fastllm._C (CPU directly; CUDA on the tensor's device and stream)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .. import _backend
+
+
+# ---- argument checks ---------------------------------------------------------------------------
+def check_tensor(name: str, t, *, floating: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on the same device")
+
+
+def check_normalized_shape(normalized_shape, x: torch.Tensor) -> list[int]:
+    """normalized_shape as a list of ints; x's trailing dimensions must equal it."""
+    if isinstance(normalized_shape, (int, torch.SymInt)):
+        normalized_shape = (normalized_shape,)
+    if isinstance(normalized_shape, torch.Size):
+        normalized_shape = tuple(normalized_shape)
+    if not isinstance(normalized_shape, Sequence) or not all(isinstance(d, int) for d in normalized_shape):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+    ns = [int(d) for d in normalized_shape]
+    if len(ns) == 0:
+        raise ValueError("normalized_shape must name at least one dimension")
+    if any(d < 0 for d in ns):
+        raise ValueError(f"normalized_shape must not contain negative sizes, got {tuple(ns)}")
+    if len(ns) > x.dim() or list(x.shape[x.dim() - len(ns):]) != ns:
+        raise ValueError(f"normalized_shape {tuple(ns)} does not match the trailing dimensions of input of shape "
+                         f"{tuple(x.shape)}")
+    return ns
+
+
+def check_param(name: str, t, x: torch.Tensor, shape: Sequence[int]) -> None:
+    """An optional per-feature parameter (weight, bias): a float tensor on x's device with `shape`."""
+    if t is None:
+        return
+    check_tensor(name, t)
+    check_same_device(name, t, "input", x)
+    if list(t.shape) != list(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (normalized_shape), got {tuple(t.shape)}")
+
+
+# ---- layouts -----------------------------------------------------------------------------------
+def as_rows(t: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """(rows, cols) view of t, cols = prod of the last k dims, with inner stride 1 and a row stride
+    >= cols; copies only when the strides do not allow such a view (e.g. a transposed or broadcast
+    input). Empty tensors keep their row and column counts."""
+    rows, cols = math.prod(t.shape[:t.dim() - k]), math.prod(t.shape[t.dim() - k:])
+    try:
+        v = t.view(rows, cols)
+    except RuntimeError:
+        return t.contiguous().view(rows, cols)
+    if (cols > 1 and v.stride(1) != 1) or (rows > 1 and v.stride(0) < cols):
+        return t.contiguous().view(rows, cols)
+    return v
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved per-row statistics (mean, rstd)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def numel_of(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+# ---- calls into fastllm._C ---------------------------------------------------------------------
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def code(t: torch.Tensor) -> int:
+    return _backend.DTYPE_CODES[t.dtype]
+
+
+def run_c(backend: str, name: str, device: torch.device, *args):
+    """Call fastllm._C.<backend>_<name>(*args); CUDA calls get the current stream of `device`
+    appended and run with that device current."""
+    ext = _backend.extension()
+    if backend == "cpu":
+        return getattr(ext, "cpu_" + name)(*args)
+    with torch.cuda.device(device):
+        return getattr(ext, "cuda_" + name)(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
+def cuda_workspace(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """Scratch memory for the weight-gradient partial sums of the CUDA norm backward kernels."""
+    n = _backend.extension().cuda_norm_bwd_workspace_floats(rows, cols)
+    return torch.empty(max(n, 1), dtype=torch.float32, device=device)
+
+
+def kernels():
+    """The fastllm.kernels package (Triton); only called once the dispatcher chose "triton"."""
+    return _backend._triton_status()[0]

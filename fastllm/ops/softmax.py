@@ -1,0 +1,107 @@
+"""fastllm.softmax: y = exp(x - max) / sum(exp(x - max)) along `dim`, fp32 accumulation.
+
+Backends: Triton (CUDA; CPU under TRITON_INTERPRET=1 when forced), C++ (CPU), torch reference.
+The kernels see (rows, cols) with cols = x.shape[dim]: `dim` is moved last (a copy unless it
+already is last), and the result keeps x's dimension order.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._dispatch import select
+from ._common import as_rows, check_tensor, code, kernels, ptr, run_c
+
+
+def _rows_fwd(x: torch.Tensor) -> torch.Tensor:
+    backend = select("softmax", x)
+    if backend == "triton":
+        return kernels().softmax.softmax_fwd(x)
+    if backend == "cpu":
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rows, cols = x.shape
+        run_c(backend, "softmax_fwd", x.device, ptr(x), x.stride(0), ptr(y), y.stride(0), rows, cols, code(x))
+        return y
+    return reference.softmax_fwd(x)
+
+
+def _rows_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    backend = select("softmax", y)
+    if backend == "triton":
+        return kernels().softmax.softmax_bwd(y, dy)
+    if backend == "cpu":
+        dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+        rows, cols = y.shape
+        run_c(backend, "softmax_bwd", y.device, ptr(y), y.stride(0), ptr(dy), dy.stride(0), ptr(dx), dx.stride(0),
+              rows, cols, code(y))
+        return dx
+    return reference.softmax_bwd(y, dy)
+
+
+def _empty_like_result(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """An uninitialised tensor laid out as the op returns it: contiguous with `dim` last, viewed back."""
+    moved = x.movedim(dim, -1)
+    return torch.empty(moved.shape, dtype=x.dtype, device=x.device).movedim(-1, dim)
+
+
+@torch.library.custom_op("fastllm::softmax", mutates_args=())
+def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    if x.numel() == 0:
+        return _empty_like_result(x, dim)
+    moved = x.movedim(dim, -1)
+    y = _rows_fwd(as_rows(moved))
+    return y.view(moved.shape).movedim(-1, dim)
+
+
+@_softmax.register_fake
+def _(x, dim):
+    return _empty_like_result(x, dim)
+
+
+@torch.library.custom_op("fastllm::softmax_backward", mutates_args=())
+def _softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
+    if y.numel() == 0:
+        return _empty_like_result(y, dim)
+    y_m, dy_m = y.movedim(dim, -1), dy.movedim(dim, -1)
+    dx = _rows_bwd(as_rows(y_m), as_rows(dy_m))
+    return dx.view(y_m.shape).movedim(-1, dim)
+
+
+@_softmax_backward.register_fake
+def _(y, dy, dim):
+    return _empty_like_result(y, dim)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+    ctx.dim = inputs[1]
+
+
+def _backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    return _softmax_backward(y, grad, ctx.dim), None
+
+
+_softmax.register_autograd(_backward, setup_context=_setup)
+
+
+def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Softmax of `x` along `dim` (any dimension, any size), as torch.softmax.
+
+    x: float32, float16 or bfloat16 tensor of any shape (float64 runs the torch reference).
+    dtype: if given, x is cast to it first (as torch.softmax's dtype argument).
+    Returns a tensor of x's shape and dtype; differentiable.
+    """
+    check_tensor("x", x)
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        x = x.to(dtype)
+    if not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    ndim = max(x.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for input of shape {tuple(x.shape)}, got {dim}")
+    if x.dim() == 0:
+        return _softmax(x.reshape(1), 0).reshape(())
+    return _softmax(x, dim % ndim)

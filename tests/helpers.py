@@ -1,0 +1,95 @@
+"""One set of helpers for every op test: devices and backends to run, and the tolerance rule.
+
+Tolerance rule (assert_close): fastllm's error against a float64 reference may be at most 2x the
+error of torch's own op in the same dtype (RMS over the tensor; the largest single error at most
+4x torch's), plus half an ulp of the values involved, so that an input where torch happens to be
+exact does not demand exactness."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastllm
+from fastllm import _backend
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
+
+# Backends each op can run on, per device type ("cpu-scalar": the C++ kernels with AVX2 switched off).
+_BACKENDS = {
+    "softmax": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},
+    "layer_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
+    "rms_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
+}
+
+
+def device_backends(op: str):
+    """pytest params (device, backend) for `op`; the CUDA ones skip, saying why, without a GPU."""
+    return [pytest.param(d, b, id=f"{d}-{b}", marks=[needs_cuda] if d == "cuda" else [])
+            for d in ("cpu", "cuda") for b in _BACKENDS[op][d]]
+
+
+@contextlib.contextmanager
+def running_on(backend: str):
+    """Force `backend` for the ops in this block ("cpu-scalar" also switches AVX2 off)."""
+    ext = _backend.extension()
+    if backend == "cpu-scalar":
+        ext.set_cpu_simd_enabled(False)
+        try:
+            with fastllm.use_backend("cpu"):
+                yield
+        finally:
+            ext.set_cpu_simd_enabled(True)
+    else:
+        with fastllm.use_backend(backend):
+            yield
+
+
+def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(RMS, max) of |out - ref| over positions where ref is finite; NaN/inf positions must agree."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN positions differ"
+    assert torch.equal(out[torch.isinf(ref)], ref[torch.isinf(ref)]), "inf positions differ"
+    if not finite.any():
+        return 0.0, 0.0
+    d = (out[finite] - ref[finite]).abs()
+    return d.square().mean().sqrt().item(), d.max().item()
+
+
+def assert_close(name: str, ours: torch.Tensor, torch_out: torch.Tensor, ref: torch.Tensor,
+                 scale: float | None = None) -> None:
+    """The tolerance rule. ours and torch_out are computed in the same dtype, ref in float64.
+
+    RMS error <= 2 x torch's RMS error + atol, and max error <= 4 x torch's max error + atol, with
+    atol = half an ulp of `scale` (default: the largest |ref|; gradients pass the magnitude of the
+    terms they combine, since their result may be much smaller than those terms)."""
+    assert ours.dtype == torch_out.dtype, (name, ours.dtype, torch_out.dtype)
+    (rms_o, max_o), (rms_t, max_t) = _errors(ours, ref), _errors(torch_out, ref)
+    if scale is None:
+        finite = ref[torch.isfinite(ref)]
+        scale = finite.abs().max().item() if finite.numel() else 0.0
+    atol = 0.5 * torch.finfo(ours.dtype).eps * max(scale, 1e-3)
+    assert rms_o <= 2 * rms_t + atol, f"{name}: RMS error {rms_o:.3g} > 2 x torch's {rms_t:.3g} + {atol:.3g}"
+    assert max_o <= 4 * max_t + atol, f"{name}: max error {max_o:.3g} > 4 x torch's {max_t:.3g} + {atol:.3g}"
+
+
+def norm_dx_scale(x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor | None, k: int, centered: bool) -> float:
+    """Magnitude of the terms a norm's dx combines, rstd * dy * w (dx itself may be far smaller)."""
+    xs = x.detach().double().flatten(-k) if k > 1 else x.detach().double()
+    if centered:
+        xs = xs - xs.mean(-1, keepdim=True)
+    rstd = xs.square().mean(-1).clamp_min(1e-30).rsqrt().max().item() if xs.numel() else 0.0
+    wmax = w.detach().abs().max().item() if w is not None and w.numel() else 1.0
+    dmax = dy.detach().abs().max().item() if dy.numel() else 0.0
+    return rstd * wmax * dmax
+
+
+def randn(shape, dtype, device, *, seed: int, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype).to(device)

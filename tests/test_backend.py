@@ -1,0 +1,91 @@
+"""Backend reporting, dispatch decisions, forcing, and the fallback when fastllm._C is missing."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastllm
+from fastllm import _backend
+
+
+def test_backends_report_every_backend_with_reasons():
+    info = fastllm.backends()
+    assert set(info) == {"cuda", "triton", "cpu", "torch"}
+    for name, entry in info.items():
+        assert isinstance(entry["available"], bool)
+        assert entry["available"] or entry["reason"], f"{name} is unavailable without a reason"
+    assert info["torch"]["available"]
+    if os.environ.get("FASTLLM_STRICT") == "1":
+        assert info["cpu"]["available"], info["cpu"]["reason"]
+        assert info["cpu"]["simd"] in ("avx2+fma", "scalar")
+
+
+def test_dispatch_log_records_choice_and_reasons():
+    fastllm.softmax(torch.randn(2, 3))
+    entry = fastllm.dispatch_log()["softmax"]
+    expected = "cpu" if _backend.extension() is not None else "torch"
+    assert entry["backend"] == expected
+    fastllm.rms_norm(torch.randn(2, 3, dtype=torch.float64), (3,))
+    entry = fastllm.dispatch_log()["rms_norm"]
+    assert entry["backend"] == "torch" and "float64" in entry["skipped"]["cpu"]
+
+
+def test_use_backend_forcing():
+    with fastllm.use_backend("torch"):
+        fastllm.layer_norm(torch.randn(2, 3), (3,))
+    assert fastllm.dispatch_log()["layer_norm"]["backend"] == "torch"
+    with pytest.raises(ValueError, match="cuda"):
+        with fastllm.use_backend("cuda"):
+            fastllm.layer_norm(torch.randn(2, 3), (3,))
+    with pytest.raises(ValueError, match="triton"):
+        with fastllm.use_backend("triton"):
+            fastllm.layer_norm(torch.randn(2, 3), (3,))  # no Triton layer norm
+    with pytest.raises(ValueError, match="name"):
+        with fastllm.use_backend("tpu"):
+            pass
+
+
+_BLOCK_EXTENSION = "import sys; sys.modules['fastllm._C'] = None\n"
+
+
+def _python(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_missing_extension_warns_once_and_falls_back():
+    code = _BLOCK_EXTENSION + (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastllm, fastllm.ops\n"
+        "    y = fastllm.rms_norm(torch.ones(2, 4), (4,))\n"
+        "print(len([x for x in w if 'fastllm._C' in str(x.message)]))\n"
+        "print(fastllm.dispatch_log()['rms_norm']['backend'])\n"
+        "print(fastllm.backends()['cpu']['available'])\n")
+    res = _python(code, FASTLLM_STRICT="0")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1", "torch", "False"]
+
+
+def test_strict_mode_refuses_fallback():
+    res = _python(_BLOCK_EXTENSION + "import fastllm\n", FASTLLM_STRICT="1")
+    assert res.returncode != 0 and "FASTLLM_STRICT" in res.stderr
+
+
+def test_c_extension_checks_its_arguments():
+    ext = _backend.extension()
+    if ext is None:
+        pytest.skip("fastllm._C is not built here")
+    x = torch.randn(4, 8)
+    y = torch.empty_like(x)
+    with pytest.raises(ValueError, match="dtype"):
+        ext.cpu_softmax_fwd(x.data_ptr(), 8, y.data_ptr(), 8, 4, 8, 7)
+    with pytest.raises(ValueError, match="x"):
+        ext.cpu_softmax_fwd(0, 8, y.data_ptr(), 8, 4, 8, 0)
+    with pytest.raises(ValueError, match="stride"):
+        ext.cpu_rms_norm_fwd(x.data_ptr(), 4, 0, y.data_ptr(), 8, 0, 4, 8, 1e-6, 0)
+    with pytest.raises(ValueError, match="cols"):
+        ext.cpu_layer_norm_fwd(x.data_ptr(), 8, 0, 0, y.data_ptr(), 8, 0, 0, 4, 0, 1e-5, 0)
