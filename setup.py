@@ -86,10 +86,12 @@ class NinjaBuildExt(build_ext):
         for src in cpp:
             obj = build_dir / (Path(src).relative_to(CSRC).as_posix().replace("/", "__") + ".o")
             extra = AVX2_FLAGS if src.endswith("_avx2.cpp") else []
-            jobs.append((str(obj), [cxx, *cxx_flags, *extra, *includes, *defines, "-c", src, "-o", str(obj)]))
+            jobs.append((str(obj), [cxx, *cxx_flags, *extra, *includes, *defines, "-MMD", "-MF", f"{obj}.d", "-c", src,
+                                    "-o", str(obj)]))
         for src in cu:
             obj = build_dir / (Path(src).relative_to(CSRC).as_posix().replace("/", "__") + ".o")
-            jobs.append((str(obj), [nvcc, *nvcc_flags, *includes, *defines, "-c", src, "-o", str(obj)]))
+            jobs.append((str(obj), [nvcc, *nvcc_flags, *includes, *defines, "-MD", "-MF", f"{obj}.d", "-c", src,
+                                    "-o", str(obj)]))
         self._compile_all(jobs, build_dir)
 
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
@@ -114,7 +116,8 @@ class NinjaBuildExt(build_ext):
             except ImportError:
                 ninja = None
         if ninja:
-            lines = ["rule run", "  command = $cmd", "  description = $desc", ""]
+            # header dependencies come from the compilers' depfiles (-MMD / -MD)
+            lines = ["rule run", "  command = $cmd", "  description = $desc", "  depfile = $out.d", "  deps = gcc", ""]
             for obj, cmd in jobs:
                 lines.append(f"build {obj}: run {cmd[-3]}")
                 lines.append("  cmd = " + " ".join(shlex.quote(a) for a in cmd).replace("$", "$$"))

@@ -1,0 +1,154 @@
+// Private to csrc/cpu: argument bundles shared by the scalar and AVX2 paths, the AVX2 entry
+// points (defined in *_avx2.cpp), element storage types, dtype/flag dispatch, and the fixed row
+// partition that makes the column reductions of the backward passes deterministic.
+//
+// Everything defined here (not just declared) has internal linkage, so a copy compiled into an
+// *_avx2.cpp file with -mavx2 can never be chosen by the linker for a scalar file.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../common/dtype.h"
+
+namespace fastllm::cpu {
+
+// layer_norm_fwd, rms_norm_fwd and add_rms_norm_fwd (r/s are set only for add_rms_norm; b and
+// mean only for layer_norm). Pointers other than x/y may be nullptr.
+struct NormFwdArgs {
+  const void* x; int64_t x_stride;
+  const void* r; int64_t r_stride;
+  void* s; int64_t s_stride;
+  const void* w; const void* b;
+  void* y; int64_t y_stride;
+  float* mean; float* rstd;
+  int64_t rows, cols;
+  float eps;
+  DType dt;
+};
+
+// layer_norm_bwd and rms_norm_bwd (mean only for layer_norm, dextra only for rms_norm).
+// part: nullptr, or nchunks zero-filled blocks of nparts * cols floats; chunk c (the rows
+// chunk_begin(c) .. chunk_begin(c + 1)) adds its rows' dy * xhat to block c [0, cols) and, for
+// layer_norm, its dy to [cols, 2 * cols). The caller sums the blocks in chunk order.
+struct NormBwdArgs {
+  const void* dy; int64_t dy_stride;
+  const void* x; int64_t x_stride;
+  const void* w;
+  const float* mean; const float* rstd;
+  const void* dextra; int64_t dextra_stride;
+  void* dx; int64_t dx_stride;
+  float* part; int64_t nchunks;
+  int64_t rows, cols;
+  DType dt;
+};
+
+// softmax_fwd: a = x, out = y.  softmax_bwd: a = y, b = dy, out = dx.
+struct SoftmaxArgs {
+  const void* a; int64_t a_stride;
+  const void* b; int64_t b_stride;
+  void* out; int64_t out_stride;
+  int64_t rows, cols;
+  DType dt;
+};
+
+namespace avx2 {  // rows >= 1 in all of these
+void layer_norm_fwd(const NormFwdArgs& a);
+void layer_norm_bwd(const NormBwdArgs& a);
+void rms_norm_fwd(const NormFwdArgs& a);  // add_rms_norm when a.r != nullptr
+void rms_norm_bwd(const NormBwdArgs& a);
+void softmax_fwd(const SoftmaxArgs& a);
+void softmax_bwd(const SoftmaxArgs& a);
+}  // namespace avx2
+
+namespace {
+
+// Below this many elements a call runs on one thread (an OpenMP fork costs more than the work).
+constexpr int64_t kParallelMinElems = int64_t(1) << 15;
+
+template <DType D>
+using storage_t = std::conditional_t<D == DType::F32, float, uint16_t>;
+
+template <DType D>
+inline const storage_t<D>* row_ptr(const void* p, int64_t stride, int64_t i) {
+  return static_cast<const storage_t<D>*>(p) + i * stride;
+}
+
+template <DType D>
+inline storage_t<D>* row_ptr(void* p, int64_t stride, int64_t i) {
+  return static_cast<storage_t<D>*>(p) + i * stride;
+}
+
+// f(std::integral_constant<DType, dt>{}): the dtype switch happens once per call.
+template <typename F>
+inline void dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f(std::integral_constant<DType, DType::F32>{}); break;
+    case DType::F16: f(std::integral_constant<DType, DType::F16>{}); break;
+    case DType::BF16: f(std::integral_constant<DType, DType::BF16>{}); break;
+  }
+}
+
+template <typename F>
+inline void dispatch_bool(bool v, F&& f) {
+  if (v) f(std::true_type{}); else f(std::false_type{});
+}
+
+// Number of row chunks of a backward pass: one per OpenMP thread (one for small problems).
+// Fixed before the parallel region, so the summation order never depends on thread timing.
+inline int64_t num_chunks(int64_t rows, int64_t cols) {
+  if (rows * cols < kParallelMinElems) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(rows, omp_get_max_threads()));
+}
+
+inline int64_t chunk_begin(int64_t rows, int64_t nchunks, int64_t c) { return rows * c / nchunks; }
+
+// out[j] = sum over c = 0 .. nchunks-1 (in that order) of part[c * stride + j].
+inline void reduce_chunks(const float* part, int64_t nchunks, int64_t stride, int64_t cols, float* out) {
+  std::copy(part, part + cols, out);
+  for (int64_t c = 1; c < nchunks; ++c) {
+    const float* p = part + c * stride;
+    for (int64_t j = 0; j < cols; ++j) out[j] += p[j];
+  }
+}
+
+// ---- scalar-path helpers (used by the plain .cpp files only) ----
+
+template <DType D>
+inline float to_float(storage_t<D> v) {
+  if constexpr (D == DType::F32) return v;
+  else if constexpr (D == DType::F16) return half_to_float(v);
+  else return bf16_to_float(v);
+}
+
+template <DType D>
+inline storage_t<D> from_float(float v) {
+  if constexpr (D == DType::F32) return v;
+  else if constexpr (D == DType::F16) return float_to_half(v);
+  else return float_to_bf16(v);
+}
+
+// sum_{j < n} f(j) in fp32: blocks of 1024 terms, each summed with 8 interleaved partial sums
+// (as the AVX2 paths do with 8-lane vectors), then the block sums are added. Keeps long rows
+// accurate and lets the compiler vectorise.
+template <typename F>
+inline float lane_sum(int64_t n, F&& f) {
+  constexpr int kLanes = 8;
+  constexpr int64_t kBlock = 1024;
+  float total = 0.0f;
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t end = std::min(n, j0 + kBlock);
+    float acc[kLanes] = {};
+    int64_t j = j0;
+    for (; j + kLanes <= end; j += kLanes)
+      for (int k = 0; k < kLanes; ++k) acc[k] += f(j + k);
+    for (int k = 0; j < end; ++j, ++k) acc[k] += f(j);
+    total += ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  }
+  return total;
+}
+
+}  // namespace
+}  // namespace fastllm::cpu
