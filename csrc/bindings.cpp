@@ -10,6 +10,7 @@
 #include "common/check.h"
 #include "common/cpu_features.h"
 #include "common/dtype.h"
+#include "common/memory.h"
 #include "cpu/ops.h"
 #if FASTLLM_WITH_CUDA
 #include "cuda/ops.h"
@@ -210,6 +211,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_use_avx2", &fastllm::cpu_use_avx2, "the AVX2/FMA paths are in use");
   m.def("set_cpu_simd_enabled", &fastllm::set_cpu_simd_enabled, py::arg("enabled"),
         "switch the AVX2/FMA paths off (False) to run the scalar paths, or back on");
+
+  m.def("advise_huge_pages", &fastllm::advise_huge_pages, py::arg("ptr"), py::arg("nbytes"),
+        "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of a fresh CPU buffer, before it is written");
 
   m.def("cpu_layer_norm_fwd", &cpu_layer_norm_fwd);
   m.def("cpu_layer_norm_bwd", &cpu_layer_norm_bwd);

@@ -14,8 +14,8 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ._common import (as_rows, check_normalized_shape, check_param, check_tensor, code, cuda_workspace, ptr, run_c,
-                      stat_dtype)
+from ._common import (as_rows, check_normalized_shape, check_param, check_tensor, code, cuda_workspace, new_output,
+                      ptr, run_c, stat_dtype)
 
 
 def _flat(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -32,7 +32,7 @@ def _layer_norm_fwd(x: torch.Tensor, normalized_shape: list[int], weight: Option
         y, mean, rstd = reference.layer_norm_fwd(x2, w, b, eps)
         return y.view(x.shape), mean, rstd
     rows, cols = x2.shape
-    y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+    y = new_output((rows, cols), x.dtype, x.device)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     run_c(backend, "layer_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(w), ptr(b), ptr(y), y.stride(0), ptr(mean),
@@ -59,7 +59,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
         dx, dw, db = reference.layer_norm_bwd(dy2, x2, w, mean, rstd)
     else:
         rows, cols = x2.shape
-        dx = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+        dx = new_output((rows, cols), x.dtype, x.device)
         dw = torch.empty(cols, dtype=torch.float32, device=x.device) if need_dweight else None
         db = torch.empty(cols, dtype=torch.float32, device=x.device) if need_dbias else None
         args = (ptr(dy2), dy2.stride(0), ptr(x2), x2.stride(0), ptr(w), ptr(mean), ptr(rstd), ptr(dx), dx.stride(0),

@@ -15,7 +15,7 @@ import torch
 from .. import reference
 from .._dispatch import select
 from ._common import (as_rows, check_normalized_shape, check_param, check_same_device, check_tensor, code,
-                      cuda_workspace, ptr, run_c, stat_dtype)
+                      cuda_workspace, new_output, ptr, run_c, stat_dtype)
 
 
 def _stats_like(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _rms_norm_fwd(x: torch.Tensor, normalized_shape: list[int], weight: Optional
         y, rstd = reference.rms_norm_fwd(x2, w, eps)
         return y.view(x.shape), rstd
     rows, cols = x2.shape
-    y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+    y = new_output((rows, cols), x.dtype, x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     run_c(backend, "rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(w), ptr(y), y.stride(0), ptr(rstd), rows,
           cols, eps, code(x))
@@ -61,8 +61,8 @@ def _add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[
         y, s, rstd = reference.add_rms_norm_fwd(x2, r2, w, eps)
         return y.view(x.shape), s.view(x.shape), rstd
     rows, cols = x2.shape
-    y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
-    s = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+    y = new_output((rows, cols), x.dtype, x.device)
+    s = new_output((rows, cols), x.dtype, x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     run_c(backend, "add_rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(r2), r2.stride(0), ptr(s), s.stride(0),
           ptr(w), ptr(y), y.stride(0), ptr(rstd), rows, cols, eps, code(x))
@@ -89,7 +89,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
         dx, dw = reference.rms_norm_bwd(dy2, x2, w, rstd, de2)
     else:
         rows, cols = x2.shape
-        dx = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+        dx = new_output((rows, cols), x.dtype, x.device)
         dw = torch.empty(cols, dtype=torch.float32, device=x.device) if need_dweight else None
         args = (ptr(dy2), dy2.stride(0), ptr(x2), x2.stride(0), ptr(w), ptr(rstd), ptr(de2),
                 0 if de2 is None else de2.stride(0), ptr(dx), dx.stride(0), ptr(dw))

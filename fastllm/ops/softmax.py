@@ -10,7 +10,7 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ._common import as_rows, check_tensor, code, kernels, ptr, run_c
+from ._common import as_rows, check_tensor, code, kernels, new_output, ptr, run_c
 
 
 def _rows_fwd(x: torch.Tensor) -> torch.Tensor:
@@ -18,7 +18,7 @@ def _rows_fwd(x: torch.Tensor) -> torch.Tensor:
     if backend == "triton":
         return kernels().softmax.softmax_fwd(x)
     if backend == "cpu":
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        y = new_output(x.shape, x.dtype, x.device)
         rows, cols = x.shape
         run_c(backend, "softmax_fwd", x.device, ptr(x), x.stride(0), ptr(y), y.stride(0), rows, cols, code(x))
         return y
@@ -30,7 +30,7 @@ def _rows_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     if backend == "triton":
         return kernels().softmax.softmax_bwd(y, dy)
     if backend == "cpu":
-        dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+        dx = new_output(y.shape, y.dtype, y.device)
         rows, cols = y.shape
         run_c(backend, "softmax_bwd", y.device, ptr(y), y.stride(0), ptr(dy), dy.stride(0), ptr(dx), dx.stride(0),
               rows, cols, code(y))
