@@ -89,3 +89,15 @@ def test_c_extension_checks_its_arguments():
         ext.cpu_rms_norm_fwd(x.data_ptr(), 4, 0, y.data_ptr(), 8, 0, 4, 8, 1e-6, 0)
     with pytest.raises(ValueError, match="cols"):
         ext.cpu_layer_norm_fwd(x.data_ptr(), 8, 0, 0, y.data_ptr(), 8, 0, 0, 4, 0, 1e-5, 0)
+
+
+def test_huge_page_advice_for_large_cpu_outputs():
+    ext = _backend.extension()
+    if ext is None:
+        pytest.skip("fastllm._C is not built here")
+    small = torch.empty(1024)
+    assert not ext.advise_huge_pages(small.data_ptr(), small.numel() * 4)
+    assert not ext.advise_huge_pages(0, 1 << 30)
+    big = torch.empty(8 << 20)  # 32 MiB: at least one aligned 2 MiB page inside whatever the alignment
+    thp = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+    assert ext.advise_huge_pages(big.data_ptr(), big.numel() * 4) == thp
