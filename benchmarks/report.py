@@ -36,8 +36,11 @@ def summarise(run: dict) -> dict:
         key = bench["group"]
         row = rows.setdefault(key, {"case": key, "op": info["op"], "direction": info["direction"],
                                     "shape": info["shape"], "dtype": info["dtype"], "gbps": {}})
-        row["gbps"][info["impl"]] = round(info["gbps"], 2)
+        row["gbps"].setdefault(info["impl"], round(info["gbps"], 2))
         if info["impl"] == "fastllm":
+            # the peers timed inside the fastllm case, back to back with it, give the ratios
+            row["gbps"]["torch"] = round(info["torch_gbps"], 2)
+            row["gbps"]["torch.compile"] = round(info["torch.compile_gbps"], 2)
             row["ratio_vs_torch"] = round(info["ratio_vs_torch"], 3)
             row["ratio_vs_torch.compile"] = round(info["ratio_vs_torch.compile"], 3)
             env = env or {k: info[k] for k in ("device", "device_name", "torch", "triton", "fastllm", "python",
@@ -74,6 +77,21 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(summary: dict) -> str:
+    """The summary as a README table: GB/s per implementation and fastllm's ratios."""
+    env = summary["environment"]
+    lines = [f"{env['device_name']} ({env['device']}, {env.get('cpu_threads')} threads), torch {env['torch']}, "
+             f"triton {env['triton']}, commit {summary['commit']}, {summary['date']}:", "",
+             "| case | fastllm GB/s | torch GB/s | torch.compile GB/s | vs torch | vs compile |",
+             "|---|---|---|---|---|---|"]
+    for c in summary["cases"]:
+        g = c["gbps"]
+        lines.append(f"| {c['case']} | {g.get('fastllm', 0):.1f} | {g.get('torch', 0):.1f} | "
+                     f"{g.get('torch.compile', 0):.1f} | {c['ratio_vs_torch']:.2f}x | "
+                     f"{c['ratio_vs_torch.compile']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_json", type=Path)
@@ -86,6 +104,7 @@ def main(argv=None) -> None:
     (args.out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, args.out_dir / f"{stem}.png")
     print(f"wrote {args.out_dir / stem}.json and .png ({len(summary['cases'])} cases)")
+    print(markdown(summary))
 
 
 if __name__ == "__main__":
