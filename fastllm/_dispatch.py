@@ -21,9 +21,10 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "softmax": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "layer_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "rms_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
+    "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }
 # Backends that can be forced for an op beyond its preference list (Triton on CPU, for tests).
-FORCIBLE: dict[str, tuple[str, ...]] = {"softmax": ("triton",)}
+FORCIBLE: dict[str, tuple[str, ...]] = {"softmax": ("triton",), "attention": ("triton",)}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastllm_forced_backend", default=None)
 

@@ -1,5 +1,5 @@
 """fastllm.kernels: hand-written Triton kernels and their launchers (imported lazily by fastllm,
 since importing triton is slow; see fastllm/_backend.py)."""
-from . import softmax
+from . import attention, softmax
 
-__all__ = ["softmax"]
+__all__ = ["attention", "softmax"]

@@ -27,13 +27,13 @@ Kernel variants (chosen by `pick_config`; the choice changes speed, not results 
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import device_guard, exact_bf16, to_out
 
 __all__ = ["SoftmaxConfig", "pick_config", "softmax_fwd", "softmax_bwd"]
 
@@ -105,21 +105,6 @@ def pick_config(rows: int, cols: int, *, max_fused_cols: int = MAX_FUSED_COLS, l
 
 # ---- kernels -----------------------------------------------------------------------------------
 @triton.jit
-def _to_out(v, out_ptr, EXACT_BF16: tl.constexpr):
-    """v (fp32) in out_ptr's element type. EXACT_BF16 (set by the launchers only for bf16 outputs
-    under the Triton interpreter, whose fp32 -> bf16 cast truncates) rounds to nearest even by hand,
-    as the GPU's cvt.rn.bf16.f32 does, so interpreted and compiled results agree bit for bit."""
-    if EXACT_BF16:
-        u = v.to(tl.uint32, bitcast=True)
-        u = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16
-        r = u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        out = tl.where(v == v, r, v.to(tl.bfloat16))  # NaN: the carry above could reach the sign bit
-    else:
-        out = v.to(out_ptr.dtype.element_ty)
-    return out
-
-
-@triton.jit
 def _recip(s):
     """1 / s correctly rounded (one division per row, so the precise instruction costs nothing)."""
     return tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
@@ -139,7 +124,7 @@ def _fwd_fused_kernel(x_ptr, y_ptr, rows, cols, stride_x, stride_y,
     s = tl.sum(e, axis=1)
     y = e * _recip(s)[:, None]
     y_row = y_ptr + r[:, None] * stride_y
-    tl.store(y_row + c[None, :], _to_out(y, y_ptr, EXACT_BF16), mask=mask)
+    tl.store(y_row + c[None, :], to_out(y, y_ptr, EXACT_BF16), mask=mask)
 
 
 @triton.jit
@@ -205,7 +190,7 @@ def _fwd_looped_kernel(x_ptr, y_ptr, stats_ptr, cols, stride_x, stride_y, seg,
         mask = c < hi
         x = tl.load(x_row + c, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         y = tl.exp2((x - shift) * _LOG2E) * inv_s
-        tl.store(y_row + c, _to_out(y, y_ptr, EXACT_BF16), mask=mask)
+        tl.store(y_row + c, to_out(y, y_ptr, EXACT_BF16), mask=mask)
 
 
 @triton.jit
@@ -220,7 +205,7 @@ def _bwd_fused_kernel(y_ptr, dy_ptr, dx_ptr, rows, cols, stride_y, stride_dy, st
                  eviction_policy="evict_first").to(tl.float32)
     dot = tl.sum(y * dy, axis=1)
     dx = y * (dy - dot[:, None])
-    tl.store(dx_ptr + r[:, None] * stride_dx + c[None, :], _to_out(dx, dx_ptr, EXACT_BF16), mask=mask)
+    tl.store(dx_ptr + r[:, None] * stride_dx + c[None, :], to_out(dx, dx_ptr, EXACT_BF16), mask=mask)
 
 
 @triton.jit
@@ -272,7 +257,7 @@ def _bwd_looped_kernel(y_ptr, dy_ptr, dx_ptr, stats_ptr, cols, stride_y, stride_
         mask = c < hi
         y = tl.load(y_row + c, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         dy = tl.load(dy_row + c, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        tl.store(dx_row + c, _to_out(y * (dy - dot), dx_ptr, EXACT_BF16), mask=mask)
+        tl.store(dx_row + c, to_out(y * (dy - dot), dx_ptr, EXACT_BF16), mask=mask)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -288,16 +273,6 @@ def _check(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have inner stride 1, got strides {tuple(t.stride())}")
 
 
-def _exact_bf16(t: torch.Tensor) -> bool:
-    """Round bf16 outputs by hand: only under the interpreter (CPU tensors, or TRITON_INTERPRET set)."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off", "no")
-    return t.dtype == torch.bfloat16 and (not t.is_cuda or interpret)
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def softmax_fwd(x: torch.Tensor, *, config: SoftmaxConfig | None = None) -> torch.Tensor:
     """y = softmax(x) along the last dimension.
 
@@ -311,8 +286,8 @@ def softmax_fwd(x: torch.Tensor, *, config: SoftmaxConfig | None = None) -> torc
     if rows == 0 or cols == 0:
         return y
     cfg = config or pick_config(rows, cols)
-    exact = _exact_bf16(x)
-    with _device_guard(x):
+    exact = exact_bf16(x)
+    with device_guard(x):
         if not cfg.looped:
             grid = (triton.cdiv(rows, cfg.rows_per_prog),)
             _fwd_fused_kernel[grid](x, y, rows, cols, x.stride(0), y.stride(0),
@@ -347,8 +322,8 @@ def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, *, config: SoftmaxConfig | No
     if rows == 0 or cols == 0:
         return dx
     cfg = config or pick_config(rows, cols)
-    exact = _exact_bf16(y)
-    with _device_guard(y):
+    exact = exact_bf16(y)
+    with device_guard(y):
         if not cfg.looped:
             grid = (triton.cdiv(rows, cfg.rows_per_prog),)
             _bwd_fused_kernel[grid](y, dy, dx, rows, cols, y.stride(0), dy.stride(0), dx.stride(0),

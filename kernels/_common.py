@@ -1,0 +1,41 @@
+"""Helpers shared by the Triton kernel files: output rounding that agrees between the interpreter
+and the GPU, and the launch context."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting(t: torch.Tensor) -> bool:
+    """True when the kernels run under the Triton interpreter (CPU tensors, or TRITON_INTERPRET set)."""
+    env = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off", "no")
+    return env or not t.is_cuda
+
+
+def exact_bf16(t: torch.Tensor) -> bool:
+    """Whether to_out must round bf16 by hand for outputs like t (only under the interpreter)."""
+    return t.dtype == torch.bfloat16 and interpreting(t)
+
+
+def device_guard(t: torch.Tensor):
+    """Make t's CUDA device current for a launch (nothing for CPU tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@triton.jit
+def to_out(v, out_ptr, EXACT_BF16: tl.constexpr):
+    """v (fp32) in out_ptr's element type. EXACT_BF16 (set by the launchers only for bf16 outputs
+    under the Triton interpreter, whose fp32 -> bf16 cast truncates) rounds to nearest even by hand,
+    as the GPU's cvt.rn.bf16.f32 does, so interpreted and compiled results agree bit for bit."""
+    if EXACT_BF16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16
+        r = u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = tl.where(v == v, r, v.to(tl.bfloat16))  # NaN: the carry above could reach the sign bit
+    else:
+        out = v.to(out_ptr.dtype.element_ty)
+    return out
