@@ -22,6 +22,8 @@ def run_case(benchmark, case: _bench.Case, impl: str) -> None:
     global _ENV
     fn = _bench.synchronized(case.make(impl), DEVICE)
     benchmark.group = case.name
+    if not benchmark.disabled:
+        _bench.warm_up(fn)
     benchmark(fn)
     if benchmark.disabled:
         return
