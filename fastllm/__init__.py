@@ -13,7 +13,8 @@ from . import nn, reference
 from ._backend import backends
 from ._dispatch import dispatch_log, use_backend
 from .ops import add_rms_norm, attention, layer_norm, rms_norm, softmax
+from .patch import patch_sdpa, sdpa_is_patched, unpatch_sdpa
 
 __version__ = "0.1.0"
 __all__ = ["attention", "softmax", "layer_norm", "rms_norm", "add_rms_norm", "nn", "reference", "backends", "dispatch_log",
-           "use_backend", "__version__"]
+           "use_backend", "patch_sdpa", "unpatch_sdpa", "sdpa_is_patched", "__version__"]
