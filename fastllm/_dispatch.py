@@ -22,9 +22,11 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "layer_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "rms_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "attention_varlen": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }
 # Backends that can be forced for an op beyond its preference list (Triton on CPU, for tests).
-FORCIBLE: dict[str, tuple[str, ...]] = {"softmax": ("triton",), "attention": ("triton",)}
+FORCIBLE: dict[str, tuple[str, ...]] = {"softmax": ("triton",), "attention": ("triton",),
+                                        "attention_varlen": ("triton",)}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastllm_forced_backend", default=None)
 

@@ -25,6 +25,7 @@ _BACKENDS = {
     "layer_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
     "rms_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
     "attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
+    "attention_varlen": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
 }
 
 

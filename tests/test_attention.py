@@ -457,7 +457,7 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(gq, torch.autograd.grad(eager.sum(), q)[0])
 
 
-def _compile_for_sm90(kernel, dtype, d, mask_kind, causal, dropout):
+def _compile_for_sm90(kernel, dtype, d, mask_kind, causal, dropout, varlen=False, atomic=False):
     """Shared memory (bytes) of one kernel variant compiled ahead of time for sm_90 (H100): no GPU needed."""
     import inspect
 
@@ -471,9 +471,10 @@ def _compile_for_sm90(kernel, dtype, d, mask_kind, causal, dropout):
     fn = {"fwd": tk._fwd_kernel, "dkdv": tk._dkdv_kernel, "dq": tk._dq_kernel}[kernel]
     cfg = tk.pick_config(kernel, d, d, dtype)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_P=d, DV_P=d, MASK_KIND=mask_kind, IS_CAUSAL=causal,
-                  DROPOUT=dropout, DOT=tk.DOT_IEEE32 if dtype == torch.float32 else tk.DOT_NATIVE, EXACT_BF16=False)
-    ptrs = {"M": {0: t, 1: "*u8", 2: "*fp32"}[mask_kind], "LSE": "*fp32", "DELTA": "*fp32",
-            **{name: t for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_OUT")}}
+                  BOTTOM_RIGHT=varlen, VARLEN=varlen, DROPOUT=dropout, ATOMIC_DQ=atomic,
+                  DOT=tk.DOT_IEEE32 if dtype == torch.float32 else tk.DOT_NATIVE, EXACT_BF16=False)
+    ptrs = {"M": {0: t, 1: "*u8", 2: "*fp32"}[mask_kind], "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32",
+            "CU_Q": "*i32", "CU_K": "*i32", **{name: t for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_OUT")}}
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in consts:
@@ -482,15 +483,18 @@ def _compile_for_sm90(kernel, dtype, d, mask_kind, causal, dropout):
             sig[name] = ptrs[name]
         else:
             sig[name] = {"qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(name, "i32")
-    compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(ASTSource(fn, sig, constexprs={k: v for k, v in consts.items() if k in sig}),
+                              target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return compiled.metadata.shared
 
 
-# (dtype, head dim, [(mask kind, causal, dropout), ...]): every code path once, tensor-core and fp32 dots,
-# wgmma (D <= 128) and mma.sync (D = 256) tiles; a cold compile of all of it takes about half a minute.
-_COMPILE_CASES = [("bf16", 128, [(0, True, True), (2, False, False)]), ("fp32", 64, [(1, True, False)]),
-                  ("fp16", 256, [(1, False, False)])]
+# (dtype, head dim, [(mask kind, causal, dropout, varlen, atomic dq), ...]): every code path once, tensor-core
+# and fp32 dots, wgmma (D <= 128) and mma.sync (D = 256) tiles; a cold compile of all of it takes about a minute.
+_COMPILE_CASES = [("bf16", 128, [(0, True, True, False, False), (2, False, False, False, True),
+                                 (0, True, False, True, True)]),
+                  ("fp32", 64, [(1, True, False, False, False)]),
+                  ("fp16", 256, [(1, False, False, False, True)])]
 
 
 def test_kernels_compile_for_h100():
@@ -510,7 +514,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["compile-check"]:
     for name, d, variants in _COMPILE_CASES:
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
         for kernel in ("fwd", "dkdv", "dq"):
-            for mask_kind, causal, dropout in variants:
-                shared = _compile_for_sm90(kernel, dt, d, mask_kind, causal, dropout)
-                print(name, d, kernel, mask_kind, causal, dropout, "shared", shared)
+            for variant in variants:
+                shared = _compile_for_sm90(kernel, dt, d, *variant)
+                print(name, d, kernel, variant, "shared", shared)
                 assert shared <= 227 * 1024, "too much shared memory"

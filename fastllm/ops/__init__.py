@@ -1,7 +1,8 @@
 """Public ops: validate -> torch.library custom op (+ fake) -> autograd -> dispatch."""
 from .attention import attention
+from .attention_varlen import attention_varlen
 from .layer_norm import layer_norm
 from .rms_norm import add_rms_norm, rms_norm
 from .softmax import softmax
 
-__all__ = ["attention", "softmax", "layer_norm", "rms_norm", "add_rms_norm"]
+__all__ = ["attention", "attention_varlen", "softmax", "layer_norm", "rms_norm", "add_rms_norm"]

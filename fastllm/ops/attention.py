@@ -94,12 +94,11 @@ def _attention_backward(dout: torch.Tensor, dlse2: Optional[torch.Tensor], q: to
                         v: torch.Tensor, mask: Optional[torch.Tensor], out: torch.Tensor, lse2: torch.Tensor,
                         scale: float, is_causal: bool, bottom_right: bool, dropout_p: float, seed: int,
                         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # deterministic: the Triton backward is atomic-free (bit-identical run to run) in both modes for now;
-    # the flag is kept in the schema for a faster atomic variant.
     dq, dk, dv = _bwd_outputs(q, k, v)
     if select("attention", q, k, v) == "triton":
         return _tk().attention_bwd(dout, dlse2, q, k, v, mask, out, lse2, scale=scale, is_causal=is_causal,
-                                   bottom_right=bottom_right, dropout_p=dropout_p, seed=seed, dq=dq, dk=dk, dv=dv)
+                                   bottom_right=bottom_right, dropout_p=dropout_p, seed=seed,
+                                   deterministic=deterministic, dq=dq, dk=dk, dv=dv)
     grads = _ref_bwd(dout, dlse2, q, k, v, mask, out, lse2, scale, is_causal, bottom_right, dropout_p,
                      _keep(q, k, dropout_p, seed))
     for dst, src in zip((dq, dk, dv), grads):
@@ -202,6 +201,11 @@ def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attn_mask must be a bool or floating-point tensor, got dtype {attn_mask.dtype}")
         check_same_device("attn_mask", attn_mask, "query", query)
+    _check_flags(dropout_p, scale, is_causal, enable_gqa, causal_alignment, return_lse, deterministic)
+
+
+def _check_flags(dropout_p, scale, is_causal, enable_gqa, causal_alignment, return_lse, deterministic):
+    """The scalar arguments shared with attention_varlen."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):

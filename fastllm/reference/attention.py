@@ -115,3 +115,46 @@ def attention_bwd(dout, dlse2, q, k, v, mask, out, lse2, scale: float, is_causal
     dk = dk.view(b, hkv, group, lk, dk.shape[-1]).sum(2)
     dv = dv.view(b, hkv, group, lk, dv.shape[-1]).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds
+
+
+# ---- packed sequences (varlen) -----------------------------------------------------------------
+def _sequences(cu_q: torch.Tensor, cu_k: torch.Tensor):
+    """(q rows, k rows) slices of each packed sequence."""
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    return [(slice(bq[i], bq[i + 1]), slice(bk[i], bk[i + 1])) for i in range(len(bq) - 1)]
+
+
+def _bhld(t: torch.Tensor) -> torch.Tensor:
+    """Rows of a packed (T, H, D) tensor as a (1, H, T, D) view."""
+    return t.transpose(0, 1).unsqueeze(0)
+
+
+def attention_varlen_fwd(q, k, v, cu_q, cu_k, scale: float, is_causal: bool, bottom_right: bool,
+                         dropout_p: float = 0.0, keep: torch.Tensor | None = None):
+    """Packed sequences: q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv); sequence i is rows [cu_q[i], cu_q[i+1])
+    of q and [cu_k[i], cu_k[i+1]) of k, v, attended on its own as attention_fwd does. keep: None or a
+    (1, Hq, Tq, >= longest Lk) dropout keep mask (sequence i uses [..., its q rows, :its Lk]).
+    Returns out (Tq, Hq, Dv) in q's dtype and lse2 (Hq, Tq) in the accumulation dtype."""
+    out = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
+    lse2 = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+    for rq, rk in _sequences(cu_q, cu_k):
+        keep_i = None if keep is None else keep[:, :, rq, :rk.stop - rk.start]
+        o, l2 = attention_fwd(_bhld(q[rq]), _bhld(k[rk]), _bhld(v[rk]), None, scale, is_causal, bottom_right,
+                              dropout_p, keep_i)
+        out[rq] = o[0].transpose(0, 1)
+        lse2[:, rq] = l2[0]
+    return out, lse2
+
+
+def attention_varlen_bwd(dout, dlse2, q, k, v, cu_q, cu_k, out, lse2, scale: float, is_causal: bool,
+                         bottom_right: bool, dropout_p: float = 0.0, keep: torch.Tensor | None = None):
+    """(dq, dk, dv) of attention_varlen_fwd, packed like q, k, v; dlse2: None or (Hq, Tq)."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for rq, rk in _sequences(cu_q, cu_k):
+        keep_i = None if keep is None else keep[:, :, rq, :rk.stop - rk.start]
+        dl = None if dlse2 is None else dlse2[:, rq].unsqueeze(0)
+        g = attention_bwd(_bhld(dout[rq]), dl, _bhld(q[rq]), _bhld(k[rk]), _bhld(v[rk]), None, _bhld(out[rq]),
+                          lse2[:, rq].unsqueeze(0), scale, is_causal, bottom_right, dropout_p, keep_i)
+        for dst, src, rows in zip((dq, dk, dv), g, (rq, rk, rk)):
+            dst[rows] = src[0].transpose(0, 1)
+    return dq, dk, dv
