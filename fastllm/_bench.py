@@ -113,9 +113,11 @@ def warm_up(fn: Callable, *, calls: int = 3, min_time: float = 0.3) -> None:
         n += 1
 
 
-def time_it(fn: Callable, device: str, *, min_time: float = 0.2, max_iters: int = 200) -> float:
-    """Median seconds per call (CUDA: events around each call; CPU: perf_counter), after warm_up."""
-    warm_up(fn)
+def time_it(fn: Callable, device: str, *, min_time: float = 0.2, max_iters: int = 200,
+            warm_up_time: float = 0.3) -> float:
+    """Median seconds per call (CUDA: events around each call; CPU: perf_counter), after warm_up
+    (for at least warm_up_time seconds); at least 5 calls, then up to min_time seconds or max_iters calls."""
+    warm_up(fn, min_time=warm_up_time)
     samples: list[float] = []
     start_all = time.perf_counter()
     while len(samples) < 5 or (time.perf_counter() - start_all < min_time and len(samples) < max_iters):
@@ -145,6 +147,8 @@ def environment(device: str) -> dict:
             "python": platform.python_version(), "cpu_threads": torch.get_num_threads()}
     if device.startswith("cuda"):
         info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
     else:
         info["device_name"] = platform.processor() or platform.machine()
     try:
