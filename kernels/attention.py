@@ -38,10 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, interpreting, to_out
+from ._common import DOT_IEEE32, DOT_NATIVE, device_guard, kernel_flags, to_out
+from ._common import dot as _dot
 
 __all__ = ["AttnConfig", "CONFIGS", "pick_config", "attention_fwd", "attention_bwd", "dropout_keep_mask",
-           "MAX_HEAD_DIM"]
+           "MAX_HEAD_DIM", "DOT_NATIVE", "DOT_IEEE32"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
@@ -99,24 +100,6 @@ def pick_config(kernel: str, d: int, dv: int, dtype: torch.dtype) -> AttnConfig:
 
 
 # ---- shared device helpers ---------------------------------------------------------------------
-DOT_NATIVE, DOT_IEEE32, DOT_INTERP = 0, 1, 2
-"""How _dot multiplies: fp16/bf16 tensor cores; true fp32 (fp32 inputs: never tf32); or, under the Triton
-interpreter, in fp64 rounded once to fp32. The interpreter's own dot hands tiles to numpy, whose BLAS
-sums in an order that depends on the tile shape (so the forward and the backward, which use different
-tiles, would get scores that differ in the last bit; the GPU's MMA sums each element in the same order
-whatever the tile) and misreads bf16 storage; the fp64 sum of exact products is shape-independent."""
-
-
-@triton.jit
-def _dot(a, b, acc, DOT: tl.constexpr):
-    """acc + a @ b with fp32 accumulation (DOT: one of DOT_NATIVE, DOT_IEEE32, DOT_INTERP)."""
-    if DOT == 2:  # DOT_INTERP
-        return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32) + acc
-    elif DOT == 1:  # DOT_IEEE32
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
 @triton.jit
 def _keep(seed, row_base, offs_m, offs_n, LK, dropout_p):
     """Dropout keep mask [M, N]: Philox uniform >= p at counter row_base + i * Lk + j (int64)."""
@@ -423,14 +406,6 @@ _DELTA_BLOCK_M = 64
 """Rows per program of the delta kernel (a row reduction over Dv <= 256: memory-bound, any size works)."""
 
 
-def _flags(q: torch.Tensor) -> dict:
-    """EXACT_BF16: round bf16 by hand under the interpreter (its fp32 -> bf16 cast truncates); DOT: see _dot."""
-    interp = interpreting(q)
-    dot = DOT_INTERP if interp else (DOT_IEEE32 if q.dtype == torch.float32 else DOT_NATIVE)
-    return {"EXACT_BF16": interp and q.dtype == torch.bfloat16, "DOT": dot}
-
-
-
 def _check_inputs(q, k, v, mask) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -492,7 +467,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                           hq, hq // hkv, lq, lk, d, dv, scale * math.log2(math.e),
                           lk - lq if bottom_right else 0, seed, dropout_p,
                           D_P=_pad_dim(d), DV_P=_pad_dim(dv), MASK_KIND=kind, IS_CAUSAL=is_causal,
-                          DROPOUT=dropout_p > 0.0, **_flags(q), **_launch(cfg))
+                          DROPOUT=dropout_p > 0.0, **kernel_flags(q), **_launch(cfg))
     return out, lse
 
 
@@ -519,7 +494,7 @@ def attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor
     cfg_kv = config or pick_config("dkdv", d, dvd, q.dtype)
     cfg_q = config or pick_config("dq", d, dvd, q.dtype)
     kind, m, ms = _mask_args(mask, q)
-    flags = _flags(q)
+    flags = kernel_flags(q)
     delta = _alloc((b, hq, lq), q, torch.float32)
     lse = lse.contiguous()
     dlse_c = dlse.to(torch.float32).contiguous() if dlse is not None else delta
