@@ -22,9 +22,12 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "layer_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "rms_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "decode_attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "kv_cache_append": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }
 # Backends that can be forced for an op beyond its preference list (Triton on CPU, for tests).
-FORCIBLE: dict[str, tuple[str, ...]] = {"softmax": ("triton",), "attention": ("triton",)}
+FORCIBLE: dict[str, tuple[str, ...]] = {"softmax": ("triton",), "attention": ("triton",),
+                                        "decode_attention": ("triton",), "kv_cache_append": ("triton",)}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastllm_forced_backend", default=None)
 

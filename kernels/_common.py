@@ -65,3 +65,18 @@ def kernel_flags(q: torch.Tensor) -> dict:
     mode = DOT_INTERP if interp else (DOT_IEEE32 if q.dtype == torch.float32 else DOT_NATIVE)
     return {"EXACT_BF16": interp and q.dtype == torch.bfloat16, "DOT": mode}
 
+
+@triton.jit
+def cache_slots(BT, b, sbt_b, sbt_n, pos, ok, PAGE, PAGED: tl.constexpr):
+    """(page, slot), int64, of the positions `pos` (a scalar or a vector, in range where `ok`) of sequence b
+    (int64) in a KV cache, whose element offsets are then page * page_stride + slot * slot_stride:
+    contiguous (B, Lmax, ...): page b, slot pos; paged (num_blocks, PAGE, ...): position n lives in block
+    BT[b, n // PAGE] at slot n % PAGE (block-table entries are read only where `ok`: unused ones may hold
+    anything)."""
+    if PAGED:
+        page = tl.load(BT + b * sbt_b + (pos // PAGE) * sbt_n, mask=ok, other=0).to(tl.int64)
+        slot = (pos % PAGE).to(tl.int64)
+    else:
+        page = b + tl.zeros_like(pos).to(tl.int64)
+        slot = pos.to(tl.int64)
+    return page, slot

@@ -1,7 +1,9 @@
 """Public ops: validate -> torch.library custom op (+ fake) -> autograd -> dispatch."""
 from .attention import attention
+from .decode_attention import decode_attention
+from .kv_cache_append import kv_cache_append
 from .layer_norm import layer_norm
 from .rms_norm import add_rms_norm, rms_norm
 from .softmax import softmax
 
-__all__ = ["attention", "softmax", "layer_norm", "rms_norm", "add_rms_norm"]
+__all__ = ["attention", "decode_attention", "kv_cache_append", "softmax", "layer_norm", "rms_norm", "add_rms_norm"]
