@@ -87,23 +87,28 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=None, k_sca
 
 def decode_attention_batched(q, k_cache, v_cache, cache_seqlens, block_table=None, k_scale=None, v_scale=None, *,
                              scale: float, causal: bool = True) -> torch.Tensor:
-    """The same result from one masked SDPA call over the whole batch (the torch backend): the caches are gathered
-    (paged) and dequantised (int8) to (B, N, Hkv, D) in q's dtype, N = the longest length on CPU (read on the
-    host) or the capacity on other devices (no host synchronisation, so it can be captured in a CUDA graph)."""
+    """The same result from one masked SDPA call over the whole batch (the torch backend): the caches are taken as
+    (B, N, Hkv, D) in q's dtype (a view of a contiguous cache, gathered from a paged one, dequantised from int8),
+    N = the longest length on CPU (read on the host) or the capacity on other devices (no host synchronisation,
+    so it can be captured in a CUDA graph)."""
     bsz, lq = q.shape[:2]
     page = k_cache.shape[1]
     capacity = block_table.shape[1] * page if block_table is not None else page
-    n_max = min(int(cache_seqlens.max()), capacity) if q.device.type == "cpu" and bsz else capacity
+    on_host = q.device.type == "cpu"
+    n_max = min(int(cache_seqlens.max()), capacity) if on_host and bsz else capacity
     n = torch.arange(n_max, device=q.device)
-    b = torch.arange(bsz, device=q.device)[:, None]
-    table = None if block_table is None else block_table.clamp(0, k_cache.shape[0] - 1)  # unused entries: any value
-    idx = cache_index(n[None, :].expand(bsz, n_max), b, table, page)
+    if block_table is None:
+        idx = (slice(None), slice(0, n_max))
+    else:  # entries past a sequence's blocks may hold anything: clamp them (their rows are masked out)
+        table = block_table.clamp(0, k_cache.shape[0] - 1)
+        idx = cache_index(n[None, :].expand(bsz, n_max), torch.arange(bsz, device=q.device)[:, None], table, page)
     k = dequantize(k_cache[idx], None if k_scale is None else k_scale[idx], q.dtype)  # (B, N, Hkv, D)
     v = dequantize(v_cache[idx], None if v_scale is None else v_scale[idx], q.dtype)
     lens = cache_seqlens.long()[:, None, None]  # (B, 1, 1)
     visible = n[None, None, :] < lens  # (B, 1, N) against queries (B, Lq, 1):
-    # Rows past a length may hold anything (NaN in never-written memory): zero them, as masking alone leaves 0 * NaN.
-    k, v = (t.masked_fill(~visible[:, 0, :, None, None], 0.0) for t in (k, v))
+    if not on_host or bool((lens < n_max).any()):
+        # Rows past a length may hold anything (NaN in never-written memory): zero them, as masking leaves 0 * NaN.
+        k, v = (t.masked_fill(~visible[:, 0, :, None, None], 0.0) for t in (k, v))
     if causal:
         visible = visible & (n[None, None, :] <= lens - lq + torch.arange(lq, device=q.device)[None, :, None])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
