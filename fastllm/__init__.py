@@ -7,15 +7,19 @@
     y, s = fastllm.add_rms_norm(x, residual, weight)
     out = fastllm.attention(q, k, v, is_causal=True)   # as F.scaled_dot_product_attention
     out = fastllm.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)  # packed sequences
+    q = fastllm.kv_cache_append(k_cache, v_cache, k, v, lens, cos=cos, sin=sin, q=q)  # rotary + write
+    out = fastllm.decode_attention(q, k_cache, v_cache, lens + 1)   # generation: new tokens vs the cache
     fastllm.backends()        # which backends run here and, for each missing one, why
     fastllm.dispatch_log()    # which backend each op took last, and why faster ones were not
 """
 from . import nn, reference
 from ._backend import backends
 from ._dispatch import dispatch_log, use_backend
-from .ops import add_rms_norm, attention, attention_varlen, layer_norm, rms_norm, softmax
+from .ops import (add_rms_norm, attention, attention_varlen, decode_attention, kv_cache_append, layer_norm,
+                  rms_norm, softmax)
 from .patch import patch_sdpa, sdpa_is_patched, unpatch_sdpa
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "softmax", "layer_norm", "rms_norm", "add_rms_norm", "nn", "reference", "backends", "dispatch_log",
+__all__ = ["attention", "attention_varlen", "decode_attention", "kv_cache_append", "softmax", "layer_norm",
+           "rms_norm", "add_rms_norm", "nn", "reference", "backends", "dispatch_log",
            "use_backend", "patch_sdpa", "unpatch_sdpa", "sdpa_is_patched", "__version__"]

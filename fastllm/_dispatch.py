@@ -23,10 +23,12 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "rms_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "attention_varlen": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "decode_attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "kv_cache_append": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }
 # Backends that can be forced for an op beyond its preference list (Triton on CPU, for tests).
-FORCIBLE: dict[str, tuple[str, ...]] = {"softmax": ("triton",), "attention": ("triton",),
-                                        "attention_varlen": ("triton",)}
+FORCIBLE: dict[str, tuple[str, ...]] = {op: ("triton",) for op in ("softmax", "attention", "attention_varlen",
+                                                             "decode_attention", "kv_cache_append")}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastllm_forced_backend", default=None)
 

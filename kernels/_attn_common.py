@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import to_out
+from ._common import dot, to_out
 
 LOG2E = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
@@ -84,24 +84,6 @@ def pick_config(kernel: str, d: int, dv: int, dtype: torch.dtype, device: torch.
 
 
 # ---- device helpers ----------------------------------------------------------------------------
-DOT_NATIVE, DOT_IEEE32, DOT_INTERP = 0, 1, 2
-"""How _dot multiplies: fp16/bf16 tensor cores; true fp32 (fp32 inputs: never tf32); or, under the Triton
-interpreter, in fp64 rounded once to fp32. The interpreter's own dot hands tiles to numpy, whose BLAS
-sums in an order that depends on the tile shape (so the forward and the backward, which use different
-tiles, would get scores that differ in the last bit; the GPU's MMA sums each element in the same order
-whatever the tile) and misreads bf16 storage; the fp64 sum of exact products is shape-independent."""
-
-
-@triton.jit
-def _dot(a, b, acc, DOT: tl.constexpr):
-    """acc + a @ b with fp32 accumulation (DOT: one of DOT_NATIVE, DOT_IEEE32, DOT_INTERP)."""
-    if DOT == 2:  # DOT_INTERP
-        return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32) + acc
-    elif DOT == 1:  # DOT_IEEE32
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
 @triton.jit
 def _keep(seed, row_base, offs_m, offs_n, RNG_COLS, dropout_p):
     """Dropout keep mask [M, N]: Philox uniform >= p at counter (row_base + i) * RNG_COLS + j (int64).
@@ -161,7 +143,7 @@ def _scores(q, k, m_ptr, offs_m, offs_n, stride_mm, stride_mn, LQ, LK, qk_scale,
             MASK_KIND: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT: tl.constexpr):
     """s = q k^T * scale * log2(e) + mask * log2(e) [M, N] in fp32, -inf where a key may not be seen.
     EDGE: this block touches the causal diagonal or the Lk edge, so those masks are applied."""
-    s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), DOT) * qk_scale
+    s = dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), DOT) * qk_scale
     if MASK_KIND == 1:  # MASK_BOOL, read as bytes; int64 rows: a mask may exceed 2^31 elements
         ptrs, inb = _tile(m_ptr, offs_m.to(tl.int64), stride_mm, LQ, offs_n, stride_mn, LK)
         s = tl.where(tl.load(ptrs, mask=inb, other=0) != 0, s, float("-inf"))
@@ -227,12 +209,6 @@ def packed_4d(t: torch.Tensor, n: int) -> torch.Tensor:
     """A packed (T, H, D) tensor as the (N, H, T, D) view the kernels read: batch stride 0, rows offset by
     cu_seqlens inside the kernels."""
     return t.unsqueeze(0).transpose(1, 2).expand(n, -1, -1, -1)
-
-
-def flags(q: torch.Tensor, interp: bool) -> dict:
-    """EXACT_BF16: round bf16 by hand under the interpreter (its fp32 -> bf16 cast truncates); DOT: see _dot."""
-    dot = DOT_INTERP if interp else (DOT_IEEE32 if q.dtype == torch.float32 else DOT_NATIVE)
-    return {"EXACT_BF16": interp and q.dtype == torch.bfloat16, "DOT": dot}
 
 
 def check_inputs(q, k, v, mask) -> None:

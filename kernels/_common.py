@@ -39,3 +39,44 @@ def to_out(v, out_ptr, EXACT_BF16: tl.constexpr):
     else:
         out = v.to(out_ptr.dtype.element_ty)
     return out
+
+
+DOT_NATIVE, DOT_IEEE32, DOT_INTERP = 0, 1, 2
+"""How `dot` multiplies: fp16/bf16 tensor cores; true fp32 (fp32 inputs: never tf32); or, under the Triton
+interpreter, in fp64 rounded once to fp32. The interpreter's own dot hands tiles to numpy, whose BLAS
+sums in an order that depends on the tile shape (so the forward and the backward, which use different
+tiles, would get scores that differ in the last bit; the GPU's MMA sums each element in the same order
+whatever the tile) and misreads bf16 storage; the fp64 sum of exact products is shape-independent."""
+
+
+@triton.jit
+def dot(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation (DOT: one of DOT_NATIVE, DOT_IEEE32, DOT_INTERP)."""
+    if DOT == 2:  # DOT_INTERP
+        return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32) + acc
+    elif DOT == 1:  # DOT_IEEE32
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+def kernel_flags(q: torch.Tensor) -> dict:
+    """Launch constexprs for kernels computing in q's dtype: EXACT_BF16 (see to_out) and DOT (see dot)."""
+    interp = interpreting(q)
+    mode = DOT_INTERP if interp else (DOT_IEEE32 if q.dtype == torch.float32 else DOT_NATIVE)
+    return {"EXACT_BF16": interp and q.dtype == torch.bfloat16, "DOT": mode}
+
+
+@triton.jit
+def cache_slots(BT, b, sbt_b, sbt_n, pos, ok, PAGE, PAGED: tl.constexpr):
+    """(page, slot), int64, of the positions `pos` (a scalar or a vector, in range where `ok`) of sequence b
+    (int64) in a KV cache, whose element offsets are then page * page_stride + slot * slot_stride:
+    contiguous (B, Lmax, ...): page b, slot pos; paged (num_blocks, PAGE, ...): position n lives in block
+    BT[b, n // PAGE] at slot n % PAGE (block-table entries are read only where `ok`: unused ones may hold
+    anything)."""
+    if PAGED:
+        page = tl.load(BT + b * sbt_b + (pos // PAGE) * sbt_n, mask=ok, other=0).to(tl.int64)
+        slot = (pos % PAGE).to(tl.int64)
+    else:
+        page = b + tl.zeros_like(pos).to(tl.int64)
+        slot = pos.to(tl.int64)
+    return page, slot

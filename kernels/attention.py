@@ -29,9 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attn_common import CONFIGS, DOT_IEEE32, DOT_INTERP, DOT_NATIVE, MAX_HEAD_DIM, AttnConfig, Varlen, _keep, \
-    pick_config
-from ._common import device_guard
+from ._attn_common import CONFIGS, MAX_HEAD_DIM, AttnConfig, Varlen, _keep, pick_config
+from ._common import DOT_IEEE32, DOT_INTERP, DOT_NATIVE, device_guard
 from .attention_bwd import _dkdv_kernel, _dq_kernel, attention_bwd
 from .attention_fwd import _fwd_kernel, attention_fwd
 

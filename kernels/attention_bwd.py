@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attn_common import (LOG2E, AttnConfig, Varlen, _causal_offset, _dot, _keep, _key_range, _kv_scores,
+from ._attn_common import (LOG2E, AttnConfig, Varlen, _causal_offset, _keep, _key_range, _kv_scores,
                            _load_lse2, _load_tile, _query_block, _scores, _seq, _store_tile, _tile, check_inputs,
-                           flags, launch, mask_args, packed_4d, pad_dim, pick_config)
-from ._common import device_guard, interpreting, to_out
+                           launch, mask_args, packed_4d, pad_dim, pick_config)
+from ._common import device_guard, dot, kernel_flags, to_out
 
 DELTA_BLOCK_M = 64
 """Rows per program of the delta kernel (a row reduction over Dv <= 256: memory-bound, any size works)."""
@@ -62,18 +62,18 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, dq_ptr, m_ptr, LSE, DELTA, row, lo
         s = _scores(q, k, m_ptr, offs_m, offs_n, smm, smn, LQ, LK, qk_scale, causal_off,
                     MASK_KIND, EDGE, IS_CAUSAL, DOT)
         p = tl.exp2(s - lse2[:, None])
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, v.shape[0]], tl.float32), DOT)
+        dp = dot(do, tl.trans(v), tl.zeros([BLOCK_M, v.shape[0]], tl.float32), DOT)
         if DROPOUT:
             scale_keep = tl.where(_keep(seed, row, offs_m, offs_n, RNG_COLS, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
-            dv = _dot(tl.trans(to_out(p * scale_keep, do_ptr, EXACT_BF16)), do, dv, DOT)
+            dv = dot(tl.trans(to_out(p * scale_keep, do_ptr, EXACT_BF16)), do, dv, DOT)
             dp = dp * scale_keep
         else:
-            dv = _dot(tl.trans(to_out(p, do_ptr, EXACT_BF16)), do, dv, DOT)
+            dv = dot(tl.trans(to_out(p, do_ptr, EXACT_BF16)), do, dv, DOT)
         ds = to_out(p * (dp - delta[:, None]), q_ptr, EXACT_BF16)
-        dk = _dot(tl.trans(ds), q, dk, DOT)
+        dk = dot(tl.trans(ds), q, dk, DOT)
         if ATOMIC_DQ:
             # Keys past Lk have k = 0 (loaded as zero), so they add nothing to dq.
-            dq = _dot(ds, k, tl.zeros([BLOCK_M, k.shape[1]], tl.float32), DOT) * sm_scale
+            dq = dot(ds, k, tl.zeros([BLOCK_M, k.shape[1]], tl.float32), DOT) * sm_scale
             ptrs, inb = _tile(dq_ptr, offs_m, sam, LQ, offs_d, sad, D)
             tl.atomic_add(ptrs, dq, mask=inb, sem="relaxed")
     return dk, dv
@@ -142,11 +142,11 @@ def _dq_blocks(dq, q, do, lse2, delta, k_ptr, v_ptr, m_ptr, lo, hi, offs_m, offs
         k, v, s = _kv_scores(q, k_ptr, v_ptr, m_ptr, offs_m, offs_n, offs_d, offs_dv, skn, skd, svn, svd, smm, smn,
                              LQ, LK, D, DV, qk_scale, causal_off, MASK_KIND, EDGE, IS_CAUSAL, DOT)
         p = tl.exp2(s - lse2[:, None])
-        dp = _dot(do, tl.trans(v), tl.zeros([offs_m.shape[0], BLOCK_N], tl.float32), DOT)
+        dp = dot(do, tl.trans(v), tl.zeros([offs_m.shape[0], BLOCK_N], tl.float32), DOT)
         if DROPOUT:
             dp = tl.where(_keep(seed, row, offs_m, offs_n, RNG_COLS, dropout_p), dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = _dot(to_out(ds, k_ptr, EXACT_BF16), k, dq, DOT)
+        dq = dot(to_out(ds, k_ptr, EXACT_BF16), k, dq, DOT)
     return dq
 
 
@@ -226,7 +226,6 @@ def attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor
     cfg_kv = config or pick_config("dkdv", d, dvd, q.dtype, q.device)
     cfg_q = config or pick_config("dq", d, dvd, q.dtype, q.device)
     kind, m, ms = mask_args(mask, q)
-    interp = interpreting(q)
     # Under the interpreter programs run one after another: the atomic path is then exactly repeatable too.
     atomic = not deterministic
     d_out, d_dout, d_b, d_lq = rows
@@ -237,7 +236,7 @@ def attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor
         if atomic else delta
     acc_strides = (dq_acc.stride(0) if varlen is None else 0, *dq_acc.stride()[1:]) if atomic else (0, 0, 0, 0)
     common = dict(D_P=pad_dim(d), DV_P=pad_dim(dvd), MASK_KIND=kind, IS_CAUSAL=is_causal, BOTTOM_RIGHT=bottom_right,
-                  VARLEN=varlen is not None, DROPOUT=dropout_p > 0.0, **flags(q, interp))
+                  VARLEN=varlen is not None, DROPOUT=dropout_p > 0.0, **kernel_flags(q))
     sizes = (*lse_strides, hq // hkv, lq, lk, rng_cols, d, dvd, scale, scale * math.log2(math.e), seed, dropout_p)
     with device_guard(q):
         _delta_kernel[(triton.cdiv(d_lq, DELTA_BLOCK_M), hq, d_b)](

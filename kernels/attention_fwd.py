@@ -13,10 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attn_common import (AttnConfig, Varlen, _causal_offset, _dot, _keep, _key_range, _kv_scores, _load_tile,
-                           _query_block, _seq, _store_tile, check_inputs, flags, launch, mask_args, packed_4d,
+from ._attn_common import (AttnConfig, Varlen, _causal_offset, _keep, _key_range, _kv_scores, _load_tile,
+                           _query_block, _seq, _store_tile, check_inputs, launch, mask_args, packed_4d,
                            pad_dim, pick_config)
-from ._common import device_guard, interpreting, to_out
+from ._common import device_guard, dot, kernel_flags, to_out
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _fwd_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, m_ptr, lo, hi, offs_m, offs_d, o
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DROPOUT:
             p = tl.where(_keep(seed, row, offs_m, offs_n, RNG_COLS, dropout_p), p / (1.0 - dropout_p), 0.0)
-        acc = _dot(to_out(p, v_ptr, EXACT_BF16), v, acc * alpha[:, None], DOT)
+        acc = dot(to_out(p, v_ptr, EXACT_BF16), v, acc * alpha[:, None], DOT)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -129,5 +129,5 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                           scale * math.log2(math.e), seed, dropout_p,
                           D_P=pad_dim(d), DV_P=pad_dim(dv), MASK_KIND=kind, IS_CAUSAL=is_causal,
                           BOTTOM_RIGHT=bottom_right, VARLEN=varlen is not None, DROPOUT=dropout_p > 0.0,
-                          **flags(q, interpreting(q)), **launch(cfg))
+                          **kernel_flags(q), **launch(cfg))
     return out, lse

@@ -7,6 +7,9 @@ exact does not demand exactness."""
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,6 +29,8 @@ _BACKENDS = {
     "rms_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
     "attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "attention_varlen": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
+    "decode_attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
+    "kv_cache_append": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
 }
 
 
@@ -95,3 +100,35 @@ def norm_dx_scale(x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor | None, k: 
 def randn(shape, dtype, device, *, seed: int, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype).to(device)
+
+
+def compile_check(test_file: str) -> None:
+    """Run `python <test_file> compile-check` (the file's ahead-of-time compilation of its kernels for the GPU) and
+    assert it succeeds. A subprocess: without TRITON_INTERPRET, which would turn the kernels into interpreted
+    functions; fastllm is imported from this checkout (not from wherever the installed package points)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(test_file)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    r = subprocess.run([sys.executable, test_file, "compile-check"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def compile_for_sm90(kernel, ptrs: dict, consts: dict, num_warps: int, num_stages: int, scalars: dict | None = None):
+    """Shared memory (bytes) of a Triton kernel compiled ahead of time for sm_90 (H100), without a GPU. ptrs: the
+    pointer arguments' types ("*bf16", ...); consts: the constexprs; scalars: types of other scalar arguments
+    (default "i32"); consts the kernel does not take are ignored."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    scalars = scalars or {}
+    sig = {name: "constexpr" if name in consts else ptrs.get(name) or scalars.get(name, "i32")
+           for name in inspect.signature(kernel.fn).parameters}
+    consts = {k: v for k, v in consts.items() if k in sig}  # constexprs a variant shares with others
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compiled.metadata.shared

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastllm
-from helpers import DEVICES, assert_close, device_backends, randn, running_on
+from helpers import DEVICES, assert_close, compile_check, compile_for_sm90, device_backends, randn, running_on
 
 from fastllm import attention
 
@@ -459,12 +459,6 @@ def test_compiles_without_graph_breaks():
 
 def _compile_for_sm90(kernel, dtype, d, mask_kind, causal, dropout, varlen=False, atomic=False):
     """Shared memory (bytes) of one kernel variant compiled ahead of time for sm_90 (H100): no GPU needed."""
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from fastllm.kernels import attention as tk
 
     t = "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
@@ -475,18 +469,8 @@ def _compile_for_sm90(kernel, dtype, d, mask_kind, causal, dropout, varlen=False
                   DOT=tk.DOT_IEEE32 if dtype == torch.float32 else tk.DOT_NATIVE, EXACT_BF16=False)
     ptrs = {"M": {0: t, 1: "*u8", 2: "*fp32"}[mask_kind], "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32",
             "CU_Q": "*i32", "CU_K": "*i32", **{name: t for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_OUT")}}
-    sig = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name] = ptrs[name]
-        else:
-            sig[name] = {"qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(name, "i32")
-    compiled = triton.compile(ASTSource(fn, sig, constexprs={k: v for k, v in consts.items() if k in sig}),
-                              target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return compiled.metadata.shared
+    scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
+    return compile_for_sm90(fn, ptrs, consts, cfg.num_warps, cfg.num_stages, scalars)
 
 
 # (dtype, head dim, [(mask kind, causal, dropout, varlen, atomic dq), ...]): every code path once, tensor-core
@@ -499,15 +483,8 @@ _COMPILE_CASES = [("bf16", 128, [(0, True, True, False, False), (2, False, False
 
 def test_kernels_compile_for_h100():
     """Each kernel, with the tiles pick_config gives, compiles for sm_90 and fits its 227 KiB of shared memory
-    (the interpreter runs kernels that the compiler rejects, e.g. a constexpr branch returning two types).
-    Runs in a subprocess without TRITON_INTERPRET, which would turn the kernels into interpreted functions."""
-    import subprocess
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, __file__, "compile-check"], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (the interpreter runs kernels that the compiler rejects, e.g. a constexpr branch returning two types)."""
+    compile_check(__file__)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["compile-check"]:
