@@ -11,10 +11,12 @@
     out = fastllm.decode_attention(q, k_cache, v_cache, lens + 1)   # generation: new tokens vs the cache
     fastllm.backends()        # which backends run here and, for each missing one, why
     fastllm.dispatch_log()    # which backend each op took last, and why faster ones were not
+    llm = fastllm.LLM.load()  # a model (default: the bundled SmolLM2-135M-Instruct); llm.generate("Hi")
 """
 from . import nn, reference
 from ._backend import backends
 from ._dispatch import dispatch_log, use_backend
+from .llm import LLM
 from .ops import (add_rms_norm, attention, attention_varlen, decode_attention, kv_cache_append, layer_norm,
                   rms_norm, softmax)
 from .patch import patch_sdpa, sdpa_is_patched, unpatch_sdpa
@@ -22,4 +24,4 @@ from .patch import patch_sdpa, sdpa_is_patched, unpatch_sdpa
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "decode_attention", "kv_cache_append", "softmax", "layer_norm",
            "rms_norm", "add_rms_norm", "nn", "reference", "backends", "dispatch_log",
-           "use_backend", "patch_sdpa", "unpatch_sdpa", "sdpa_is_patched", "__version__"]
+           "use_backend", "patch_sdpa", "unpatch_sdpa", "sdpa_is_patched", "LLM", "__version__"]

@@ -1,5 +1,7 @@
-"""The `fastllm` command. `fastllm bench` times each op against torch on this machine's device and
-prints GB/s and the ratios (the runtime's generate/chat/serve commands come with the runtime)."""
+"""The `fastllm` command. `fastllm generate "prompt"` prints a completion as it is generated; `fastllm chat`
+is an interactive conversation (empty line or Ctrl-D ends it); both use the bundled SmolLM2-135M-Instruct
+unless -m names a model directory or .gguf file. `fastllm bench` times each op against torch on this
+machine's device and prints GB/s and the ratios."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +41,57 @@ def _bench(args) -> int:
     return 0
 
 
+def _load(args):
+    from .llm import LLM
+
+    return LLM.load(args.model, device=args.device)
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _generate(args) -> int:
+    llm = _load(args)
+    for piece in llm.stream(args.prompt, **_sampling(args)):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _chat(args) -> int:
+    llm = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = ""
+        for piece in llm.chat(messages, stream=True, **_sampling(args)):
+            print(piece, end="", flush=True)
+            reply += piece
+        print()
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _model_args(p, max_new_tokens: int) -> None:
+    p.add_argument("-m", "--model", help="a Hugging Face model directory or a .gguf file (default: SmolLM2-135M)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="a string that ends the text (repeatable)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,10 +100,19 @@ def main(argv=None) -> int:
     bench.add_argument("--ops", help="comma-separated subset of softmax,layer_norm,rms_norm")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     bench.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per case and peer")
+    gen = sub.add_parser("generate", help="complete a prompt, printing the text as it is generated")
+    gen.add_argument("prompt")
+    _model_args(gen, 128)
+    chat = sub.add_parser("chat", help="an interactive conversation with the model's chat template")
+    chat.add_argument("--system", help="a system message")
+    _model_args(chat, 512)
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        return _bench(args)
-    return 2
+    commands = {"bench": _bench, "generate": _generate, "chat": _chat}
+    try:
+        return commands[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"fastllm {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""fastllm.LLM: load a model and generate text.
+
+    llm = fastllm.LLM.load()                       # the bundled SmolLM2-135M-Instruct GGUF, no download
+    llm = fastllm.LLM.load("path/to/hf_dir")       # config.json + *.safetensors + tokenizer.json
+    llm = fastllm.LLM.load("model.gguf")
+    llm.generate("Once upon a time", max_new_tokens=32)            # -> str (a list of prompts -> list[str])
+    for piece in llm.stream("Once upon a time"): print(piece, end="")
+    llm.chat([{"role": "user", "content": "Hi!"}])                  # the chat template, then generate
+
+Generation keywords (all methods): max_new_tokens, temperature (0 = greedy, the default), top_k, top_p,
+repetition_penalty, seed, stop (a string or list of strings that end the text; not included in it).
+Runs under torch.inference_mode; on CPU torch uses all cores (torch.get_num_threads()).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+
+from .runtime.generate import TextStream, token_steps
+from .runtime.sampling import SamplingParams
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class LLM:
+    def __init__(self, model, tokenizer, config):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.eos_ids = tuple(config.eos_token_ids)
+
+    @classmethod
+    def load(cls, path: str | None = None, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None) -> "LLM":
+        """path: a Hugging Face model directory or a .gguf file; None = the bundled default model.
+        device: default cuda when available, else cpu. dtype: default bfloat16 (float16 without bf16) on
+        CUDA, float32 on CPU."""
+        from .loading import default_model_path
+
+        path = default_model_path() if path is None else os.fspath(path)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or _default_dtype(device)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if os.path.isdir(path):
+            from .loading.safetensors import load_hf_dir
+            from .loading.tokenizer import Tokenizer
+
+            model, cfg = load_hf_dir(path, device, dtype)
+            return cls(model, Tokenizer.from_hf_dir(path), cfg)
+        if os.path.isfile(path):
+            from .loading.gguf import load_gguf
+
+            return cls(*load_gguf(path, device, dtype))
+        raise FileNotFoundError(f"{path} is neither a model directory nor a .gguf file")
+
+    # ---- token level -------------------------------------------------------------------------------
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 64, **sampling) -> list[list[int]]:
+        """Token ids in, generated token ids out (EOS included when produced; no stop strings)."""
+        out = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        with torch.inference_mode():
+            for nxt in token_steps(self.model, prompts, max_new_tokens, SamplingParams(**sampling), self.eos_ids):
+                for i, t in enumerate(nxt.tolist()):
+                    if not done[i]:
+                        out[i].append(t)
+                        done[i] = t in self.eos_ids
+        return out
+
+    # ---- text level --------------------------------------------------------------------------------
+    def _encode(self, prompt) -> list[int]:
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
+        return self.tokenizer.encode(prompt)
+
+    def _pieces(self, prompts: list[list[int]], max_new_tokens: int, stop, sampling) -> Iterator[list[str]]:
+        """Per decode step, the new text of every row ("" for a finished row)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        params = SamplingParams(**sampling)
+        streams = [TextStream(self.tokenizer, stop) for _ in prompts]
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.model.tok_embeddings.weight.device)
+        done = [False] * len(prompts)
+        with torch.inference_mode():
+            for nxt in token_steps(self.model, prompts, max_new_tokens, params, self.eos_ids, finished):
+                pieces = []
+                for i, t in enumerate(nxt.tolist()):
+                    piece = ""
+                    if not done[i]:
+                        if t in self.eos_ids:
+                            done[i] = True
+                        else:
+                            piece = streams[i].push(t)
+                            if streams[i].stopped:
+                                done[i] = True
+                                finished[i] = True
+                    pieces.append(piece)
+                yield pieces
+        yield [s.finish() for s in streams]
+
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, *, stop=None, **sampling):
+        """The completion of each prompt (str for a str, list[str] for a list), generated as one batch."""
+        single = isinstance(prompts, str)
+        batch = [prompts] if single else list(prompts)
+        texts = [""] * len(batch)
+        for pieces in self._pieces([self._encode(p) for p in batch], max_new_tokens, stop, sampling):
+            texts = [t + p for t, p in zip(texts, pieces)]
+        return texts[0] if single else texts
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, *, stop=None, **sampling) -> Iterator[str]:
+        """The completion of one prompt, as text pieces while they are generated."""
+        for pieces in self._pieces([self._encode(prompt)], max_new_tokens, stop, sampling):
+            if pieces[0]:
+                yield pieces[0]
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, *, stream: bool = False, stop=None,
+             **sampling):
+        """The assistant's reply to a conversation [{"role": "user", "content": ...}, ...], rendered with the
+        model's chat template; an iterator of pieces with stream=True."""
+        ids = self.tokenizer.encode_chat(messages)
+        pieces = (p[0] for p in self._pieces([ids], max_new_tokens, stop, sampling))
+        return (p for p in pieces if p) if stream else "".join(pieces)

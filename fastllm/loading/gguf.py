@@ -1,0 +1,151 @@
+"""Load a GGUF file (llama.cpp's format) with the `gguf` package: the hyper-parameters from its metadata,
+the tokenizer embedded in it (tokenizer.ggml.*, rebuilt as a `tokenizers` byte-level BPE, and
+tokenizer.chat_template), and the tensors, renamed through fastllm/loading/names.py.
+
+Tensors: F32/F16 are read from the memory map; quantised blocks (Q8_0, Q4_0, Q4_1, K-quants, ...) are
+dequantised to the model dtype by `dequantized` (the one place to change when fastllm keeps them
+quantised on its qmatmul kernels). GGUF lists dims innermost first; the numpy arrays are (rows, cols) as
+torch's Linear weight (out_features, in_features).
+
+llama.cpp's converter permutes the rows of attn_q / attn_k within each head, from the "rotate_half" layout
+of HF checkpoints (pairs (i, i + D/2)) to interleaved pairs (2i, 2i + 1) for ggml's rope; `_unpermute`
+undoes it so that fastllm's model (rotate_half) reads GGUF and HF weights alike.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..models import ModelConfig, build_model
+from .names import name_map
+from .tokenizer import Tokenizer
+
+SUPPORTED_ARCHS = ("llama",)
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4   # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+
+# Pre-tokenizer regular expression of Llama 3 style BPE vocabularies (tokenizer.ggml.pre "llama-bpe").
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _open(path: str):
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except Exception as e:  # the gguf package raises ValueError/IndexError/struct errors on bad files
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+    return reader
+
+
+def _meta(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader, path: str = "") -> ModelConfig:
+    arch = _meta(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"{path}: per-frequency rope factors (rope_freqs, Llama 3.1 scaling) are not supported yet")
+    g = lambda key, default=None: _meta(reader, f"{arch}.{key}", default)  # noqa: E731
+    try:
+        dim, n_heads = int(g("embedding_length")), int(g("attention.head_count"))
+        scaling = g("rope.scaling.type", "none")
+        rope = {}
+        if scaling == "linear":
+            rope = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
+        elif scaling not in ("none", None):
+            raise ValueError(f"{path}: rope scaling {scaling!r} is not supported (supported: linear)")
+        bos, eos = _meta(reader, "tokenizer.ggml.bos_token_id"), _meta(reader, "tokenizer.ggml.eos_token_id")
+        eos_ids = tuple(int(i) for i in (eos, _meta(reader, "tokenizer.ggml.eot_token_id")) if i is not None)
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        return ModelConfig(
+            arch=arch, vocab_size=int(g("vocab_size", len(tokens.data) if tokens is not None else 0)), dim=dim,
+            n_layers=int(g("block_count")), n_heads=n_heads, n_kv_heads=int(g("attention.head_count_kv", n_heads)),
+            head_dim=int(g("attention.key_length", dim // n_heads)), intermediate_size=int(g("feed_forward_length")),
+            max_seq_len=int(g("context_length")), norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(g("rope.freq_base", 10000.0)), rope_scaling=rope,
+            tie_word_embeddings="output.weight" not in names, bos_token_id=bos,
+            eos_token_ids=tuple(dict.fromkeys(eos_ids)), pad_token_id=_meta(reader, "tokenizer.ggml.padding_token_id"))
+    except TypeError as e:  # int(None): a required key is missing
+        raise ValueError(f"{path}: the GGUF metadata lacks a required {arch}.* key ({e})") from None
+
+
+def tokenizer_from_gguf(reader, path: str = "") -> Tokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` from tokenizer.ggml.{tokens, merges, token_type, pre, ...}."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    kind, pre = _meta(reader, "tokenizer.ggml.model"), _meta(reader, "tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported yet (supported: gpt2 byte-level BPE)")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pre_tokenizer = {
+        "default": byte_level, "gpt-2": byte_level,
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+        "llama-bpe": pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }.get(pre)
+    if pre_tokenizer is None:
+        raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt-2, "
+                         "smollm, llama-bpe)")
+    tokens = list(_meta(reader, "tokenizer.ggml.tokens"))
+    merges = [tuple(m.split(" ", 1)) for m in _meta(reader, "tokenizer.ggml.merges", [])]
+    types = list(_meta(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre == "llama-bpe"))
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED])
+    bos, eos = _meta(reader, "tokenizer.ggml.bos_token_id"), _meta(reader, "tokenizer.ggml.eos_token_id")
+    if _meta(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
+                                                           special_tokens=[(tokens[bos], int(bos))])
+    specials = {"bos_token": tokens[bos] if bos is not None else None,
+                "eos_token": tokens[eos] if eos is not None else None}
+    return Tokenizer(tok, _meta(reader, "tokenizer.chat_template"), specials)
+
+
+def dequantized(tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A GGUF tensor as a dense torch tensor (rows, cols) in `dtype` (quantised blocks expanded)."""
+    from gguf import GGMLQuantizationType, quants
+
+    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        data = np.array(tensor.data)  # a copy: the memory map is read-only
+    else:
+        data = quants.dequantize(tensor.data, tensor.tensor_type)
+    return torch.from_numpy(np.ascontiguousarray(data)).to(dtype)
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a (n_heads * D, ...) q/k weight from ggml's interleaved rope order back to rotate_half order."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str, device, dtype: torch.dtype):
+    """(model, tokenizer, config) from a GGUF file."""
+    reader = _open(path)
+    cfg = config_from_gguf(reader, path)
+    tokenizer = tokenizer_from_gguf(reader, path)
+    names = name_map(cfg, "gguf")
+    tensors = {}
+    for t in reader.tensors:
+        if t.name not in names:
+            raise ValueError(f"{path} holds tensor {t.name!r}, which the {cfg.arch} model does not have")
+        ours = names[t.name]
+        w = dequantized(t, dtype)
+        if ours.endswith(("wq.weight", "wq.bias")):
+            w = _unpermute(w, cfg.n_heads)
+        elif ours.endswith(("wk.weight", "wk.bias")):
+            w = _unpermute(w, cfg.n_kv_heads)
+        tensors[ours] = w.to(device)
+    with torch.no_grad():
+        return build_model(cfg, tensors, device, dtype), tokenizer, cfg

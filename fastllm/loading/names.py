@@ -1,0 +1,36 @@
+"""The one table of tensor names: fastllm's parameter name -> (Hugging Face name, GGUF name), module
+prefixes to which ".weight" / ".bias" are appended; "{i}" is the layer index."""
+from __future__ import annotations
+
+from ..models.config import ModelConfig
+
+LLAMA_NAMES: dict[str, tuple[str, str]] = {
+    "tok_embeddings": ("model.embed_tokens", "token_embd"),
+    "layers.{i}.attn_norm": ("model.layers.{i}.input_layernorm", "blk.{i}.attn_norm"),
+    "layers.{i}.wq": ("model.layers.{i}.self_attn.q_proj", "blk.{i}.attn_q"),
+    "layers.{i}.wk": ("model.layers.{i}.self_attn.k_proj", "blk.{i}.attn_k"),
+    "layers.{i}.wv": ("model.layers.{i}.self_attn.v_proj", "blk.{i}.attn_v"),
+    "layers.{i}.wo": ("model.layers.{i}.self_attn.o_proj", "blk.{i}.attn_output"),
+    "layers.{i}.mlp_norm": ("model.layers.{i}.post_attention_layernorm", "blk.{i}.ffn_norm"),
+    "layers.{i}.w_gate": ("model.layers.{i}.mlp.gate_proj", "blk.{i}.ffn_gate"),
+    "layers.{i}.w_up": ("model.layers.{i}.mlp.up_proj", "blk.{i}.ffn_up"),
+    "layers.{i}.w_down": ("model.layers.{i}.mlp.down_proj", "blk.{i}.ffn_down"),
+    "norm": ("model.norm", "output_norm"),
+    "lm_head": ("lm_head", "output"),
+}
+TABLES = {"llama": LLAMA_NAMES}
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+"""Tensors some checkpoints carry that the model recomputes (old Llama files store rotary frequencies)."""
+
+
+def name_map(cfg: ModelConfig, source: str) -> dict[str, str]:
+    """{name in the file: fastllm parameter name} for source "hf" or "gguf", every layer and suffix."""
+    col = {"hf": 0, "gguf": 1}[source]
+    out = {}
+    for ours, theirs in TABLES[cfg.arch].items():
+        layers = range(cfg.n_layers) if "{i}" in ours else [None]
+        for i in layers:
+            for suffix in (".weight", ".bias"):
+                out[theirs[col].format(i=i) + suffix] = ours.format(i=i) + suffix
+    return out

@@ -1,0 +1,90 @@
+"""Tokenizer: the `tokenizers` package for text <-> ids, and the chat template rendered with jinja2 the
+way transformers renders it (sandboxed environment, trim_blocks + lstrip_blocks, `raise_exception`,
+`tojson`, `strftime_now`; variables messages, add_generation_prompt, tools and the special tokens).
+Built from a Hugging Face directory (tokenizer.json + tokenizer_config.json / chat_template.jinja) or,
+by fastllm/loading/gguf.py, from the vocabulary embedded in a GGUF file."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from ..models.config import read_json
+
+
+def _token_text(tok) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _raise(message):
+    raise ValueError(f"the chat template refused the messages: {message}")
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _HFTokenizer, chat_template: str | None = None,
+                 special_tokens: dict[str, str | None] | None = None):
+        """special_tokens: {"bos_token": text, "eos_token": text, ...} for the chat template."""
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self._template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, text: str | None) -> int | None:
+        return None if text is None else self.tokenizer.token_to_id(text)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation [{"role": ..., "content": ...}, ...]."""
+        if not self.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; use generate() with plain text")
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise TypeError("messages must be a list of dicts with 'role' and 'content'")
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                               extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+                x, indent=indent, ensure_ascii=ensure_ascii)
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                     tools=None, **self.special_tokens)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of the rendered conversation (the template writes any BOS itself, as transformers does)."""
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+    @classmethod
+    def from_hf_dir(cls, path: str) -> "Tokenizer":
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} does not exist (fastllm reads tokenizers in the tokenizer.json format)")
+        try:
+            tok = _HFTokenizer.from_file(file)
+        except Exception as e:  # the tokenizers package raises a plain Exception for malformed files
+            raise ValueError(f"{file} is not a valid tokenizer.json: {e}") from None
+        config_file = os.path.join(path, "tokenizer_config.json")
+        config = read_json(config_file) if os.path.exists(config_file) else {}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if template is None and os.path.exists(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                template = f.read()
+        specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        return cls(tok, template, specials)

@@ -1,0 +1,75 @@
+"""Rotary position embeddings (RoPE) with the rope_scaling variants of Hugging Face config.json.
+
+For head dim D, frequencies inv_freq_i = theta^(-2i / D), i < D / 2, possibly rescaled:
+    linear:  inv_freq / factor                    (positions stretched by `factor`)
+    llama3:  low frequencies (wavelength > original_len / low_freq_factor) divided by `factor`, high ones
+             (wavelength < original_len / high_freq_factor) kept, the band between interpolated smoothly
+    dynamic: NTK-aware, theta' = theta * (factor * L / L0 - (factor - 1))^(D / (D - 2)) once the sequence
+             length L = max position + 1 exceeds L0 = max_position_embeddings (recomputed per call)
+Angles a_{p,i} = p * inv_freq_i; cos/sin are (B, L, D) with the D/2 angles repeated twice (the
+"rotate_half" layout of HF checkpoints: the first and second halves of a head form the pairs):
+    rope(x) = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
+The angles are computed in float32 and cast to x's dtype, as transformers does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig
+
+
+def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """theta^(-2i / dim) for i < dim / 2, float32: (dim / 2,)."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(torch.nn.Module):
+    """cos, sin = rotary(positions) for positions (B, L) int64 -> two (B, L, D) float32 tensors."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        s, kind = cfg.rope_scaling, cfg.rope_type
+        inv_freq = _base_inv_freq(cfg.rope_theta, cfg.head_dim)
+        if kind == "linear":
+            inv_freq = inv_freq / s["factor"]
+        elif kind == "llama3":
+            inv_freq = _llama3(inv_freq, s)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _dynamic_inv_freq(self, seq_len: int) -> torch.Tensor:
+        cfg = self.cfg
+        base_len = cfg.max_seq_len
+        if seq_len <= base_len:
+            return self.inv_freq
+        factor, d = cfg.rope_scaling["factor"], cfg.head_dim
+        theta = cfg.rope_theta * ((factor * seq_len / base_len) - (factor - 1)) ** (d / (d - 2))
+        return _base_inv_freq(theta, d).to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.cfg.rope_type == "dynamic":
+            inv_freq = self._dynamic_inv_freq(int(positions.max()) + 1)
+        angles = positions.float()[..., None] * inv_freq            # (B, L, D/2)
+        angles = torch.cat((angles, angles), dim=-1)                 # (B, L, D)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, D); cos, sin: (B, L, D) float32 -> rope(x) in x's dtype."""
+    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

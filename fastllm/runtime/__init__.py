@@ -1,0 +1,1 @@
+"""Inference runtime: the static KV cache, sampling, and the generation loop."""

@@ -1,0 +1,118 @@
+"""The generation loop: prefill the prompts into a static KV cache, then one decode step per new token.
+
+Batches of prompts of different lengths are LEFT-PADDED: row i with prompt length n_i among a longest
+prompt of length N starts with P_i = N - n_i padding slots, so every row writes the same cache slot at
+each step (one `start` for the batch). The padding is hidden from attention by the cache's key_mask
+(False for slots j < P_i), and rotary positions are per row: slot j of row i has position j - P_i, so a
+row sees exactly the positions and keys it would see alone (batched output equals one-by-one output).
+
+    token_steps(...)  yields (B,) tensors of new tokens, one per decode step (prefill gives the first)
+    TextStream        turns one row's tokens into text increments: incremental detokenisation, stop strings
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .sampling import SamplingParams, sample
+
+
+def check_prompts(prompts: list[list[int]], max_seq_len: int) -> None:
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty (no tokens); give some text")
+        if len(p) >= max_seq_len:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, which does not leave room for a new token in "
+                             f"the model's context of {max_seq_len} tokens")
+
+
+def token_steps(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                eos_ids: tuple[int, ...] = (), finished: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Yields the next token of every row, (B,) int64 on the model's device, up to max_new_tokens times
+    (fewer when the context max_seq_len is reached). A row is finished once it produced an EOS id or the
+    caller set `finished[i]` (a (B,) bool tensor it passed in, e.g. on a stop string); the loop ends when
+    every row is finished. Finished rows keep being computed (the batch stays rectangular); their tokens
+    are to be ignored."""
+    cfg = model.cfg
+    check_prompts(prompts, cfg.max_seq_len)
+    device = model.tok_embeddings.weight.device
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - longest)
+    if max_new_tokens <= 0:
+        return
+    pads = torch.tensor([longest - len(p) for p in prompts], device=device)                 # (B,)
+    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)   # (B, N)
+    slots = torch.arange(longest + max_new_tokens, device=device)
+    positions = (slots[None, :] - pads[:, None]).clamp(min=0)                                # (B, N + new)
+    cache = model.new_cache(b, longest + max_new_tokens)
+    if bool(pads.any()):
+        cache.key_mask = slots[None, :] >= pads[:, None]                                     # (B, N + new)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        real = (slots[None, :longest] >= pads[:, None]).long()                              # (B, N)
+        seen = torch.zeros(b, cfg.vocab_size, dtype=torch.long, device=device).scatter_add_(1, tokens, real) > 0
+    if finished is None:
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    generator = params.generator(device)
+    logits = model(tokens, positions[:, :longest], cache, 0, last_only=True)                 # (B, 1, V)
+    for step in range(max_new_tokens):
+        nxt = sample(logits[:, -1].float(), params, seen, generator)                           # (B,)
+        yield nxt
+        finished |= torch.isin(nxt, eos)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        slot = longest + step
+        logits = model(nxt[:, None], positions[:, slot:slot + 1], cache, slot)
+
+
+class TextStream:
+    """One row's generated text, growing token by token.
+
+    push(token) returns the text that became final: the decoded text of all tokens so far, minus what was
+    returned before, holding back (a) an incomplete UTF-8 character (decodes to U+FFFD) and (b) any tail
+    that could be the start of a stop string. On a stop string the text is cut before it and `stopped` is
+    set; finish() returns whatever was held back at the end."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""        # text returned so far
+        self.stopped = False
+
+    def _held_back(self, full: str) -> int:
+        """Length of the longest tail of `full` that is a proper prefix of a stop string."""
+        for n in range(min(len(full), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            if any(s.startswith(full[-n:]) for s in self.stop):
+                return n
+        return 0
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (full.find(s, len(self.text)) for s in self.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.stopped = True
+            new, self.text = full[len(self.text):cut], full[:cut]
+            return new
+        if full.endswith("\ufffd"):
+            return ""
+        end = len(full) - self._held_back(full)
+        new = full[len(self.text):end] if end > len(self.text) else ""
+        self.text += new
+        return new
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        full = self.tokenizer.decode(self.ids)
+        new, self.text = full[len(self.text):], full
+        return new

@@ -1,0 +1,95 @@
+"""fastllm's Llama (fastllm/models/llama.py) loaded from a Hugging Face directory against transformers,
+in float32: logits over a whole sequence, and prefill + decode steps through the static KV cache."""
+import json
+
+import pytest
+import torch
+
+from fastllm.loading.safetensors import load_hf_dir
+from tiny_models import tiny_llama
+
+VARIANTS = {
+    "gqa-llama3-rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "linear-rope-bias": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True),
+    "dynamic-rope": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=8),
+    "mqa-headdim": dict(num_key_value_heads=1, head_dim=24),
+}
+
+
+def _forward(model, tokens, start=0, cache=None):
+    b, l = tokens.shape
+    cache = cache or model.new_cache(b, 64)
+    positions = torch.arange(start, start + l).expand(b, l)
+    with torch.inference_mode():
+        return model(tokens, positions, cache, start), cache
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(tmp_path, variant):
+    hf = tiny_llama(tmp_path, **VARIANTS[variant])
+    model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    assert cfg.tie_word_embeddings == (variant == "mha-tied")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    out, _ = _forward(model, tokens)
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_steps_equal_full_recompute(tmp_path):
+    tiny_llama(tmp_path, **VARIANTS["gqa-llama3-rope"])
+    model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 11), generator=torch.Generator().manual_seed(2))
+    full, _ = _forward(model, tokens)
+    steps, cache = _forward(model, tokens[:, :6])
+    for t in range(6, 11):
+        step, _ = _forward(model, tokens[:, t:t + 1], start=t, cache=cache)
+        steps = torch.cat([steps, step], dim=1)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model_type="bert", architectures=["BertModel"]), "unsupported architecture"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope_scaling type 'yarn'"),
+    (dict(hidden_size=32, head_dim=8), "shape"),
+])
+def test_bad_config(tmp_path, changes, message):
+    tiny_llama(tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message):
+        load_hf_dir(str(tmp_path), "cpu", torch.float32)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    tiny_llama(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    tiny_llama(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        load_hf_dir(str(tmp_path), "cpu", torch.float32)
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = tiny_llama(tmp_path / "one")
+    hf.save_pretrained(str(tmp_path / "sharded"), safe_serialization=True, max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    a, cfg = load_hf_dir(str(tmp_path / "one"), "cpu", torch.float32)
+    b, _ = load_hf_dir(str(tmp_path / "sharded"), "cpu", torch.float32)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 7))
+    assert torch.equal(_forward(a, tokens)[0], _forward(b, tokens)[0])
