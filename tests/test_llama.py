@@ -18,12 +18,9 @@ VARIANTS = {
 }
 
 
-def _forward(model, tokens, start=0, cache=None):
-    b, l = tokens.shape
-    cache = cache or model.new_cache(b, 64)
-    positions = torch.arange(start, start + l).expand(b, l)
+def _forward(model, tokens):
     with torch.inference_mode():
-        return model(tokens, positions, cache, start), cache
+        return model(tokens)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -32,22 +29,29 @@ def test_logits_match_transformers(tmp_path, variant):
     model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
     assert cfg.tie_word_embeddings == (variant == "mha-tied")
     tokens = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
-    out, _ = _forward(model, tokens)
+    out = _forward(model, tokens)
     with torch.no_grad():
         ref = hf(tokens).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_decode_steps_equal_full_recompute(tmp_path):
-    tiny_llama(tmp_path, **VARIANTS["gqa-llama3-rope"])
+@pytest.mark.parametrize("variant", ["gqa-llama3-rope", "mqa-headdim"])
+def test_prefill_and_decode_steps_equal_full_recompute(tmp_path, variant):
+    """Ragged prompts prefilled together (packed), then decode steps through the static cache, give the
+    logits of whole-sequence forwards of each row."""
+    tiny_llama(tmp_path, **VARIANTS[variant])
     model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
-    tokens = torch.randint(0, cfg.vocab_size, (3, 11), generator=torch.Generator().manual_seed(2))
-    full, _ = _forward(model, tokens)
-    steps, cache = _forward(model, tokens[:, :6])
-    for t in range(6, 11):
-        step, _ = _forward(model, tokens[:, t:t + 1], start=t, cache=cache)
-        steps = torch.cat([steps, step], dim=1)
-    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
+    lens, steps = [6, 1, 9], 5
+    seqs = [torch.randint(0, cfg.vocab_size, (n + steps,), generator=torch.Generator().manual_seed(n)) for n in lens]
+    with torch.inference_mode():
+        cache = model.new_cache(len(lens), max(lens) + steps)
+        got = [model.prefill([s[:n].tolist() for s, n in zip(seqs, lens)], cache)]            # (B, V)
+        for t in range(steps - 1):
+            got.append(model.decode(torch.stack([s[n + t] for s, n in zip(seqs, lens)]), cache))
+        assert cache.lengths.tolist() == [n + steps - 1 for n in lens]
+        for b, (s, n) in enumerate(zip(seqs, lens)):
+            full = _forward(model, s[None, :n + steps - 1])[0, n - 1:]                         # (steps, V)
+            torch.testing.assert_close(torch.stack([g[b] for g in got]), full, rtol=1e-4, atol=1e-5)
 
 
 def _edit_config(path, **changes):
@@ -92,4 +96,4 @@ def test_sharded_checkpoint(tmp_path):
     a, cfg = load_hf_dir(str(tmp_path / "one"), "cpu", torch.float32)
     b, _ = load_hf_dir(str(tmp_path / "sharded"), "cpu", torch.float32)
     tokens = torch.randint(0, cfg.vocab_size, (1, 7))
-    assert torch.equal(_forward(a, tokens)[0], _forward(b, tokens)[0])
+    assert torch.equal(_forward(a, tokens), _forward(b, tokens))

@@ -4,11 +4,14 @@
     per layer:  h = h + wo(attn(rope(wq(rms(h))), rope(wk(rms(h))), wv(rms(h))))
                 h = h + w_down(silu(w_gate(rms(h))) * w_up(rms(h)))
     logits = lm_head(rms(h))                                    (B, L, vocab)
-RMSNorm runs on fastllm.rms_norm, attention on fastllm.attention against the static KV cache.
+RMSNorm runs on fastllm.rms_norm. Attention: fastllm.attention for whole sequences (forward), attention_varlen
+over the packed prompts (prefill), kv_cache_append + decode_attention over the static KV cache (decode).
 Parameter names are fastllm's own (short, gpt-fast style); fastllm/loading/names.py maps the Hugging Face
 and GGUF names onto them. Tied embeddings: lm_head.weight is tok_embeddings.weight.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +22,6 @@ import fastllm
 from ..runtime.kv_cache import StaticKVCache
 from .config import ModelConfig
 from .rope import Rotary, apply_rotary
-
-
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
-    """The new queries against every cached key: q (B, Hq, L, D); k, v (B, Hkv, S, D) with the last L of
-    the S slots being the new tokens; key_mask None or (B, S) bool (False = padding). Causal, aligned
-    bottom-right (query i sees slots j <= i + S - L). Returns (B, Hq, L, D).
-    (The one place attention is called: fastllm.decode_attention will take the L = 1 steps.)"""
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    return fastllm.attention(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True,
-                             causal_alignment="bottom_right")
 
 
 class RMSNorm(nn.Module):
@@ -56,17 +49,15 @@ class Block(nn.Module):
         self.w_up = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)
 
-    def forward(self, h, cos, sin, cache: StaticKVCache, start: int):
-        b, l, _ = h.shape
-        x = self.attn_norm(h)                                                       # (B, L, dim)
-        q = self.wq(x).view(b, l, self.n_heads, self.head_dim).transpose(1, 2)      # (B, Hq, L, D)
-        k = self.wk(x).view(b, l, self.n_kv, self.head_dim).transpose(1, 2)         # (B, Hkv, L, D)
-        v = self.wv(x).view(b, l, self.n_kv, self.head_dim).transpose(1, 2)         # (B, Hkv, L, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_all, v_all = cache.update(self.index, start, k, v)                        # (B, Hkv, start+L, D)
-        mask = None if cache.key_mask is None else cache.key_mask[:, :start + l]
-        y = cached_attention(q, k_all, v_all, mask)                                  # (B, Hq, L, D)
-        h = h + self.wo(y.transpose(1, 2).reshape(b, l, -1))
+    def forward(self, h: torch.Tensor, attend) -> torch.Tensor:
+        """h: (..., dim) -> (..., dim). attend(layer, q, k, v) -> y: the attention of this call's mode (full,
+        prefill or decode), given q (..., Hq, D) and k, v (..., Hkv, D) before rotary, returning (..., Hq, D)."""
+        x = self.attn_norm(h)                                                        # (..., dim)
+        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))                  # (..., Hq, D)
+        k = self.wk(x).unflatten(-1, (self.n_kv, self.head_dim))                     # (..., Hkv, D)
+        v = self.wv(x).unflatten(-1, (self.n_kv, self.head_dim))                     # (..., Hkv, D)
+        y = attend(self.index, q, k, v)                                              # (..., Hq, D)
+        h = h + self.wo(y.flatten(-2))
         x = self.mlp_norm(h)
         return h + self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
@@ -85,17 +76,72 @@ class Llama(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         p = self.tok_embeddings.weight
+        cos, sin = self.rotary.table(max_len)                                        # (Lmax, D)
         return StaticKVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                             p.dtype, p.device)
+                             p.dtype, p.device, cos, sin)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache, start: int,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens, positions: (B, L) int64 (positions are per row: left padding shifts them); the tokens
-        fill cache slots [start, start + L). Returns logits (B, L, vocab), or (B, 1, vocab) with last_only."""
-        h = self.tok_embeddings(tokens)                                              # (B, L, dim)
-        cos, sin = self.rotary(positions)                                            # (B, L, D)
+    def _run(self, tokens: torch.Tensor, attend) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)                                              # (..., dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, cache, start)
-        if last_only:
-            h = h[:, -1:]
+            h = layer(h, attend)
+        return h
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, vocab) of whole sequences tokens (B, L) at positions 0..L-1, causal, no cache."""
+        b, l = tokens.shape
+        cos, sin = self.rotary(torch.arange(l, device=tokens.device).expand(b, l))   # (B, L, D)
+
+        def attend(i, q, k, v):                                                      # (B, L, H, D)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            y = fastllm.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                  enable_gqa=True)                                   # (B, Hq, L, D)
+            return y.transpose(1, 2)
+
+        return self.lm_head(self.norm(self._run(tokens, attend)))
+
+    def prefill(self, prompts: list[list[int]], cache: StaticKVCache) -> torch.Tensor:
+        """Run the prompts (row b of the cache gets prompts[b], from slot 0) and return the logits of each
+        prompt's last token, (B, vocab). The prompts are packed back to back, without padding: attention is
+        fastllm.attention_varlen over them, and their keys and values are written into the cache rows."""
+        device = cache.lengths.device
+        lens = [len(p) for p in prompts]
+        longest = max(lens)
+        cache.check_room(longest)
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)      # (T,)
+        rows = torch.repeat_interleave(torch.arange(len(lens), device=device),
+                                       torch.tensor(lens, device=device))                            # (T,)
+        pos = torch.cat([torch.arange(n, device=device) for n in lens])                             # (T,)
+        cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)  # (B+1,)
+        if self.cfg.rope_type == "dynamic":
+            cache.cos, cache.sin = self.rotary.table(cache.max_len, longest)
+        cos, sin = cache.cos[pos], cache.sin[pos]                                    # (T, D)
+
+        def attend(i, q, k, v):                                                      # (T, H, D)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cache.k[i][rows, pos] = k
+            cache.v[i][rows, pos] = v
+            return fastllm.attention_varlen(q, k, v, cu, cu, longest, longest, is_causal=True)
+
+        h = self._run(tokens, attend)[cu[1:].long() - 1]                             # (B, dim)
+        cache.lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+        cache.longest = longest
         return self.lm_head(self.norm(h))
+
+    def decode(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """One new token per row, tokens (B,), appended at each row's length; returns logits (B, vocab).
+        Per layer: kv_cache_append (rotary on the new key and query, written in place) then decode_attention
+        over the row's cached keys (split-KV on the GPU); no host synchronisation, no allocation by value."""
+        cache.check_room(1)
+        if self.cfg.rope_type == "dynamic":
+            cache.cos, cache.sin = self.rotary.table(cache.max_len, cache.longest + 1)
+        after = cache.lengths + 1                                                    # (B,) int32
+
+        def attend(i, q, k, v):                                                      # (B, 1, H, D)
+            q = fastllm.kv_cache_append(cache.k[i], cache.v[i], k, v, cache.lengths, cos=cache.cos, sin=cache.sin,
+                                        q=q)
+            return fastllm.decode_attention(q, cache.k[i], cache.v[i], after)
+
+        h = self._run(tokens[:, None], attend)                                       # (B, 1, dim)
+        cache.lengths.copy_(after)
+        cache.longest += 1
+        return self.lm_head(self.norm(h))[:, 0]

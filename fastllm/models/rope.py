@@ -6,7 +6,7 @@ For head dim D, frequencies inv_freq_i = theta^(-2i / D), i < D / 2, possibly re
              (wavelength < original_len / high_freq_factor) kept, the band between interpolated smoothly
     dynamic: NTK-aware, theta' = theta * (factor * L / L0 - (factor - 1))^(D / (D - 2)) once the sequence
              length L = max position + 1 exceeds L0 = max_position_embeddings (recomputed per call)
-Angles a_{p,i} = p * inv_freq_i; cos/sin are (B, L, D) with the D/2 angles repeated twice (the
+Angles a_{p,i} = p * inv_freq_i; cos/sin are (..., D) with the D/2 angles repeated twice (the
 "rotate_half" layout of HF checkpoints: the first and second halves of a head form the pairs):
     rope(x) = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
 The angles are computed in float32 and cast to x's dtype, as transformers does.
@@ -37,7 +37,7 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class Rotary(torch.nn.Module):
-    """cos, sin = rotary(positions) for positions (B, L) int64 -> two (B, L, D) float32 tensors."""
+    """cos, sin = rotary(positions) for positions (...) int64 -> two (..., D) float32 tensors."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,17 +59,23 @@ class Rotary(torch.nn.Module):
         theta = cfg.rope_theta * ((factor * seq_len / base_len) - (factor - 1)) ** (d / (d - 2))
         return _base_inv_freq(theta, d).to(self.inv_freq.device)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (*positions.shape, D) float32. seq_len: the sequence length the dynamic (NTK) variant
+        scales for (default: the largest position + 1, as transformers does per forward call)."""
         inv_freq = self.inv_freq
         if self.cfg.rope_type == "dynamic":
-            inv_freq = self._dynamic_inv_freq(int(positions.max()) + 1)
-        angles = positions.float()[..., None] * inv_freq            # (B, L, D/2)
-        angles = torch.cat((angles, angles), dim=-1)                 # (B, L, D)
+            inv_freq = self._dynamic_inv_freq(seq_len or int(positions.max()) + 1)
+        angles = positions.float()[..., None] * inv_freq            # (..., D/2)
+        angles = torch.cat((angles, angles), dim=-1)                 # (..., D)
         return angles.cos(), angles.sin()
+
+    def table(self, n_positions: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (n_positions, D) float32 for positions 0..n_positions-1 (kv_cache_append's tables)."""
+        return self(torch.arange(n_positions, device=self.inv_freq.device), seq_len or n_positions)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, D); cos, sin: (B, L, D) float32 -> rope(x) in x's dtype."""
-    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
+    """x: (..., H, D); cos, sin: (..., D) float32 (broadcast over the heads) -> rope(x) in x's dtype."""
+    cos, sin = cos.to(x.dtype)[..., None, :], sin.to(x.dtype)[..., None, :]
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin

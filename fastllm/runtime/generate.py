@@ -1,10 +1,9 @@
 """The generation loop: prefill the prompts into a static KV cache, then one decode step per new token.
 
-Batches of prompts of different lengths are LEFT-PADDED: row i with prompt length n_i among a longest
-prompt of length N starts with P_i = N - n_i padding slots, so every row writes the same cache slot at
-each step (one `start` for the batch). The padding is hidden from attention by the cache's key_mask
-(False for slots j < P_i), and rotary positions are per row: slot j of row i has position j - P_i, so a
-row sees exactly the positions and keys it would see alone (batched output equals one-by-one output).
+Prompts of different lengths are not padded: row b of the cache holds its own tokens from slot 0 and its own
+length (fastllm/runtime/kv_cache.py); prefill packs the prompts back to back (attention_varlen) and every decode
+step appends one token to every row (kv_cache_append + decode_attention with per-row lengths), so a row sees
+exactly the positions and keys it would see alone (batched output equals one-by-one output).
 
     token_steps(...)  yields (B,) tensors of new tokens, one per decode step (prefill gives the first)
     TextStream        turns one row's tokens into text increments: incremental detokenisation, stop strings
@@ -43,32 +42,26 @@ def token_steps(model, prompts: list[list[int]], max_new_tokens: int, params: Sa
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - longest)
     if max_new_tokens <= 0:
         return
-    pads = torch.tensor([longest - len(p) for p in prompts], device=device)                 # (B,)
-    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)   # (B, N)
-    slots = torch.arange(longest + max_new_tokens, device=device)
-    positions = (slots[None, :] - pads[:, None]).clamp(min=0)                                # (B, N + new)
     cache = model.new_cache(b, longest + max_new_tokens)
-    if bool(pads.any()):
-        cache.key_mask = slots[None, :] >= pads[:, None]                                     # (B, N + new)
     seen = None
     if params.repetition_penalty != 1.0:
-        real = (slots[None, :longest] >= pads[:, None]).long()                              # (B, N)
-        seen = torch.zeros(b, cfg.vocab_size, dtype=torch.long, device=device).scatter_add_(1, tokens, real) > 0
+        seen = torch.zeros(b, cfg.vocab_size, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(p, device=device)] = True
     if finished is None:
         finished = torch.zeros(b, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     generator = params.generator(device)
-    logits = model(tokens, positions[:, :longest], cache, 0, last_only=True)                 # (B, 1, V)
+    logits = model.prefill(prompts, cache)                                                   # (B, V)
     for step in range(max_new_tokens):
-        nxt = sample(logits[:, -1].float(), params, seen, generator)                           # (B,)
+        nxt = sample(logits.float(), params, seen, generator)                                # (B,)
         yield nxt
         finished |= torch.isin(nxt, eos)
         if bool(finished.all()) or step == max_new_tokens - 1:
             return
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
-        slot = longest + step
-        logits = model(nxt[:, None], positions[:, slot:slot + 1], cache, slot)
+        logits = model.decode(nxt, cache)                                                    # (B, V)
 
 
 class TextStream:

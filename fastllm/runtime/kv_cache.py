@@ -1,9 +1,11 @@
-"""A static (pre-allocated) KV cache: one (B, Hkv, Lmax, D) key and value buffer per layer, allocated once
-for the longest sequence a generation may reach, so that no step allocates and a decode step's tensors
-keep their addresses (what CUDA graphs need).
+"""A static (pre-allocated) KV cache for generation: per layer one (B, Lmax, Hkv, D) key and value buffer (the
+contiguous cache layout of fastllm.decode_attention / kv_cache_append), allocated once for the longest
+sequence a generation may reach, so that no step allocates and a decode step's tensors keep their addresses
+(what CUDA graphs need).
 
-Positions are shared by the batch rows: step t writes cache slot t of every row. Prompts of different
-lengths are left-padded (fastllm/runtime/generate.py), and the padded slots are hidden by `key_mask`.
+Rows are ragged: row b holds its own `lengths[b]` tokens in slots [0, lengths[b]); prompts of different
+lengths need no padding. `cos`, `sin` (Lmax, D) float32 are the rotary tables by absolute position, which
+kv_cache_append applies to each new key and query.
 """
 from __future__ import annotations
 
@@ -11,23 +13,21 @@ import torch
 
 
 class StaticKVCache:
-    """k[layer], v[layer]: (B, Hkv, Lmax, D). key_mask: None or (B, Lmax) bool, True where a slot holds a
-    real token (False for left padding)."""
+    """k[layer], v[layer]: (B, Lmax, Hkv, D); lengths: (B,) int32 on the device (tokens held per row);
+    longest: the same maximum on the host (every decode step adds one token to every row, so it is known
+    without reading the device)."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+                 dtype: torch.dtype, device: torch.device | str, cos: torch.Tensor, sin: torch.Tensor):
+        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_mask: torch.Tensor | None = None
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.longest = 0
         self.max_len = max_len
+        self.cos, self.sin = cos, sin                                   # (Lmax, D) float32
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v: (B, Hkv, L, D) at slots [start, start + L); return the layer's keys and values of
-        slots [0, start + L): two (B, Hkv, start + L, D) views."""
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions; writing up to {end} does not fit")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def check_room(self, new: int) -> None:
+        if self.longest + new > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions per row; {self.longest} + {new} "
+                             f"do not fit")
