@@ -45,3 +45,19 @@ def tiny_llama(path, seed: int = 0, **overrides):
     model.save_pretrained(str(path), safe_serialization=True)
     save_tokenizer(path)
     return model
+
+
+def tiny_gpt2(path, seed: int = 0, **overrides):
+    """Save a random GPT2LMHeadModel (+ tokenizer) into `path`; returns the transformers model (fp32, eval)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    args = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=1)
+    args.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**args)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 1.0)
+    model.save_pretrained(str(path), safe_serialization=True)
+    save_tokenizer(path)
+    return model

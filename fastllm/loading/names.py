@@ -18,10 +18,31 @@ LLAMA_NAMES: dict[str, tuple[str, str]] = {
     "norm": ("model.norm", "output_norm"),
     "lm_head": ("lm_head", "output"),
 }
-TABLES = {"llama": LLAMA_NAMES}
+GPT2_NAMES: dict[str, tuple[str, str]] = {
+    "tok_embeddings": ("transformer.wte", "token_embd"),
+    "pos_embeddings": ("transformer.wpe", "position_embd"),
+    "layers.{i}.ln_1": ("transformer.h.{i}.ln_1", "blk.{i}.attn_norm"),
+    "layers.{i}.c_attn": ("transformer.h.{i}.attn.c_attn", "blk.{i}.attn_qkv"),
+    "layers.{i}.c_proj": ("transformer.h.{i}.attn.c_proj", "blk.{i}.attn_output"),
+    "layers.{i}.ln_2": ("transformer.h.{i}.ln_2", "blk.{i}.ffn_norm"),
+    "layers.{i}.c_fc": ("transformer.h.{i}.mlp.c_fc", "blk.{i}.ffn_up"),
+    "layers.{i}.mlp_proj": ("transformer.h.{i}.mlp.c_proj", "blk.{i}.ffn_down"),
+    "norm": ("transformer.ln_f", "output_norm"),
+    "lm_head": ("lm_head", "output"),
+}
+TABLES = {"llama": LLAMA_NAMES, "gpt2": GPT2_NAMES}
 
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-"""Tensors some checkpoints carry that the model recomputes (old Llama files store rotary frequencies)."""
+HF_CONV1D = {"gpt2": ("c_attn.weight", "c_proj.weight", "c_fc.weight", "mlp_proj.weight")}
+"""fastllm weights that Hugging Face stores as Conv1D (in, out) matrices: transposed into nn.Linear's (out, in)."""
+
+
+def from_hf_layout(arch: str, name: str, t):
+    """A Hugging Face tensor in the layout of fastllm parameter `name`."""
+    return t.t() if name.endswith(HF_CONV1D.get(arch, ())) else t
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+"""Tensors some checkpoints carry that the model recomputes (old Llama files store rotary frequencies, old
+GPT-2 files their causal-mask buffers)."""
 
 
 def name_map(cfg: ModelConfig, source: str) -> dict[str, str]:
@@ -33,4 +54,7 @@ def name_map(cfg: ModelConfig, source: str) -> dict[str, str]:
         for i in layers:
             for suffix in (".weight", ".bias"):
                 out[theirs[col].format(i=i) + suffix] = ours.format(i=i) + suffix
+                if source == "hf" and theirs[col].startswith("transformer."):
+                    # the original GPT-2 checkpoints name the same tensors without "transformer."
+                    out[theirs[col][len("transformer."):].format(i=i) + suffix] = ours.format(i=i) + suffix
     return out

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..models import ModelConfig, build_model
 from ..models.config import read_json
-from .names import IGNORED_SUFFIXES, name_map
+from .names import IGNORED_SUFFIXES, from_hf_layout, name_map
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -35,8 +35,8 @@ def weight_files(path: str) -> list[str]:
     return files
 
 
-def _read(files: list[str], names: dict[str, str], device, dtype) -> dict[str, torch.Tensor]:
-    """{fastllm name: tensor} from the files, renamed through `names`."""
+def _read(files: list[str], names: dict[str, str], arch: str, device, dtype) -> dict[str, torch.Tensor]:
+    """{fastllm name: tensor} from the files, renamed through `names` and laid out as the model wants."""
     out = {}
     for f in files:
         try:
@@ -46,7 +46,8 @@ def _read(files: list[str], names: dict[str, str], device, dtype) -> dict[str, t
                         continue
                     if key not in names:
                         raise ValueError(f"{f} holds tensor {key!r}, which this architecture does not have")
-                    out[names[key]] = sf.get_tensor(key).to(device=device, dtype=dtype)
+                    t = from_hf_layout(arch, names[key], sf.get_tensor(key))
+                    out[names[key]] = t.to(device=device, dtype=dtype).contiguous()
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     return out
@@ -55,6 +56,6 @@ def _read(files: list[str], names: dict[str, str], device, dtype) -> dict[str, t
 def load_hf_dir(path: str, device, dtype: torch.dtype):
     """(model, config) from a Hugging Face model directory."""
     cfg = ModelConfig.from_hf_dir(path)
-    tensors = _read(weight_files(path), name_map(cfg, "hf"), device, dtype)
+    tensors = _read(weight_files(path), name_map(cfg, "hf"), cfg.arch, device, dtype)
     with torch.no_grad():
         return build_model(cfg, tensors, device, dtype), cfg

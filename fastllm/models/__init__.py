@@ -1,13 +1,14 @@
-"""Model definitions (llama.py) and their config (config.py); build_model turns a config and a dict of
+"""Model definitions (llama.py, gpt2.py, sharing decoder.py) and their config (config.py); build_model turns a config and a dict of
 loaded tensors into a ready model."""
 from __future__ import annotations
 
 import torch
 
 from .config import ModelConfig
+from .gpt2 import GPT2
 from .llama import Llama
 
-ARCHITECTURES = {"llama": Llama}
+ARCHITECTURES = {"llama": Llama, "gpt2": GPT2}
 
 
 def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], device, dtype: torch.dtype):
@@ -31,8 +32,9 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], device, dtyp
     model.load_state_dict(state, assign=True, strict=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.tok_embeddings.weight
-    model.rotary = type(model.rotary)(cfg).to(device)
+    if model.rotary is not None:  # buffers made on the meta device: build them again
+        model.rotary = type(model.rotary)(cfg).to(device)
     return model.eval()
 
 
-__all__ = ["ModelConfig", "Llama", "build_model"]
+__all__ = ["ModelConfig", "Llama", "GPT2", "build_model"]

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-SUPPORTED_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "MistralForCausalLM")}
+SUPPORTED_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "MistralForCausalLM"), "gpt2": ("GPT2LMHeadModel",)}
 """model_type -> the HF architecture names that load as it (Mistral is Llama with GQA and no biases)."""
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -20,7 +20,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 @dataclass
 class ModelConfig:
     """Shapes: hidden `dim` = n_heads * head_dim (usually); GQA when n_kv_heads < n_heads."""
-    arch: str                      # "llama"
+    arch: str                      # "llama" or "gpt2"
     vocab_size: int
     dim: int                       # hidden size
     n_layers: int
@@ -62,6 +62,8 @@ class ModelConfig:
             supported = sorted(a for archs_ in SUPPORTED_ARCHITECTURES.values() for a in archs_)
             raise ValueError(f"unsupported architecture: model_type {model_type!r}, architectures {archs} "
                              f"(supported: {', '.join(supported)})")
+        if name == "gpt2":
+            return cls._from_hf_gpt2(cfg)
         try:
             n_heads = cfg["num_attention_heads"]
             dim = cfg["hidden_size"]
@@ -80,6 +82,22 @@ class ModelConfig:
                        attention_bias=bool(cfg.get("attention_bias", False)),
                        mlp_bias=bool(cfg.get("mlp_bias", False)), bos_token_id=cfg.get("bos_token_id"),
                        eos_token_ids=_ids(eos), pad_token_id=cfg.get("pad_token_id"))
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
+
+    @classmethod
+    def _from_hf_gpt2(cls, cfg: dict) -> "ModelConfig":
+        """GPT-2's config.json names (n_embd, n_layer, ...): learned positions, biases everywhere, tied head."""
+        try:
+            dim, n_heads = cfg["n_embd"], cfg["n_head"]
+            act = cfg.get("activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"GPT-2 activation_function {act!r} is not supported (gelu_new is)")
+            return cls(arch="gpt2", vocab_size=cfg["vocab_size"], dim=dim, n_layers=cfg["n_layer"], n_heads=n_heads,
+                       n_kv_heads=n_heads, head_dim=dim // n_heads, intermediate_size=cfg.get("n_inner") or 4 * dim,
+                       max_seq_len=cfg.get("n_positions", 1024), norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+                       tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                       bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_ids(cfg.get("eos_token_id")))
         except KeyError as e:
             raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
 

@@ -1,0 +1,104 @@
+"""What every decoder-only model shares: the three ways of running it, over the same blocks.
+
+    model(tokens)               whole sequences (B, L) at positions 0..L-1, causal, no cache -> logits (B, L, V)
+                                (tests, scoring, training): fastllm.attention
+    model.prefill(prompts, c)   ragged prompts packed back to back into rows of the static KV cache c ->
+                                logits of each prompt's last token (B, V): fastllm.attention_varlen
+    model.decode(tokens, c)     one new token per row at the row's length -> logits (B, V):
+                                fastllm.kv_cache_append (rotary fused, written in place) + decode_attention
+A block calls attend(layer, q, k, v) with q (..., Hq, D), k, v (..., Hkv, D) before any rotary; the mode
+decides what attention runs. A model gives `embed(tokens, positions)` and, for rotary models, `rotary`
+(None for learned positions).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+import fastllm
+
+from ..runtime.kv_cache import StaticKVCache
+from .rope import apply_rotary
+
+
+class DecoderLM(nn.Module):
+    """Subclasses set cfg, tok_embeddings, layers, norm, lm_head, rotary (a Rotary, or None for learned
+    positions: set as an attribute, not a class default, which would hide nn.Module's submodule) and embed()."""
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        p = self.tok_embeddings.weight
+        cos, sin = self.rotary.table(max_len) if self.rotary is not None else (None, None)   # (Lmax, D)
+        return StaticKVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
+                             p.dtype, p.device, cos, sin)
+
+    def _rotate(self, q, k, cos, sin):
+        if cos is None:
+            return q, k
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        h = self.embed(tokens, positions)                                            # (..., dim)
+        for layer in self.layers:
+            h = layer(h, attend)
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, l = tokens.shape
+        positions = torch.arange(l, device=tokens.device).expand(b, l)              # (B, L)
+        cos, sin = self.rotary(positions) if self.rotary is not None else (None, None)   # (B, L, D)
+
+        def attend(i, q, k, v):                                                      # (B, L, H, D)
+            q, k = self._rotate(q, k, cos, sin)
+            y = fastllm.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                  enable_gqa=True)                                   # (B, Hq, L, D)
+            return y.transpose(1, 2)
+
+        return self.lm_head(self._run(tokens, positions, attend))
+
+    def prefill(self, prompts: list[list[int]], cache: StaticKVCache) -> torch.Tensor:
+        """Row b of the cache gets prompts[b] from slot 0; returns the logits of each prompt's last token."""
+        device = cache.lengths.device
+        lens = [len(p) for p in prompts]
+        longest = max(lens)
+        cache.check_room(longest)
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)      # (T,)
+        rows = torch.repeat_interleave(torch.arange(len(lens), device=device),
+                                       torch.tensor(lens, device=device))                            # (T,)
+        pos = torch.cat([torch.arange(n, device=device) for n in lens])                             # (T,)
+        cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)  # (B+1,)
+        if self.rotary is not None and self.cfg.rope_type == "dynamic":
+            cache.cos, cache.sin = self.rotary.table(cache.max_len, longest)
+        cos, sin = (cache.cos[pos], cache.sin[pos]) if cache.cos is not None else (None, None)      # (T, D)
+
+        def attend(i, q, k, v):                                                      # (T, H, D)
+            q, k = self._rotate(q, k, cos, sin)
+            cache.k[i][rows, pos] = k
+            cache.v[i][rows, pos] = v
+            return fastllm.attention_varlen(q, k, v, cu, cu, longest, longest, is_causal=True)
+
+        h = self._run(tokens, pos, attend)[cu[1:].long() - 1]                        # (B, dim)
+        cache.lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+        cache.longest = longest
+        return self.lm_head(h)
+
+    def decode(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """tokens (B,) appended at each row's length; no host synchronisation, no allocation by value."""
+        cache.check_room(1)
+        if self.rotary is not None and self.cfg.rope_type == "dynamic":
+            cache.cos, cache.sin = self.rotary.table(cache.max_len, cache.longest + 1)
+        after = cache.lengths + 1                                                    # (B,) int32
+
+        def attend(i, q, k, v):                                                      # (B, 1, H, D)
+            q_rot = fastllm.kv_cache_append(cache.k[i], cache.v[i], k, v, cache.lengths, cos=cache.cos,
+                                            sin=cache.sin, q=q if cache.cos is not None else None)
+            return fastllm.decode_attention(q if q_rot is None else q_rot, cache.k[i], cache.v[i], after)
+
+        h = self._run(tokens[:, None], cache.lengths[:, None].long(), attend)        # (B, 1, dim)
+        cache.lengths.copy_(after)
+        cache.longest += 1
+        return self.lm_head(h)[:, 0]
