@@ -24,8 +24,8 @@ from fastllm import _bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12}
-"""The units a rate can be recorded in, and how much work (bytes, FLOPs) one of each is per second."""
+UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12, "tok/s": 1}
+"""The units a rate can be recorded in, and how much work (bytes, FLOPs, tokens) one of each is per second."""
 
 Peer = Callable[[], ContextManager[Callable[[], object]]]
 """A peer: called once, it gives a context manager that sets the peer up (tensors, backend flags), yields
@@ -69,7 +69,7 @@ def compare(benchmark, fn: Callable[[], object], peers: dict[str, Peer], *, grou
                       "peers": {name: {"seconds", "rate", "ratio"} or {"unsupported": reason}},
                       "best_peer", "ratio_vs_best_peer", "environment"}
 
-    work: what one call does, in the unit's base (bytes for GB/s, FLOPs for TFLOP/s); counted: how it is
+    work: what one call does, in the unit's base (bytes for GB/s, FLOPs for TFLOP/s, tokens for tok/s); counted: how it is
     counted, in words; rate = work / seconds / UNITS[unit]; ratio = peer seconds / fn seconds (> 1: fn is
     faster); the best peer is the fastest that ran. suite and group name the report's table and row; case
     holds the case's parameters (op, direction, shape, dtype, ...). fn's seconds are pytest-benchmark's

@@ -1,7 +1,7 @@
 """The `fastllm` command. `fastllm generate "prompt"` prints a completion as it is generated; `fastllm chat`
 is an interactive conversation (empty line or Ctrl-D ends it); both use the bundled SmolLM2-135M-Instruct
 unless -m names a model directory or .gguf file. `fastllm bench` times each op against torch on this
-machine's device and prints GB/s and the ratios."""
+machine's device (GB/s and the ratios), then a model's prefill and decode tokens/s against transformers."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +11,51 @@ import torch
 
 
 def _bench(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.what in ("ops", "all"):
+        rc = _bench_ops(args, device)
+        if rc:
+            return rc
+    if args.what in ("generate", "all"):
+        return _bench_generate(args, device)
+    return 0
+
+
+def _bench_generate(args, device: str) -> int:
+    """Prefill and decode tokens/s of a model (default: the bundled one), fastllm against transformers."""
+    from .llm import LLM
+    from .runtime import bench
+
+    print(f"\n# generation: loading {args.model or 'the bundled SmolLM2-135M-Instruct'} on {device} ...",
+          file=sys.stderr, flush=True)
+    model = LLM.load(args.model, device=device).model
+    b, p, n = args.batch, args.prompt_len, args.new_tokens
+    print(f"# {model.cfg.arch}, {sum(q.numel() for q in model.parameters()) / 1e6:.0f}M parameters, "
+          f"{model.tok_embeddings.weight.dtype}, batch {b}, prompt {p} tokens, {n} decode steps")
+    rows = {"fastllm": bench.time_fastllm(model, b, p, n)}
+    try:
+        hf = bench.transformers_model(model)
+    except Exception as e:  # a peer that cannot be built is reported, not fatal
+        hf, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = "transformers is not installed" if hf is None else ""
+    if hf is not None:
+        rows["transformers"] = bench.time_transformers(hf, b, p, n)
+    print(f"{'impl':<14}{'prefill tok/s':>16}{'decode tok/s':>16}{'ms/step':>10}")
+    for name, t in rows.items():
+        print(f"{name:<14}{t.prefill_tok_s:>16.1f}{t.decode_tok_s:>16.1f}{t.decode_ms:>10.2f}")
+    if "transformers" in rows:
+        f, t = rows["fastllm"], rows["transformers"]
+        print(f"fastllm / transformers: prefill {f.prefill_tok_s / t.prefill_tok_s:.2f}x, "
+              f"decode {f.decode_tok_s / t.decode_tok_s:.2f}x")
+    else:
+        print(f"(no transformers peer: {why})")
+    return 0
+
+
+def _bench_ops(args, device: str) -> int:
     from . import _bench
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ops = args.ops.split(",") if args.ops else _bench.OPS
     unknown = [o for o in ops if o not in _bench.OPS]
     if unknown:
@@ -95,11 +137,17 @@ def _model_args(p, max_new_tokens: int) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="time fastllm's ops against torch on this device")
+    bench = sub.add_parser("bench", help="time fastllm's ops against torch, and generation against transformers")
     bench.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     bench.add_argument("--ops", help="comma-separated subset of softmax,layer_norm,rms_norm")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     bench.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per case and peer")
+    bench.add_argument("--what", choices=("ops", "generate", "all"), default="all",
+                       help="the ops against torch, generation tokens/s against transformers, or both (default)")
+    bench.add_argument("-m", "--model", help="model for the generation benchmark (default: SmolLM2-135M)")
+    bench.add_argument("--batch", type=int, default=1, help="generation benchmark: prompts per batch")
+    bench.add_argument("--prompt-len", type=int, default=128, help="generation benchmark: prompt tokens")
+    bench.add_argument("--new-tokens", type=int, default=32, help="generation benchmark: decode steps")
     gen = sub.add_parser("generate", help="complete a prompt, printing the text as it is generated")
     gen.add_argument("prompt")
     _model_args(gen, 128)

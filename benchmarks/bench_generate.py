@@ -1,0 +1,160 @@
+"""Generation: prefill and decode tokens/s of fastllm's runtime against transformers on the same weights.
+
+    prefill case: B prompts of P tokens into a fresh static cache        work = B * P tokens
+    decode case:  one decode step of B rows at context length L           work = B tokens
+                  (the cache is rewound to L after every call, so every call is the same step)
+Peers, same weights and dtype, same run: transformers' own model class (default "sdpa" attention, its
+dynamic KV cache cropped back to L after every decode call), built from fastllm's weights by
+fastllm.runtime.bench.transformers_model; llama.cpp through llama-cpp-python on the same GGUF when that
+package is installed (CPU, the default model only).
+CPU: the bundled SmolLM2-135M-Instruct GGUF in fp32. GPU: random-weight models with the shapes of
+SmolLM2-135M, TinyLlama-1.1B and Llama-3-8B in bf16; decode cases also record the bandwidth bound
+(weight bytes read per step / copy bandwidth measured in the same run) and the fraction of it reached.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+
+from fastllm import _bench
+from fastllm.runtime import bench as gen_bench
+from harness import DEVICE, Unsupported, compare
+
+GPU_MODELS = {  # name -> ModelConfig fields (vocab, dim, layers, heads, kv heads, head dim, intermediate)
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                         intermediate_size=1536, tie_word_embeddings=True, rope_theta=100000.0),
+    "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
+                           intermediate_size=5632),
+    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                      intermediate_size=14336, rope_theta=500000.0),
+}
+if DEVICE == "cuda":
+    CASES = [(m, d, b, n) for m in GPU_MODELS for d, b, n in (("prefill", 1, 512), ("decode", 1, 512),
+                                                               ("decode", 16, 512))]
+else:
+    CASES = [("smollm2-135m-gguf", "prefill", 1, 128), ("smollm2-135m-gguf", "decode", 1, 128),
+             ("smollm2-135m-gguf", "decode", 4, 128)]
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name: str):
+    """(fastllm model, transformers model or the reason there is none)."""
+    if name.endswith("-gguf"):
+        from fastllm import LLM
+
+        model = LLM.load(device=DEVICE, dtype=torch.float32).model
+    else:
+        from fastllm.models import Llama, ModelConfig, build_model
+
+        cfg = ModelConfig(arch="llama", max_seq_len=4096, **GPU_MODELS[name])
+        with torch.device("meta"):
+            shapes = {n: p.shape for n, p in Llama(cfg).named_parameters()}
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        tensors = {n: torch.randn(s, generator=g, device=DEVICE, dtype=torch.bfloat16) * 0.02 for n, s in shapes.items()}
+        model = build_model(cfg, tensors, DEVICE, torch.bfloat16)
+    try:
+        hf = gen_bench.transformers_model(model) or "transformers has no model class for this architecture"
+    except ImportError as e:
+        hf = f"transformers is not installed ({e})"
+    return model, hf
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_gbps() -> float:
+    """Device copy bandwidth (read + write bytes / s) of a 1 GiB tensor, measured in this run."""
+    x = torch.empty(1 << 28, dtype=torch.float32, device=DEVICE)
+    y = torch.empty_like(x)
+    s = _bench.time_it(_bench.synchronized(lambda: y.copy_(x), DEVICE), DEVICE, min_time=0.2)
+    return 2 * x.numel() * 4 / s / 1e9
+
+
+def _prompts(vocab: int, b: int, n: int) -> list[list[int]]:
+    return torch.randint(3, vocab, (b, n), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def _fastllm_fn(model, direction: str, b: int, n: int):
+    prompts = _prompts(model.cfg.vocab_size, b, n)
+    cache = model.new_cache(b, n + 2)
+    if direction == "prefill":
+        return torch.inference_mode()(lambda: model.prefill(prompts, cache))
+    with torch.inference_mode():
+        model.prefill(prompts, cache)
+    lengths, tok = cache.lengths.clone(), torch.full((b,), 5, device=cache.lengths.device)
+
+    @torch.inference_mode()
+    def step():
+        model.decode(tok, cache)
+        cache.lengths.copy_(lengths)
+        cache.longest = n
+    return step
+
+
+def _transformers_peer(hf, direction: str, b: int, n: int):
+    @contextlib.contextmanager
+    def make():
+        if isinstance(hf, str):
+            raise Unsupported(hf)
+        ids = torch.tensor(_prompts(hf.config.vocab_size, b, n), device=DEVICE)
+        if direction == "prefill":
+            yield torch.inference_mode()(lambda: hf(ids, use_cache=True))
+            return
+        with torch.inference_mode():
+            past = hf(ids, use_cache=True).past_key_values
+        tok = torch.full((b, 1), 5, device=DEVICE)
+
+        @torch.inference_mode()
+        def step():
+            hf(tok, past_key_values=past, use_cache=True)
+            past.crop(-1)  # drop the token just added: back to length n
+        yield step
+    return make
+
+
+def _llama_cpp_peer(direction: str, b: int, n: int):
+    @contextlib.contextmanager
+    def make():
+        try:
+            import llama_cpp
+        except ImportError:
+            raise Unsupported("llama-cpp-python is not installed (pip install llama-cpp-python builds it)") from None
+        if b != 1:
+            raise Unsupported("llama-cpp-python runs one sequence per context")
+        from fastllm.loading import default_model_path
+
+        llm = llama_cpp.Llama(default_model_path(), n_ctx=n + 8, n_threads=torch.get_num_threads(), verbose=False)
+        ids = _prompts(llm.n_vocab(), 1, n)[0]
+        if direction == "prefill":
+            def prefill():
+                llm.reset()
+                llm.eval(ids)
+            yield prefill
+            return
+        llm.eval(ids)
+
+        def step():
+            llm.n_tokens = n
+            llm.eval([5])
+        yield step
+    return make
+
+
+@pytest.mark.parametrize("name,direction,b,n", CASES, ids=[f"{m}-{d}-B{b}-L{n}" for m, d, b, n in CASES])
+def test_generate(benchmark, name, direction, b, n):
+    model, hf = _model(name)
+    peers = {"transformers": _transformers_peer(hf, direction, b, n)}
+    if name.endswith("-gguf"):
+        peers["llama.cpp"] = _llama_cpp_peer(direction, b, n)
+    tokens = b * n if direction == "prefill" else b
+    case = {"model": name, "direction": direction, "batch": b, "context": n,
+            "dtype": str(model.tok_embeddings.weight.dtype).replace("torch.", "")}
+    if direction == "decode" and DEVICE == "cuda" and not benchmark.disabled:
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        case["bandwidth_bound_tok_s"] = b * _copy_gbps() * 1e9 / weight_bytes
+    compare(benchmark, _fastllm_fn(model, direction, b, n), peers, group=f"{name}-{direction}-B{b}-L{n}",
+            suite="generate", case=case, work=tokens, unit="tok/s",
+            counted="prompt tokens (prefill) or new tokens (decode step)", min_time=0.5)
+    if "bandwidth_bound_tok_s" in case and benchmark.extra_info.get("rate"):
+        benchmark.extra_info["fraction_of_bound"] = benchmark.extra_info["rate"] / case["bandwidth_bound_tok_s"]
