@@ -7,15 +7,21 @@
     y, s = fastllm.add_rms_norm(x, residual, weight)
     out = fastllm.attention(q, k, v, is_causal=True)   # as F.scaled_dot_product_attention
     out = fastllm.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)  # packed sequences
+    qw = fastllm.quantize(linear.weight, scheme="int4", group_size=128)
+    y = fastllm.qmatmul(x, qw, bias)                    # as F.linear with the quantised weight
+    fastllm.quantize_model(model, scheme="int8")        # nn.Linear -> fastllm.nn.QuantLinear
     fastllm.backends()        # which backends run here and, for each missing one, why
     fastllm.dispatch_log()    # which backend each op took last, and why faster ones were not
 """
 from . import nn, reference
 from ._backend import backends
 from ._dispatch import dispatch_log, use_backend
-from .ops import add_rms_norm, attention, attention_varlen, layer_norm, rms_norm, softmax
+from .nn import quantize_model
+from .ops import add_rms_norm, attention, attention_varlen, layer_norm, qmatmul, rms_norm, softmax
 from .patch import patch_sdpa, sdpa_is_patched, unpatch_sdpa
+from .quant import QuantizedWeight, quantize
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "softmax", "layer_norm", "rms_norm", "add_rms_norm", "nn", "reference", "backends", "dispatch_log",
-           "use_backend", "patch_sdpa", "unpatch_sdpa", "sdpa_is_patched", "__version__"]
+           "use_backend", "quantize", "QuantizedWeight", "qmatmul",
+           "quantize_model", "patch_sdpa", "unpatch_sdpa", "sdpa_is_patched", "__version__"]

@@ -23,6 +23,7 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "rms_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "attention_varlen": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "qmatmul": {"cpu": ("cpu", "torch")},  # CUDA tensors: the reference until the CUDA kernels land
 }
 # Backends that can be forced for an op beyond its preference list (Triton on CPU, for tests).
 FORCIBLE: dict[str, tuple[str, ...]] = {"softmax": ("triton",), "attention": ("triton",),

@@ -26,6 +26,7 @@ _BACKENDS = {
     "rms_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
     "attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "attention_varlen": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
+    "qmatmul": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["torch"]},
 }
 
 

@@ -4,9 +4,10 @@
 // is qmatmul_avx2.cpp. Both parallelise over output channels (OpenMP) and read each weight row
 // once for all rows of x.
 //   float mode: y = sum_k x[k] * W[k], W dequantised exactly in fp32 (q * d, (u - 8) * d, u * d + m).
-//   int8 mode:  per block b of 32: s_b = sum_i wq_i * qx_i (integer; wq = q, u - 8 or u), then
-//               y = sum_b s_b * dx_b * d_g(b)  (+ sum_g m_g * sx_g for I4Asym, sx_g = sum over the
-//               group's blocks of dx_b * sum_i qx_i).
+//   int8 mode:  per block b of 32: s_b = sum_i wq_i * qx_i (integer; wq = q, or u - 8 for both
+//               int4 formats), then y = sum_b s_b * dx_b * d_g(b), plus for I4Asym
+//               sum_g (m_g + 8 d_g) * sx_g with sx_g = sum over the group's blocks of dx_b * sum_i qx_i
+//               (centred: u d + m = (u - 8) d + (m + 8 d), no cancellation against the min term).
 #include <cmath>
 #include <vector>
 
@@ -77,15 +78,13 @@ void prepare(const void* x, int64_t x_stride, QMatmulArgs& a, Prepared& p) {
 
 // ---- scalar path ----------------------------------------------------------------------------
 
-// Weight value k of row j as the integer the format stores (q, u - 8 or u).
 template <QFormat F>
 inline int32_t wint(const void* w, int64_t k_total, int64_t j, int64_t k) {
   if constexpr (F == QFormat::I8Channel || F == QFormat::I8Group) {
     return static_cast<const int8_t*>(w)[j * k_total + k];
   } else {
     const uint8_t byte = static_cast<const uint8_t*>(w)[j * (k_total / 2) + (k / kBlock) * 16 + (k % 16)];
-    const int32_t u = (k % kBlock) < 16 ? (byte & 0x0F) : (byte >> 4);
-    return F == QFormat::I4 ? u - 8 : u;
+    return ((k % kBlock) < 16 ? (byte & 0x0F) : (byte >> 4)) - (F == QFormat::I4 ? 8 : 0);
   }
 }
 
@@ -121,6 +120,7 @@ void scalar_float(const QMatmulArgs& a) {
 template <QFormat F>
 void scalar_int8(const QMatmulArgs& a) {
   const int64_t k = a.k, nb = k / kBlock, ng = k / a.group;
+  constexpr int32_t kCentre = F == QFormat::I4Asym ? 8 : 0;  // I4Asym: sum (u - 8) qx, see the top
 #pragma omp parallel for schedule(static) if (a.n * k >= kParallelMinElems)
   for (int64_t j = 0; j < a.n; ++j) {
     for (int64_t i = 0; i < a.m; ++i) {
@@ -128,14 +128,15 @@ void scalar_int8(const QMatmulArgs& a) {
       float acc = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
         int32_t s = 0;
-        for (int64_t c = b * kBlock; c < (b + 1) * kBlock; ++c) s += wint<F>(a.w, k, j, c) * qx[c];
+        for (int64_t c = b * kBlock; c < (b + 1) * kBlock; ++c) s += (wint<F>(a.w, k, j, c) - kCentre) * qx[c];
         float ds = a.dx[i * nb + b];
         if constexpr (F != QFormat::I8Channel) ds *= wscale<F>(a, j, b * kBlock / a.group);
         acc += static_cast<float>(s) * ds;
       }
       if constexpr (F == QFormat::I8Channel) acc *= wscale<F>(a, j, 0);
       if constexpr (F == QFormat::I4Asym)
-        for (int64_t g = 0; g < ng; ++g) acc += half_to_float(a.mins[j * ng + g]) * a.sx[i * ng + g];
+        for (int64_t g = 0; g < ng; ++g)
+          acc += (half_to_float(a.mins[j * ng + g]) + 8.0f * wscale<F>(a, j, g)) * a.sx[i * ng + g];
       store_outputs(a, i, 1, j, &acc);
     }
   }

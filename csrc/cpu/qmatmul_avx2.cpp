@@ -6,8 +6,10 @@
 //   int8 mode: integer dot products llama.cpp-style: maddubs (u8 x s8 -> pairs of s16) then
 //     madd with ones (-> 8 x s32), converted and FMA'd with the block's scale dx * d.
 //     int8 weights: maddubs(|w|, sign(qx, w)) = w * qx (also for w = -128: 128 as u8).
-//     int4 (u - 8): maddubs(u, qx) - maddubs(8, qx), the second precomputed once per call.
-//     int4_asym: maddubs(u, qx), and the min term sum_g m_g * sx_g once per row.
+//     int4: sum (u - 8) qx = maddubs(u, qx) - maddubs(8, qx), the second precomputed once per call.
+//     int4_asym: the same sum, plus sum_g (m_g + 8 d_g) * sx_g once per row (u d + m = (u - 8) d +
+//     (m + 8 d): centring the integer part avoids the cancellation between a positive u-sum and
+//     the min term).
 // No s16 pair sum can saturate: |pair| <= 2 * 128 * 127 (int8) or 2 * 15 * 127 (int4).
 #include <algorithm>
 #include <cstring>
@@ -120,19 +122,20 @@ inline void block_scales(const WRow& r, const float* dx, int64_t nb, float* ds) 
   for (; b < nb; ++b) ds[b] = dx[b] * h2f(r.s16[b >> r.gshift]);
 }
 
-// sum_g mins[g] * sx[g].
-inline float min_term(const uint16_t* mins, const float* sx, int64_t ng) {
+// sum_g (mins[g] + 8 scales[g]) * sx[g].
+inline float min_term(const uint16_t* mins, const uint16_t* scales, const float* sx, int64_t ng) {
+  auto ld = [](const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= ng; g += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + g))),
-                          _mm256_loadu_ps(sx + g), acc);
+    acc = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.0f), ld(scales + g), ld(mins + g)), _mm256_loadu_ps(sx + g),
+                          acc);
   float s = hsum(acc);
-  for (; g < ng; ++g) s += h2f(mins[g]) * sx[g];
+  for (; g < ng; ++g) s += (h2f(mins[g]) + 8.0f * h2f(scales[g])) * sx[g];
   return s;
 }
 
-// Int8 mode, out[i] for i < MT. p8: maddubs(8, qx) per block (I4 only); ds: kQRows * nb scratch.
+// Int8 mode, out[i] for i < MT. p8: maddubs(8, qx) per block (int4 only); ds: kQRows * nb scratch.
 template <QFormat F, int MT>
 void rows_int8(const QMatmulArgs& a, const WRow& r, int64_t m0, const int16_t* p8, float* ds, float* out) {
   const int64_t k = a.k, nb = k / kBlock;
@@ -156,7 +159,7 @@ void rows_int8(const QMatmulArgs& a, const WRow& r, int64_t m0, const int16_t* p
       __m256i p;
       if constexpr (kInt4<F>) p = _mm256_maddubs_epi16(wv, xv);
       else p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
-      if constexpr (F == QFormat::I4)
+      if constexpr (kInt4<F>)
         p = _mm256_sub_epi16(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p8 + ((m0 + i) * nb + b) * 16)));
       const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
       acc[i][u] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(scale + i * nb + b), acc[i][u]);
@@ -172,7 +175,7 @@ void rows_int8(const QMatmulArgs& a, const WRow& r, int64_t m0, const int16_t* p
     for (int u = 1; u < NA; ++u) s = _mm256_add_ps(s, acc[i][u]);
     float v = hsum(s);
     if constexpr (F == QFormat::I8Channel) v *= r.s32;
-    if constexpr (F == QFormat::I4Asym) v += min_term(r.mins, a.sx + (m0 + i) * ng, ng);
+    if constexpr (F == QFormat::I4Asym) v += min_term(r.mins, r.s16, a.sx + (m0 + i) * ng, ng);
     out[i] = v;
   }
 }
@@ -181,7 +184,7 @@ template <QFormat F, bool Int8Act>
 void run(const QMatmulArgs& a) {
   const int64_t k = a.k, nb = k / kBlock, ng = k / a.group;
   std::vector<int16_t> p8;
-  if constexpr (Int8Act && F == QFormat::I4) {
+  if constexpr (Int8Act && kInt4<F>) {
     p8.resize(a.m * nb * 16);
     const __m256i eight = _mm256_set1_epi8(8);
     for (int64_t t = 0; t < a.m * nb; ++t)

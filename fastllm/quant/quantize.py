@@ -52,7 +52,7 @@ class QuantizedWeight:
     corrupt or mismatched packed tensor raises ValueError/TypeError naming it."""
 
     def __init__(self, data: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, scheme: str,
-                 group_size: int | None, shape, layout: str = "rows"):
+                 group_size: int | None, shape, layout: str = "rows", *, check_values: bool = True):
         self.format = Format(scheme, group_size)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -61,7 +61,7 @@ class QuantizedWeight:
                 and all(isinstance(s, int) and s > 0 for s in shape)):
             raise ValueError(f"shape must be (N, K) with positive ints, got {shape!r}")
         self.shape = torch.Size(shape)
-        self.validate()
+        self.validate(values=check_values)
 
     # ---- description ---------------------------------------------------------------------------
     scheme = property(lambda self: self.format.scheme)
@@ -81,8 +81,10 @@ class QuantizedWeight:
         return (f"QuantizedWeight(shape={tuple(self.shape)}, scheme={self.scheme!r}, group_size={self.group_size}, "
                 f"layout={self.layout!r}, device={self.device})")
 
-    def validate(self) -> None:
-        """Raises ValueError/TypeError naming the packed tensor that does not fit the format."""
+    def validate(self, values: bool = True) -> None:
+        """Raises ValueError/TypeError naming the packed tensor that does not fit the format: wrong
+        dtype, shape, device or strides (cheap, checked before every kernel call), and with
+        values=True also non-finite scales or mins (a pass over them)."""
         fmt, (n, k) = self.format, self.shape
         fmt.check_k(k, "shape[1]")
         expect = {"data": (fmt.data_dtype, fmt.data_shape(n, k)), "scales": (fmt.scale_dtype, fmt.scale_shape(n, k)),
@@ -105,7 +107,7 @@ class QuantizedWeight:
                 raise ValueError(f"{name} is on {t.device} but data is on {self.data.device}")
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
-            if name != "data" and not torch.isfinite(t).all():
+            if values and name != "data" and not torch.isfinite(t).all():
                 raise ValueError(f"{name} contains NaN or infinite values (corrupt packed tensor)")
 
     # ---- conversions ---------------------------------------------------------------------------
