@@ -66,6 +66,17 @@ def test_int8_activation_quantisation_is_bit_identical():
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("act", ["float", "int8"])
+def test_non_finite_activations_give_non_finite_outputs(device, backend, act):
+    q = fastllm.quantize(randn((6, 64), torch.float32, device, seed=1), "int4", 32)
+    x = randn((3, 64), torch.float32, device, seed=2)
+    x[0, 3], x[2, 40] = float("nan"), float("inf")
+    with running_on(backend):
+        y = fastllm.qmatmul(x, q, act=act)
+    assert torch.isnan(y[0]).all() and not torch.isfinite(y[2]).any() and torch.isfinite(y[1]).all()
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 def test_qmatmul_strides_batch_dims_and_empty(device, backend):
     q = fastllm.quantize(randn((11, 96), torch.float32, device, seed=1), "int4_asym", 32)
     b = randn((11,), torch.float32, device, seed=2)

@@ -8,7 +8,9 @@
 //               int4 formats), then y = sum_b s_b * dx_b * d_g(b), plus for I4Asym
 //               sum_g (m_g + 8 d_g) * sx_g with sx_g = sum over the group's blocks of dx_b * sum_i qx_i
 //               (centred: u d + m = (u - 8) d + (m + 8 d), no cancellation against the min term).
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../common/cpu_features.h"
@@ -21,10 +23,21 @@ namespace {
 constexpr int64_t kBlock = 32;
 
 // Block scale of x and its int8 values (see ops.h): bit-identical to the reference because it is
-// the same IEEE operations (max, one division, one multiplication, round half to even).
+// the same IEEE operations (max, one division, one multiplication, round half to even). A block
+// holding NaN or inf gets q = 0 and d = NaN, so the outputs it reaches are NaN.
 void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum) {
   float amax = 0.0f;
-  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+  bool finite = true;
+  for (int i = 0; i < kBlock; ++i) {
+    finite &= std::fabs(x[i]) <= std::numeric_limits<float>::max();
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  if (!finite) {
+    std::fill(q, q + kBlock, int8_t(0));
+    *d = std::numeric_limits<float>::quiet_NaN();
+    *sum = 0;
+    return;
+  }
   const float inv = amax == 0.0f ? 0.0f : 127.0f / amax;
   int32_t s = 0;
   for (int i = 0; i < kBlock; ++i) {

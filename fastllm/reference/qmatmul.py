@@ -16,13 +16,16 @@ ACT_MODES = ("float", "int8")
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (M, K), K a multiple of 32 -> (qx int8 (M, K), dx float32 (M, K // 32)), per block of 32:
     a = max |x| (in float32), dx = a / 127, qx = round_half_even(x * (127 / a)) (0 when a = 0).
-    The kernels use the same float32 operations and rounding, so qx and dx are bit-identical."""
+    The kernels use the same float32 operations and rounding, so qx and dx are bit-identical. A block
+    holding NaN or inf gets qx = 0 and dx = NaN (the outputs it reaches are NaN)."""
     m, k = x.shape
     xb = x.to(torch.float32).view(m, k // BLOCK, BLOCK)
+    finite = torch.isfinite(xb).all(-1)
+    xb = torch.where(finite[..., None], xb, torch.zeros_like(xb))
     a = xb.abs().amax(-1)
     inv = torch.where(a == 0, torch.zeros_like(a), 127.0 / a)
     qx = torch.round(xb * inv[..., None]).to(torch.int8).view(m, k)
-    return qx, a / 127
+    return qx, torch.where(finite, a / 127, torch.full_like(a, float("nan")))
 
 
 def dequantize_activations(qx: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
