@@ -12,7 +12,8 @@ from helpers import DTYPES, assert_close, device_backends, randn, running_on
 
 FORMATS = [("int8", None), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128), ("int4_asym", 32),
            ("int4_asym", 128)]
-SHAPES = [(1, 1, 128), (3, 37, 256), (9, 19, 384), (17, 5, 128), (2, 33, 2048), (4, 7, 32)]  # (M, N, K)
+SHAPES = [(1, 1, 128), (3, 37, 256), (9, 19, 384), (17, 5, 128), (2, 33, 2048), (4, 7, 32),
+          (5, 9, 160)]  # (M, N, K): K = 32 and 160 give an odd number of 32-blocks
 
 
 def _case(m, n, k, dtype, device, seed, scheme, group, with_bias):
@@ -63,6 +64,15 @@ def test_int8_activation_quantisation_is_bit_identical():
         with running_on(backend):
             y = fastllm.qmatmul(x, q, act="int8")
         assert torch.equal(y, dequantize_activations(*quantize_activations(x))), backend
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("act", ["float", "int8"])
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4_asym", 32)], ids=str)
+def test_qmatmul_k_chunks_and_row_tiles(device, backend, act, scheme, group):
+    """M = 40 rows of x make the AVX2 driver split K = 1056 (33 blocks) into chunks of 8 blocks, the
+    odd block in the last one, and N = 37 into row tiles of 16 and a partial one."""
+    _check(*_case(40, 37, 1056, torch.float32, device, 3, scheme, group, True), act, backend)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
