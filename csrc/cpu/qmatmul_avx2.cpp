@@ -300,7 +300,8 @@ void run(const QMatmulArgs& a) {
   {
     std::vector<float> ds(Int8Act ? kQRows * nb : 0);
     std::vector<float> part(kRowTile * a.m);
-#pragma omp for schedule(static)
+    // dynamic: on a shared machine a preempted thread then delays only the tile it holds
+#pragma omp for schedule(dynamic, 1)
     for (int64_t j0 = 0; j0 < a.n; j0 += kRowTile) {
       const int64_t jn = std::min(kRowTile, a.n - j0);
       std::fill(part.begin(), part.begin() + jn * a.m, 0.0f);
