@@ -132,6 +132,30 @@ void cpu_softmax_bwd(ptr_t y, int64_t ys, ptr_t dy, int64_t dys, ptr_t dx, int64
   fastllm::cpu::softmax_bwd(P(y), ys, P(dy), dys, P(dx), dxs, rows, cols, t);
 }
 
+// y = x @ W^T + bias with W packed (cpu/ops.h QFormat codes 0..3, fastllm/quant/formats.py).
+void cpu_qmatmul(ptr_t x, int64_t xs, ptr_t w, ptr_t scales, ptr_t mins, ptr_t bias, ptr_t y, int64_t ys,
+                 int64_t m, int64_t n, int64_t k, int64_t group, int fmt, bool int8_act, int dt) {
+  DType t = check_dtype(dt);
+  FASTLLM_CHECK(fmt >= 0 && fmt <= 3, "qformat code must be 0..3 (int8 per-channel, int8 group, int4, int4_asym), got " +
+                                          std::to_string(fmt));
+  const auto f = static_cast<fastllm::cpu::QFormat>(fmt);
+  FASTLLM_CHECK(m >= 0, "m must be >= 0, got " + std::to_string(m));
+  FASTLLM_CHECK(n >= 1, "n must be >= 1, got " + std::to_string(n));
+  FASTLLM_CHECK(k >= 32 && k % 32 == 0, "k must be a positive multiple of 32, got " + std::to_string(k));
+  if (f == fastllm::cpu::QFormat::I8Channel) {
+    FASTLLM_CHECK(group == k, "group must equal k for per-channel int8, got " + std::to_string(group));
+  } else {
+    FASTLLM_CHECK((group == 32 || group == 64 || group == 128) && k % group == 0,
+                  "group must be 32, 64 or 128 and divide k, got " + std::to_string(group));
+  }
+  check_row("x", x, xs, m, k);
+  check_row("y", y, ys, m, n);
+  FASTLLM_CHECK(w != 0 && scales != 0, "qweight data and scales must not be null pointers");
+  FASTLLM_CHECK((mins != 0) == (f == fastllm::cpu::QFormat::I4Asym), "mins must be given exactly for int4_asym");
+  py::gil_scoped_release nogil;
+  fastllm::cpu::qmatmul(P(x), xs, P(w), P(scales), P<uint16_t>(mins), P(bias), P(y), ys, m, n, k, group, f, int8_act, t);
+}
+
 #if FASTLLM_WITH_CUDA
 // ---- CUDA ------------------------------------------------------------------------------------
 void cuda_layer_norm_fwd(ptr_t x, int64_t xs, ptr_t w, ptr_t b, ptr_t y, int64_t ys, ptr_t mean, ptr_t rstd,
@@ -222,6 +246,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_rms_norm_bwd", &cpu_rms_norm_bwd);
   m.def("cpu_softmax_fwd", &cpu_softmax_fwd);
   m.def("cpu_softmax_bwd", &cpu_softmax_bwd);
+  m.def("cpu_qmatmul", &cpu_qmatmul);
 #if FASTLLM_WITH_CUDA
   m.def("cuda_norm_bwd_workspace_floats", &fastllm::cuda::norm_bwd_workspace_floats);
   m.def("cuda_layer_norm_fwd", &cuda_layer_norm_fwd);

@@ -9,6 +9,9 @@
     out = fastllm.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)  # packed sequences
     q = fastllm.kv_cache_append(k_cache, v_cache, k, v, lens, cos=cos, sin=sin, q=q)  # rotary + write
     out = fastllm.decode_attention(q, k_cache, v_cache, lens + 1)   # generation: new tokens vs the cache
+    qw = fastllm.quantize(linear.weight, scheme="int4", group_size=128)
+    y = fastllm.qmatmul(x, qw, bias)                    # as F.linear with the quantised weight
+    fastllm.quantize_model(model, scheme="int8")        # nn.Linear -> fastllm.nn.QuantLinear
     fastllm.backends()        # which backends run here and, for each missing one, why
     fastllm.dispatch_log()    # which backend each op took last, and why faster ones were not
     llm = fastllm.LLM.load()  # a model (default: the bundled SmolLM2-135M-Instruct); llm.generate("Hi")
@@ -17,11 +20,14 @@ from . import nn, reference
 from ._backend import backends
 from ._dispatch import dispatch_log, use_backend
 from .llm import LLM
+from .nn import quantize_model
 from .ops import (add_rms_norm, attention, attention_varlen, decode_attention, kv_cache_append, layer_norm,
-                  rms_norm, softmax)
+                  qmatmul, rms_norm, softmax)
 from .patch import patch_sdpa, sdpa_is_patched, unpatch_sdpa
+from .quant import QuantizedWeight, quantize
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "decode_attention", "kv_cache_append", "softmax", "layer_norm",
-           "rms_norm", "add_rms_norm", "nn", "reference", "backends", "dispatch_log",
-           "use_backend", "patch_sdpa", "unpatch_sdpa", "sdpa_is_patched", "LLM", "__version__"]
+           "rms_norm", "add_rms_norm", "nn", "reference", "backends", "dispatch_log", "use_backend", "quantize",
+           "QuantizedWeight", "qmatmul", "quantize_model", "patch_sdpa", "unpatch_sdpa", "sdpa_is_patched", "LLM",
+           "__version__"]

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "../common/dtype.h"
+#include "ops.h"
 
 namespace fastllm::cpu {
 
@@ -54,6 +55,19 @@ struct SoftmaxArgs {
   DType dt;
 };
 
+// qmatmul after the activations were prepared (qmatmul.cpp): float mode reads xf (m rows of k
+// floats, row stride xf_stride); int8 mode reads qx (m x k int8, dense), dx (m x k/32 block
+// scales) and, for I4Asym, sx (m x k/group: sum over the group's blocks of dx * sum(qx)).
+// The kernels write y (m x n of dt, plus bias).
+struct QMatmulArgs {
+  const float* xf; int64_t xf_stride;
+  const int8_t* qx; const float* dx; const float* sx;
+  const void* w; const void* scales; const uint16_t* mins;
+  const void* bias; void* y; int64_t y_stride;
+  int64_t m, n, k, group;
+  QFormat fmt; bool int8_act; DType dt;
+};
+
 namespace avx2 {  // rows >= 1 in all of these
 void layer_norm_fwd(const NormFwdArgs& a);
 void layer_norm_bwd(const NormBwdArgs& a);
@@ -61,6 +75,7 @@ void rms_norm_fwd(const NormFwdArgs& a);  // add_rms_norm when a.r != nullptr
 void rms_norm_bwd(const NormBwdArgs& a);
 void softmax_fwd(const SoftmaxArgs& a);
 void softmax_bwd(const SoftmaxArgs& a);
+void qmatmul(const QMatmulArgs& a);
 }  // namespace avx2
 
 namespace {
@@ -101,6 +116,42 @@ inline void dispatch_bool(bool v, F&& f) {
 inline int64_t num_chunks(int64_t rows, int64_t cols) {
   if (rows * cols < kParallelMinElems) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(rows, omp_get_max_threads()));
+}
+
+// qmatmul: rows of x handled together per pass over a weight row (the row stays in L1 between
+// passes, so the weights are read from memory once for any m), and f(std::integral_constant<int,
+// mt>) for mt in [1, kQRows].
+constexpr int kQRows = 8;
+
+template <typename F>
+inline void dispatch_rows(int mt, F&& f) {
+  switch (mt) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+template <typename F>
+inline void dispatch_qformat(QFormat q, F&& f) {
+  switch (q) {
+    case QFormat::I8Channel: f(std::integral_constant<QFormat, QFormat::I8Channel>{}); break;
+    case QFormat::I8Group: f(std::integral_constant<QFormat, QFormat::I8Group>{}); break;
+    case QFormat::I4: f(std::integral_constant<QFormat, QFormat::I4>{}); break;
+    case QFormat::I4Asym: f(std::integral_constant<QFormat, QFormat::I4Asym>{}); break;
+  }
+}
+
+// Writes y[m0 + i][j] = out[i] + bias[j] (rounded once to dt) for i < mt.
+inline void store_outputs(const QMatmulArgs& a, int64_t m0, int mt, int64_t j, const float* out) {
+  const float b = a.bias ? load_as_float(a.bias, j, a.dt) : 0.0f;
+  for (int i = 0; i < mt; ++i)
+    store_from_float(static_cast<char*>(a.y) + (m0 + i) * a.y_stride * dtype_size(a.dt), j, out[i] + b, a.dt);
 }
 
 inline int64_t chunk_begin(int64_t rows, int64_t nchunks, int64_t c) { return rows * c / nchunks; }

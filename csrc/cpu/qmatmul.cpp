@@ -1,0 +1,175 @@
+// Weight-only quantised matmul on the CPU (ops.h): y = x @ W^T + bias with W packed (QFormat).
+// This file prepares the activations once per call (shared by both paths, so the int8 mode
+// quantises bit-identically to the reference) and holds the portable scalar path; the AVX2 path
+// is qmatmul_avx2.cpp. Both parallelise over output channels (OpenMP) and read each weight row
+// once for all rows of x.
+//   float mode: y = sum_k x[k] * W[k], W dequantised exactly in fp32 (q * d, (u - 8) * d, u * d + m).
+//   int8 mode:  per block b of 32: s_b = sum_i wq_i * qx_i (integer; wq = q, or u - 8 for both
+//               int4 formats), then y = sum_b s_b * dx_b * d_g(b), plus for I4Asym
+//               sum_g (m_g + 8 d_g) * sx_g with sx_g = sum over the group's blocks of dx_b * sum_i qx_i
+//               (centred: u d + m = (u - 8) d + (m + 8 d), no cancellation against the min term).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common/cpu_features.h"
+#include "kernels.h"
+#include "ops.h"
+
+namespace fastllm::cpu {
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// Block scale of x and its int8 values (see ops.h): bit-identical to the reference because it is
+// the same IEEE operations (max, one division, one multiplication, round half to even). A block
+// holding NaN or inf gets q = 0 and d = NaN, so the outputs it reaches are NaN.
+void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int i = 0; i < kBlock; ++i) {
+    finite &= std::fabs(x[i]) <= std::numeric_limits<float>::max();
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  if (!finite) {
+    std::fill(q, q + kBlock, int8_t(0));
+    *d = std::numeric_limits<float>::quiet_NaN();
+    *sum = 0;
+    return;
+  }
+  const float inv = amax == 0.0f ? 0.0f : 127.0f / amax;
+  int32_t s = 0;
+  for (int i = 0; i < kBlock; ++i) {
+    q[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+    s += q[i];
+  }
+  *d = amax / 127.0f;
+  *sum = s;
+}
+
+struct Prepared {
+  std::vector<float> xf;  // float mode: x as fp32 when x is not fp32 already
+  std::vector<int8_t> qx;
+  std::vector<float> dx, sx;
+};
+
+// Fills a.xf/a.xf_stride (float mode) or a.qx/a.dx/a.sx (int8 mode) from x.
+void prepare(const void* x, int64_t x_stride, QMatmulArgs& a, Prepared& p) {
+  const int64_t k = a.k, nb = k / kBlock;
+  if (a.dt == DType::F32) {
+    a.xf = static_cast<const float*>(x);
+    a.xf_stride = x_stride;
+  } else {
+    p.xf.resize(a.m * k);
+    dispatch_dtype(a.dt, [&](auto d) {
+      constexpr DType D = decltype(d)::value;
+      for (int64_t i = 0; i < a.m; ++i) {
+        const auto* src = row_ptr<D>(x, x_stride, i);
+        for (int64_t j = 0; j < k; ++j) p.xf[i * k + j] = to_float<D>(src[j]);
+      }
+    });
+    a.xf = p.xf.data();
+    a.xf_stride = k;
+  }
+  if (!a.int8_act) return;
+  p.qx.resize(a.m * k);
+  p.dx.resize(a.m * nb);
+  const int64_t ng = k / a.group;
+  if (a.fmt == QFormat::I4Asym) p.sx.assign(a.m * ng, 0.0f);
+  for (int64_t i = 0; i < a.m; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t s;
+      quantize_block(a.xf + i * a.xf_stride + b * kBlock, p.qx.data() + i * k + b * kBlock, &p.dx[i * nb + b], &s);
+      if (a.fmt == QFormat::I4Asym) p.sx[i * ng + b * kBlock / a.group] += p.dx[i * nb + b] * static_cast<float>(s);
+    }
+  }
+  a.qx = p.qx.data();
+  a.dx = p.dx.data();
+  a.sx = a.fmt == QFormat::I4Asym ? p.sx.data() : nullptr;
+}
+
+// ---- scalar path ----------------------------------------------------------------------------
+
+template <QFormat F>
+inline int32_t wint(const void* w, int64_t k_total, int64_t j, int64_t k) {
+  if constexpr (F == QFormat::I8Channel || F == QFormat::I8Group) {
+    return static_cast<const int8_t*>(w)[j * k_total + k];
+  } else {
+    const uint8_t byte = static_cast<const uint8_t*>(w)[j * (k_total / 2) + (k / kBlock) * 16 + (k % 16)];
+    return ((k % kBlock) < 16 ? (byte & 0x0F) : (byte >> 4)) - (F == QFormat::I4 ? 8 : 0);
+  }
+}
+
+template <QFormat F>
+inline float wscale(const QMatmulArgs& a, int64_t j, int64_t g) {
+  if constexpr (F == QFormat::I8Channel) return static_cast<const float*>(a.scales)[j];
+  else return half_to_float(static_cast<const uint16_t*>(a.scales)[j * (a.k / a.group) + g]);
+}
+
+template <QFormat F>
+void scalar_float(const QMatmulArgs& a) {
+  const int64_t k = a.k;
+#pragma omp parallel if (a.n * k >= kParallelMinElems)
+  {
+    std::vector<float> wrow(k);
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < a.n; ++j) {
+      for (int64_t c = 0; c < k; ++c) {  // the exact fp32 dequantisation of formats.py
+        const int64_t g = c / a.group;
+        float v = static_cast<float>(wint<F>(a.w, k, j, c)) * wscale<F>(a, j, g);
+        if constexpr (F == QFormat::I4Asym) v += half_to_float(a.mins[j * (k / a.group) + g]);
+        wrow[c] = v;
+      }
+      for (int64_t i = 0; i < a.m; ++i) {
+        const float* x = a.xf + i * a.xf_stride;
+        const float out = lane_sum(k, [&](int64_t c) { return x[c] * wrow[c]; });
+        store_outputs(a, i, 1, j, &out);
+      }
+    }
+  }
+}
+
+template <QFormat F>
+void scalar_int8(const QMatmulArgs& a) {
+  const int64_t k = a.k, nb = k / kBlock, ng = k / a.group;
+  constexpr int32_t kCentre = F == QFormat::I4Asym ? 8 : 0;  // I4Asym: sum (u - 8) qx, see the top
+#pragma omp parallel for schedule(static) if (a.n * k >= kParallelMinElems)
+  for (int64_t j = 0; j < a.n; ++j) {
+    for (int64_t i = 0; i < a.m; ++i) {
+      const int8_t* qx = a.qx + i * k;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t s = 0;
+        for (int64_t c = b * kBlock; c < (b + 1) * kBlock; ++c) s += (wint<F>(a.w, k, j, c) - kCentre) * qx[c];
+        float ds = a.dx[i * nb + b];
+        if constexpr (F != QFormat::I8Channel) ds *= wscale<F>(a, j, b * kBlock / a.group);
+        acc += static_cast<float>(s) * ds;
+      }
+      if constexpr (F == QFormat::I8Channel) acc *= wscale<F>(a, j, 0);
+      if constexpr (F == QFormat::I4Asym)
+        for (int64_t g = 0; g < ng; ++g)
+          acc += (half_to_float(a.mins[j * ng + g]) + 8.0f * wscale<F>(a, j, g)) * a.sx[i * ng + g];
+      store_outputs(a, i, 1, j, &acc);
+    }
+  }
+}
+
+}  // namespace
+
+void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales, const uint16_t* mins,
+             const void* bias, void* y, int64_t y_stride, int64_t m, int64_t n, int64_t k, int64_t group,
+             QFormat fmt, bool int8_act, DType dt) {
+  if (m == 0) return;
+  QMatmulArgs a{nullptr, 0, nullptr, nullptr, nullptr, w, scales, mins, bias, y, y_stride,
+                m, n, k, group, fmt, int8_act, dt};
+  Prepared p;
+  prepare(x, x_stride, a, p);
+  if (cpu_use_avx2()) return avx2::qmatmul(a);
+  dispatch_qformat(fmt, [&](auto f) {
+    if (int8_act) scalar_int8<decltype(f)::value>(a);
+    else scalar_float<decltype(f)::value>(a);
+  });
+}
+
+}  // namespace fastllm::cpu

@@ -1,0 +1,102 @@
+"""fastllm.qmatmul: y = x @ W^T + bias with W a QuantizedWeight (weight-only quantisation).
+
+Activation modes (act=):
+  "float" (default): x is used as it is; the result matches x @ dequantize(W)^T + bias computed in
+      float32 up to float32 accumulation error, whichever backend runs. The default, because the
+      answer then does not depend on the backend or on M.
+  "int8": each row of x is quantised per block of 32 along K (dx = max|x| / 127, round half to
+      even) and the block dot products are integer (llama.cpp's CPU scheme): faster on the CPU, at
+      the cost of the activations' quantisation error (about 0.4% of each block's max |x|).
+Backends: the C++ CPU kernels (AVX2/FMA chosen at run time, OpenMP) for float32/float16/bfloat16 x
+on the CPU; anything else (CUDA tensors: no CUDA kernel yet; float64) runs the pure-torch reference,
+dequantise-then-matmul. Output in x's dtype, float32 accumulation.
+Autograd: dx = dy @ dequantize(W) (the int8 mode passes the gradient straight through its
+activation rounding), dbias = sum of dy; the packed weight gets no gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._dispatch import select
+from ..quant.formats import Format, dequantize
+from ..quant.quantize import QuantizedWeight
+from ..reference.qmatmul import ACT_MODES
+from ._common import as_rows, check_same_device, check_tensor, code, new_output, ptr, run_c
+
+
+def _format(scheme: str, group_size: int) -> Format:
+    return Format(scheme, group_size or None)
+
+
+@torch.library.custom_op("fastllm::qmatmul", mutates_args=())
+def _qmatmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], scheme: str, group_size: int, act: str) -> torch.Tensor:
+    """x: (..., K); data/scales/mins: a packed (N, K) weight (group_size 0: per-channel) -> (..., N)."""
+    fmt = _format(scheme, group_size)
+    x2 = as_rows(x)
+    m, k = x2.shape
+    n = data.shape[0]
+    backend = select("qmatmul", x, bias) if m else "torch"
+    if backend == "torch":
+        return reference.qmatmul_fwd(x2, data, scales, mins, bias, fmt, act).view(*x.shape[:-1], n)
+    y = new_output((m, n), x.dtype, x.device)
+    run_c(backend, "qmatmul", x.device, ptr(x2), x2.stride(0), ptr(data), ptr(scales), ptr(mins), ptr(bias), ptr(y),
+          y.stride(0), m, n, k, fmt.group(k), fmt.code, act == "int8", code(x))
+    return y.view(*x.shape[:-1], n)
+
+
+@_qmatmul.register_fake
+def _(x, data, scales, mins, bias, scheme, group_size, act):
+    return x.new_empty(*x.shape[:-1], data.shape[0])
+
+
+def _setup(ctx, inputs, output):
+    x, data, scales, mins, bias, scheme, group_size, _ = inputs
+    ctx.save_for_backward(data, scales, mins)
+    ctx.fmt = _format(scheme, group_size)
+    ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+
+
+def _backward(ctx, dy):
+    data, scales, mins = ctx.saved_tensors
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        dx = (dy.to(acc) @ dequantize(data, scales, mins, ctx.fmt, acc)).to(ctx.x_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0)
+    return dx, None, None, None, dbias, None, None, None
+
+
+_qmatmul.register_autograd(_backward, setup_context=_setup)
+
+
+def qmatmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None, *,
+            act: str = "float") -> torch.Tensor:
+    """y = x @ W^T + bias with W = qweight (out_features N, in_features K), as F.linear.
+
+    x: (..., K) float tensor on qweight's device; bias: (N,) with x's dtype, or None;
+    act: "float" (default, exact weights) or "int8" (int8-quantised activations, see the module
+    docstring). Returns (..., N) in x's dtype; differentiable in x and bias.
+    """
+    check_tensor("x", x)
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a fastllm.QuantizedWeight (see fastllm.quantize), got {type(qweight).__name__}")
+    qweight.validate(values=False)
+    n, k = qweight.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape (..., {k}) (qweight.in_features), got {tuple(x.shape)}")
+    check_same_device("qweight", qweight.data, "x", x)
+    if bias is not None:
+        check_tensor("bias", bias)
+        check_same_device("bias", bias, "x", x)
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},) (qweight.out_features), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    if act not in ACT_MODES:
+        raise ValueError(f"act must be one of {ACT_MODES}, got {act!r}")
+    return _qmatmul(x, qweight.data, qweight.scales, qweight.mins, bias, qweight.scheme, qweight.group_size or 0, act)

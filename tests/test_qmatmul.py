@@ -1,0 +1,184 @@
+"""fastllm.qmatmul on every backend (C++ AVX2, C++ scalar, torch reference) against dequantise-
+then-matmul in float64, both activation modes, every format, odd M and N, several K; gradients,
+strides, empty input, bad input, opcheck and torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastllm
+from fastllm import _backend
+from fastllm.reference import dequantize_activations, qmatmul_fwd, quantize_activations
+from helpers import DTYPES, assert_close, device_backends, randn, running_on
+
+FORMATS = [("int8", None), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128), ("int4_asym", 32),
+           ("int4_asym", 128)]
+SHAPES = [(1, 1, 128), (3, 37, 256), (9, 19, 384), (17, 5, 128), (2, 33, 2048), (4, 7, 32),
+          (5, 9, 160)]  # (M, N, K): K = 32 and 160 give an odd number of 32-blocks
+
+
+def _case(m, n, k, dtype, device, seed, scheme, group, with_bias):
+    x = randn((m, k), dtype, device, seed=seed, shift=0.3)
+    q = fastllm.quantize(randn((n, k), torch.float32, device, seed=seed + 1, scale=0.05), scheme, group)
+    b = randn((n,), dtype, device, seed=seed + 2) if with_bias else None
+    return x, q, b
+
+
+def _torch_peer(x, q, b, act):
+    """torch's own F.linear in x's dtype on the same (dequantised) operands."""
+    xa = dequantize_activations(*quantize_activations(x)) if act == "int8" else x
+    return F.linear(xa.to(x.dtype), q.dequantize(x.dtype), b)
+
+
+def _check(x, q, b, act, backend):
+    with running_on(backend):
+        y = fastllm.qmatmul(x, q, b, act=act)
+    ref = qmatmul_fwd(x.double().view(-1, x.shape[-1]), q.data, q.scales, q.mins,
+                      None if b is None else b.double(), q.format, act).view(y.shape)
+    if act == "int8":  # the activations are quantised from x as given, then used in float64
+        qx, dx = quantize_activations(x.reshape(-1, x.shape[-1]))
+        xa = (qx.double().view(qx.shape[0], -1, 32) * dx.double()[..., None]).view(qx.shape)
+        ref = (xa @ q.dequantize(torch.float64).t() + (0 if b is None else b.double())).view(y.shape)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], q.shape[0])
+    assert_close(f"qmatmul {q.scheme}/{q.group_size} act={act}", y, _torch_peer(x, q, b, act), ref)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("act", ["float", "int8"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scheme,group", FORMATS, ids=str)
+def test_qmatmul_matches_reference(device, backend, act, dtype, scheme, group):
+    for i, (m, n, k) in enumerate(SHAPES):
+        if k % (group or 32):
+            continue
+        _check(*_case(m, n, k, dtype, device, i * 7 + (group or 0), scheme, group, i % 2 == 0), act, backend)
+
+
+def test_int8_activation_quantisation_is_bit_identical():
+    """The C++ kernels quantise the activations exactly as quantize_activations: a weight of one-hot
+    rows (int8, scale 1) returns qx * dx itself, also at rounding ties."""
+    k = 64
+    x = torch.randn(3, k) * 3
+    x[0, :32] = torch.arange(32) - 15.5  # amax 15.5 makes x * 127 / amax hit many .5 ties
+    q = fastllm.QuantizedWeight(torch.eye(k, dtype=torch.int8), torch.ones(k, 1), None, "int8", None, (k, k))
+    for backend in ("cpu", "cpu-scalar"):
+        with running_on(backend):
+            y = fastllm.qmatmul(x, q, act="int8")
+        assert torch.equal(y, dequantize_activations(*quantize_activations(x))), backend
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("act", ["float", "int8"])
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4_asym", 32)], ids=str)
+def test_qmatmul_k_chunks_and_row_tiles(device, backend, act, scheme, group):
+    """M = 40 rows of x make the AVX2 driver split K = 1056 (33 blocks) into chunks of 8 blocks, the
+    odd block in the last one, and N = 37 into row tiles of 16 and a partial one."""
+    _check(*_case(40, 37, 1056, torch.float32, device, 3, scheme, group, True), act, backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("act", ["float", "int8"])
+def test_non_finite_activations_give_non_finite_outputs(device, backend, act):
+    q = fastllm.quantize(randn((6, 64), torch.float32, device, seed=1), "int4", 32)
+    x = randn((3, 64), torch.float32, device, seed=2)
+    x[0, 3], x[2, 40] = float("nan"), float("inf")
+    with running_on(backend):
+        y = fastllm.qmatmul(x, q, act=act)
+    assert torch.isnan(y[0]).all() and not torch.isfinite(y[2]).any() and torch.isfinite(y[1]).all()
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+def test_qmatmul_strides_batch_dims_and_empty(device, backend):
+    q = fastllm.quantize(randn((11, 96), torch.float32, device, seed=1), "int4_asym", 32)
+    b = randn((11,), torch.float32, device, seed=2)
+    big = randn((6, 200), torch.float32, device, seed=3)
+    _check(big[1:5, 50:146], q, b, "float", backend)  # row stride 200
+    _check(randn((96, 5), torch.float32, device, seed=4).t(), q, b, "int8", backend)  # column-major: copied
+    _check(randn((2, 3, 96), torch.bfloat16, device, seed=5), q, None, "float", backend)
+    x = torch.empty(0, 96, device=device, requires_grad=True)
+    with running_on(backend):
+        y = fastllm.qmatmul(x, q, b)
+    y.sum().backward()
+    assert y.shape == (0, 11) and x.grad.shape == (0, 96)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("act", ["float", "int8"])
+def test_qmatmul_gradients(device, backend, act):
+    """dx = dy @ dequantize(W) (straight through the int8 rounding), dbias = sum dy."""
+    q = fastllm.quantize(randn((13, 64), torch.float32, device, seed=1), "int4", 32)
+    x = randn((2, 5, 64), torch.float32, device, seed=2).requires_grad_()
+    b = randn((13,), torch.float32, device, seed=3).requires_grad_()
+    dy = randn((2, 5, 13), torch.float32, device, seed=4)
+    with running_on(backend):
+        fastllm.qmatmul(x, q, b, act=act).backward(dy)
+    x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    F.linear(x64, q.dequantize(torch.float64), b64).backward(dy.double())
+    x32, b32 = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    F.linear(x32, q.dequantize(), b32).backward(dy)
+    assert_close("dx", x.grad, x32.grad, x64.grad)
+    assert_close("dbias", b.grad, b32.grad, b64.grad)
+
+
+def test_qmatmul_bad_input():
+    q = fastllm.quantize(torch.randn(8, 64), "int4", 32)
+    x = torch.randn(3, 64)
+    with pytest.raises(TypeError, match="x"):
+        fastllm.qmatmul(torch.ones(3, 64, dtype=torch.int32), q)
+    with pytest.raises(ValueError, match="x"):
+        fastllm.qmatmul(torch.randn(3, 96), q)
+    with pytest.raises(ValueError, match="x"):
+        fastllm.qmatmul(torch.tensor(1.0), q)
+    with pytest.raises(TypeError, match="qweight"):
+        fastllm.qmatmul(x, torch.randn(8, 64))
+    with pytest.raises(ValueError, match="qweight"):
+        fastllm.qmatmul(torch.randn(3, 64, device="meta"), q)
+    with pytest.raises(ValueError, match="bias"):
+        fastllm.qmatmul(x, q, torch.randn(9))
+    with pytest.raises(TypeError, match="bias"):
+        fastllm.qmatmul(x, q, torch.randn(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="act"):
+        fastllm.qmatmul(x, q, act="int4")
+    q.scales = q.scales[:, :1].contiguous()  # corrupted after construction: caught before the kernel
+    with pytest.raises(ValueError, match="scales"):
+        fastllm.qmatmul(x, q)
+
+
+def test_extension_checks_its_arguments():
+    ext = _backend.extension()
+    q = fastllm.quantize(torch.randn(8, 64), "int4", 32)
+    x, y = torch.randn(2, 64), torch.empty(2, 8)
+
+    def call(k=64, group=32, fmt=2, mins=0, data=q.data.data_ptr()):
+        ext.cpu_qmatmul(x.data_ptr(), 64, data, q.scales.data_ptr(), mins, 0, y.data_ptr(), 8, 2, 8, k, group, fmt,
+                        False, 0)
+
+    call()
+    for kwargs, msg in [({"k": 48}, "k must"), ({"group": 48}, "group"), ({"fmt": 7}, "qformat"),
+                        ({"mins": q.scales.data_ptr()}, "mins"), ({"data": 0}, "null"), ({"fmt": 0}, "group")]:
+        with pytest.raises(ValueError, match=msg):
+            call(**kwargs)
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4_asym", 32)], ids=str)
+def test_qmatmul_opcheck(scheme, group):
+    q = fastllm.quantize(torch.randn(9, 64), scheme, group)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    b = torch.randn(9, requires_grad=True)
+    for act in ("float", "int8"):
+        torch.library.opcheck(torch.ops.fastllm.qmatmul.default,
+                              (x, q.data, q.scales, q.mins, b, q.scheme, q.group_size or 0, act))
+
+
+def test_qmatmul_compiles_without_graph_breaks():
+    q = fastllm.quantize(torch.randn(16, 64), "int4", 32)
+    b = torch.randn(16)
+
+    def f(x):
+        return torch.relu(fastllm.qmatmul(x, q, b)) * 2
+
+    x = torch.randn(3, 64, requires_grad=True)
+    eager = f(x)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
+    compiled.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
