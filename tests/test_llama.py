@@ -97,3 +97,24 @@ def test_sharded_checkpoint(tmp_path):
     b, _ = load_hf_dir(str(tmp_path / "sharded"), "cpu", torch.float32)
     tokens = torch.randint(0, cfg.vocab_size, (1, 7))
     assert torch.equal(_forward(a, tokens), _forward(b, tokens))
+
+
+def test_prefill_into_chosen_rows_leaves_the_others(tmp_path):
+    """A sequence prefilled into a free row while another row is mid-generation: both continue as if alone
+    (what a continuous-batching server does)."""
+    tiny_llama(tmp_path)
+    model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12]
+    with torch.inference_mode():
+        cache = model.new_cache(2, 16)
+        model.prefill([a], cache, rows=[0])
+        cache.release(1)
+        model.decode(torch.tensor([13, 0]), cache)                       # row 1 is free: its step is ignored
+        got_b = model.prefill([b], cache, rows=[1])[0]
+        step = model.decode(torch.tensor([14, 15]), cache)
+        assert cache.lengths.tolist() == [7, 4]
+        torch.testing.assert_close(got_b, _forward(model, torch.tensor([b]))[0, -1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(step[0], _forward(model, torch.tensor([a + [13, 14]]))[0, -1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(step[1], _forward(model, torch.tensor([b + [15]]))[0, -1], rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="rows must name 1 distinct cache rows"):
+            model.prefill([b], cache, rows=[2])

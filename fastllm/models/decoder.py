@@ -60,15 +60,21 @@ class DecoderLM(nn.Module):
 
         return self.lm_head(self._run(tokens, positions, attend))
 
-    def prefill(self, prompts: list[list[int]], cache: StaticKVCache) -> torch.Tensor:
-        """Row b of the cache gets prompts[b] from slot 0; returns the logits of each prompt's last token."""
+    def prefill(self, prompts: list[list[int]], cache: StaticKVCache, rows: list[int] | None = None) -> torch.Tensor:
+        """Cache row rows[i] (default i) gets prompts[i] from slot 0, replacing what it held; the other rows are
+        left alone (a server admits new requests into free rows this way). Returns the logits of each prompt's
+        last token, (len(prompts), vocab)."""
         device = cache.lengths.device
         lens = [len(p) for p in prompts]
         longest = max(lens)
-        cache.check_room(longest)
+        rows = list(range(len(prompts))) if rows is None else list(rows)
+        if len(rows) != len(prompts) or len(set(rows)) != len(rows) or not all(0 <= r < cache.batch for r in rows):
+            raise ValueError(f"rows must name {len(prompts)} distinct cache rows in [0, {cache.batch}), got {rows}")
+        if longest > cache.max_len:
+            raise ValueError(f"a prompt of {longest} tokens does not fit the KV cache's {cache.max_len} positions")
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)      # (T,)
-        rows = torch.repeat_interleave(torch.arange(len(lens), device=device),
-                                       torch.tensor(lens, device=device))                            # (T,)
+        row_ids = torch.tensor(rows, device=device)
+        rows = torch.repeat_interleave(row_ids, torch.tensor(lens, device=device))                  # (T,)
         pos = torch.cat([torch.arange(n, device=device) for n in lens])                             # (T,)
         cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)  # (B+1,)
         if self.rotary is not None and self.cfg.rope_type == "dynamic":
@@ -81,9 +87,9 @@ class DecoderLM(nn.Module):
             cache.v[i][rows, pos] = v
             return fastllm.attention_varlen(q, k, v, cu, cu, longest, longest, is_causal=True)
 
-        h = self._run(tokens, pos, attend)[cu[1:].long() - 1]                        # (B, dim)
-        cache.lengths.copy_(torch.tensor(lens, dtype=torch.int32))
-        cache.longest = longest
+        h = self._run(tokens, pos, attend)[cu[1:].long() - 1]                        # (N, dim)
+        cache.lengths[row_ids] = torch.tensor(lens, dtype=torch.int32, device=device)
+        cache.longest = max(cache.longest, longest)
         return self.lm_head(h)
 
     def decode(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch
 
 class StaticKVCache:
     """k[layer], v[layer]: (B, Lmax, Hkv, D); lengths: (B,) int32 on the device (tokens held per row);
-    longest: the same maximum on the host (every decode step adds one token to every row, so it is known
-    without reading the device)."""
+    longest: an upper bound of lengths on the host (every decode step adds one token to every row, so it is
+    known without reading the device)."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, cos: torch.Tensor, sin: torch.Tensor):
@@ -24,10 +24,15 @@ class StaticKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         self.longest = 0
-        self.max_len = max_len
+        self.max_len, self.batch = max_len, batch
         self.cos, self.sin = cos, sin                                   # (Lmax, D) float32
 
     def check_room(self, new: int) -> None:
         if self.longest + new > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions per row; {self.longest} + {new} "
                              f"do not fit")
+
+    def release(self, row: int) -> None:
+        """Forget row's tokens (length 0): decode steps then keep rewriting its slot 0, harmlessly, until
+        prefill gives the row a new sequence."""
+        self.lengths[row] = 0
