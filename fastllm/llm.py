@@ -35,10 +35,14 @@ class LLM:
 
     @classmethod
     def load(cls, path: str | None = None, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None) -> "LLM":
+             dtype: torch.dtype | None = None, quantize: str | None = None, act: str = "float") -> "LLM":
         """path: a Hugging Face model directory or a .gguf file; None = the bundled default model.
         device: default cuda when available, else cpu. dtype: default bfloat16 (float16 without bf16) on
-        CUDA, float32 on CPU."""
+        CUDA, float32 on CPU (the activations' dtype; quantised weights stay quantised).
+        quantize: None, or "int8" / "int4" / "int4_asym": quantise the float linear layers at load
+        (fastllm.quantize_model; the output head stays float). On CPU a GGUF file's Q8_0/Q4_0/Q4_1 weights
+        are kept quantised as they are. act: the quantised layers' activation mode, "float" (exact) or
+        "int8" (activations quantised per block of 32: faster on CPU, as llama.cpp does)."""
         from .loading import default_model_path
 
         path = default_model_path() if path is None else os.fspath(path)
@@ -51,12 +55,18 @@ class LLM:
             from .loading.tokenizer import Tokenizer
 
             model, cfg = load_hf_dir(path, device, dtype)
-            return cls(model, Tokenizer.from_hf_dir(path), cfg)
-        if os.path.isfile(path):
+            llm = cls(model, Tokenizer.from_hf_dir(path), cfg)
+        elif os.path.isfile(path):
             from .loading.gguf import load_gguf
 
-            return cls(*load_gguf(path, device, dtype))
-        raise FileNotFoundError(f"{path} is neither a model directory nor a .gguf file")
+            llm = cls(*load_gguf(path, device, dtype, act))
+        else:
+            raise FileNotFoundError(f"{path} is neither a model directory nor a .gguf file")
+        if quantize is not None:
+            from .nn import quantize_model
+
+            quantize_model(llm.model, scheme=quantize, act=act)
+        return llm
 
     # ---- token level -------------------------------------------------------------------------------
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 64, **sampling) -> list[list[int]]:

@@ -2,9 +2,10 @@
 the tokenizer embedded in it (tokenizer.ggml.*, rebuilt as a `tokenizers` byte-level BPE, and
 tokenizer.chat_template), and the tensors, renamed through fastllm/loading/names.py.
 
-Tensors: F32/F16 are read from the memory map; quantised blocks (Q8_0, Q4_0, Q4_1, K-quants, ...) are
-dequantised to the model dtype by `dequantized` (the one place to change when fastllm keeps them
-quantised on its qmatmul kernels). GGUF lists dims innermost first; the numpy arrays are (rows, cols) as
+Tensors: F32/F16 are read from the memory map. On CPU, linear weights in Q8_0/Q4_0/Q4_1 stay quantised
+(converted exactly into fastllm's packed layout, run by fastllm.qmatmul); other quantised blocks (K-quants,
+...), embeddings and everything on CUDA are dequantised to the model dtype by `dequantized`. GGUF lists
+dims innermost first; the numpy arrays are (rows, cols) as
 torch's Linear weight (out_features, in_features).
 
 llama.cpp's converter permutes the rows of attn_q / attn_k within each head, from the "rotate_half" layout
@@ -130,22 +131,55 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str, device, dtype: torch.dtype):
-    """(model, tokenizer, config) from a GGUF file."""
+KEPT_QUANTISED = ("Q8_0", "Q4_0", "Q4_1")
+"""GGUF block types fastllm's qmatmul reads as they are (fastllm/quant/gguf.py converts them exactly)."""
+
+
+def _keep_quantised(tensor, ours: str, device) -> bool:
+    """Whether this GGUF tensor becomes a QuantLinear weight: a linear layer's weight in one of the block
+    types fastllm's CPU kernels run (on CUDA, qmatmul still runs the dequantising reference, so the weights
+    are expanded at load instead)."""
+    return (torch.device(device).type == "cpu" and tensor.tensor_type.name in KEPT_QUANTISED
+            and ours.endswith(".weight") and not ours.startswith("tok_embeddings"))
+
+
+def _rows_unpermuted(q, n_heads: int):
+    """A QuantizedWeight with _unpermute's row order (rows move whole: the permutation is exact)."""
+    from ..quant import QuantizedWeight
+
+    idx = _unpermute(torch.arange(q.shape[0]), n_heads)
+    return QuantizedWeight(q.data[idx], q.scales[idx], None if q.mins is None else q.mins[idx], q.scheme,
+                           q.group_size, q.shape)
+
+
+def load_gguf(path: str, device, dtype: torch.dtype, act: str = "float"):
+    """(model, tokenizer, config) from a GGUF file. On CPU, Q8_0/Q4_0/Q4_1 linear weights stay quantised
+    (fastllm.nn.QuantLinear, activation mode `act`); a quantised token embedding tied to the output head
+    gives the head its own QuantLinear on the same blocks and a dense copy for the embedding lookup."""
+    from ..quant import from_gguf
+
     reader = _open(path)
     cfg = config_from_gguf(reader, path)
     tokenizer = tokenizer_from_gguf(reader, path)
     names = name_map(cfg, "gguf")
-    tensors = {}
+    tensors, quantized = {}, {}
     for t in reader.tensors:
         if t.name not in names:
             raise ValueError(f"{path} holds tensor {t.name!r}, which the {cfg.arch} model does not have")
         ours = names[t.name]
+        heads = cfg.n_heads if ours.endswith(("wq.weight", "wq.bias")) else \
+            cfg.n_kv_heads if ours.endswith(("wk.weight", "wk.bias")) else None
+        tied_head = ours == "tok_embeddings.weight" and cfg.tie_word_embeddings
+        if _keep_quantised(t, ours, device) or (tied_head and _keep_quantised(t, "lm_head.weight", device)):
+            rows, cols = int(t.shape[1]), int(t.shape[0])
+            q = from_gguf(np.array(t.data), t.tensor_type.name, shape=(rows, cols))
+            quantized["lm_head" if tied_head else ours[:-len(".weight")]] = \
+                _rows_unpermuted(q, heads) if heads else q
+            if not tied_head:
+                continue
         w = dequantized(t, dtype)
-        if ours.endswith(("wq.weight", "wq.bias")):
-            w = _unpermute(w, cfg.n_heads)
-        elif ours.endswith(("wk.weight", "wk.bias")):
-            w = _unpermute(w, cfg.n_kv_heads)
+        if heads:
+            w = _unpermute(w, heads)
         tensors[ours] = w.to(device)
     with torch.no_grad():
-        return build_model(cfg, tensors, device, dtype), tokenizer, cfg
+        return build_model(cfg, tensors, device, dtype, quantized, act), tokenizer, cfg

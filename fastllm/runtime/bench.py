@@ -6,7 +6,8 @@ Both sides run the same loop: one prefill of a prompt of `prompt_len` tokens (ba
     decode tokens/s  = batch / (median seconds of one decode step)
 transformers runs its own model class with its default (dynamic) KV cache and its default attention
 ("sdpa"), in the same dtype; `transformers_model()` builds it from fastllm's loaded weights (Llama-family
-and GPT-2 models, through the name table of fastllm/loading/names.py), so both run the same numbers.
+and GPT-2 models, through the name table of fastllm/loading/names.py; quantised layers dequantised, so
+transformers runs the same values in dense form, as it does when it loads a GGUF file itself).
 """
 from __future__ import annotations
 
@@ -98,7 +99,10 @@ def transformers_model(model):
         return None
     with torch.device(p.device):
         hf = cls._from_config(hf_cfg, dtype=p.dtype)
-    ours = model.state_dict()
+    ours = dict(model.state_dict())
+    for name, mod in model.named_modules():  # quantised layers: transformers gets the dequantised weight
+        if hasattr(mod, "quantized_weight"):
+            ours[f"{name}.weight"] = mod.quantized_weight().dequantize(p.dtype)
     names = name_map(cfg, "hf")
     state = {}
     for theirs in hf.state_dict():
