@@ -1,4 +1,5 @@
 // Standalone GPU test + benchmark of the CUDA LayerNorm / RMSNorm kernels (no Python, no torch).
+// SOURCES: csrc/cuda/layer_norm.cu csrc/cuda/rms_norm.cu csrc/cuda/norm_bwd_reduce.cu
 //
 // Build and run from the repository root (H100: sm_90; add -gencode for other GPUs):
 //   mkdir -p build && nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 \
