@@ -14,11 +14,14 @@ undoes it so that fastllm's model (rotate_half) reads GGUF and HF weights alike.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from ..models import ModelConfig, build_model
 from .names import name_map
+from .progress import progress
 from .tokenizer import Tokenizer
 
 SUPPORTED_ARCHS = ("llama",)
@@ -163,7 +166,7 @@ def load_gguf(path: str, device, dtype: torch.dtype, act: str = "float"):
     tokenizer = tokenizer_from_gguf(reader, path)
     names = name_map(cfg, "gguf")
     tensors, quantized = {}, {}
-    for t in reader.tensors:
+    for t in progress(reader.tensors, len(reader.tensors), f"loading {os.path.basename(path)}"):
         if t.name not in names:
             raise ValueError(f"{path} holds tensor {t.name!r}, which the {cfg.arch} model does not have")
         ours = names[t.name]

@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from ..models import ModelConfig, build_model
 from ..models.config import read_json
 from .names import IGNORED_SUFFIXES, from_hf_layout, name_map
+from .progress import progress
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -41,7 +42,8 @@ def _read(files: list[str], names: dict[str, str], arch: str, device, dtype) -> 
     for f in files:
         try:
             with safe_open(f, framework="pt", device="cpu") as sf:
-                for key in sf.keys():
+                keys = list(sf.keys())
+                for key in progress(keys, len(keys), f"loading {os.path.basename(f)}"):
                     if key.endswith(IGNORED_SUFFIXES):
                         continue
                     if key not in names:
