@@ -6,8 +6,9 @@ CPU (fastllm with float32 activations): fp32 F.linear, torch._weight_int8pack_mm
 and torch._weight_int4pack_mm_for_cpu (int4, group 128), these two with bfloat16 activations (their
 fast path); M in {1, 8}, (K, N) in {(4096, 4096),
 (4096, 11008)}. GPU (bfloat16): bf16 F.linear, torch._weight_int8pack_mm, torch._weight_int4pack_mm;
-M in {1, 16, 128}, (K, N) in {(4096, 4096), (4096, 14336), (8192, 28672)}. fastllm has no CUDA
-qmatmul kernel yet: on the GPU its figure is the dequantise-then-matmul reference.
+M in {1, 8, 16, 128}, (K, N) in {(4096, 4096), (4096, 14336), (8192, 28672)}. On the GPU fastllm's
+act="float" figure for M <= 8 is the CUDA GEMV (csrc/cuda/qmatmul_gemv.cu); larger M and act="int8"
+still run the dequantise-then-matmul reference.
 fastllm variants: int8 (per-channel) and int4 (symmetric, group 128), each with float activations
 (act="float", exact weights) and int8 activations (act="int8", integer dot products). With
 --benchmark-disable (CI) only the tiny case runs, once.
@@ -26,7 +27,7 @@ from harness import DEVICE, compare
 
 GPU = DEVICE == "cuda"
 SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)] if GPU else [(4096, 4096), (4096, 11008)]  # (K, N)
-MS = [1, 16, 128] if GPU else [1, 8]
+MS = [1, 8, 16, 128] if GPU else [1, 8]
 TINY = (1, 256, 256)  # (M, K, N): the case CI runs
 DTYPE = torch.bfloat16 if GPU else torch.float32
 INT4_GROUP = 128

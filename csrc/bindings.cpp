@@ -132,17 +132,17 @@ void cpu_softmax_bwd(ptr_t y, int64_t ys, ptr_t dy, int64_t dys, ptr_t dx, int64
   fastllm::cpu::softmax_bwd(P(y), ys, P(dy), dys, P(dx), dxs, rows, cols, t);
 }
 
-// y = x @ W^T + bias with W packed (cpu/ops.h QFormat codes 0..3, fastllm/quant/formats.py).
-void cpu_qmatmul(ptr_t x, int64_t xs, ptr_t w, ptr_t scales, ptr_t mins, ptr_t bias, ptr_t y, int64_t ys,
-                 int64_t m, int64_t n, int64_t k, int64_t group, int fmt, bool int8_act, int dt) {
-  DType t = check_dtype(dt);
+// Checks shared by the CPU and CUDA qmatmul entry points; returns the format.
+fastllm::QFormat check_qmatmul(ptr_t x, int64_t xs, ptr_t w, ptr_t scales, ptr_t mins, ptr_t y, int64_t ys, int64_t m,
+                               int64_t n, int64_t k, int64_t group, int fmt) {
+  using fastllm::QFormat;
   FASTLLM_CHECK(fmt >= 0 && fmt <= 3, "qformat code must be 0..3 (int8 per-channel, int8 group, int4, int4_asym), got " +
                                           std::to_string(fmt));
-  const auto f = static_cast<fastllm::cpu::QFormat>(fmt);
+  const auto f = static_cast<QFormat>(fmt);
   FASTLLM_CHECK(m >= 0, "m must be >= 0, got " + std::to_string(m));
   FASTLLM_CHECK(n >= 1, "n must be >= 1, got " + std::to_string(n));
   FASTLLM_CHECK(k >= 32 && k % 32 == 0, "k must be a positive multiple of 32, got " + std::to_string(k));
-  if (f == fastllm::cpu::QFormat::I8Channel) {
+  if (f == QFormat::I8Channel) {
     FASTLLM_CHECK(group == k, "group must equal k for per-channel int8, got " + std::to_string(group));
   } else {
     FASTLLM_CHECK((group == 32 || group == 64 || group == 128) && k % group == 0,
@@ -151,7 +151,15 @@ void cpu_qmatmul(ptr_t x, int64_t xs, ptr_t w, ptr_t scales, ptr_t mins, ptr_t b
   check_row("x", x, xs, m, k);
   check_row("y", y, ys, m, n);
   FASTLLM_CHECK(w != 0 && scales != 0, "qweight data and scales must not be null pointers");
-  FASTLLM_CHECK((mins != 0) == (f == fastllm::cpu::QFormat::I4Asym), "mins must be given exactly for int4_asym");
+  FASTLLM_CHECK((mins != 0) == (f == QFormat::I4Asym), "mins must be given exactly for int4_asym");
+  return f;
+}
+
+// y = x @ W^T + bias with W packed (common/qformat.h codes 0..3, fastllm/quant/formats.py).
+void cpu_qmatmul(ptr_t x, int64_t xs, ptr_t w, ptr_t scales, ptr_t mins, ptr_t bias, ptr_t y, int64_t ys,
+                 int64_t m, int64_t n, int64_t k, int64_t group, int fmt, bool int8_act, int dt) {
+  DType t = check_dtype(dt);
+  const auto f = check_qmatmul(x, xs, w, scales, mins, y, ys, m, n, k, group, fmt);
   py::gil_scoped_release nogil;
   fastllm::cpu::qmatmul(P(x), xs, P(w), P(scales), P<uint16_t>(mins), P(bias), P(y), ys, m, n, k, group, f, int8_act, t);
 }
@@ -219,6 +227,17 @@ void cuda_rms_norm_bwd(ptr_t dy, int64_t dys, ptr_t x, int64_t xs, ptr_t w, ptr_
   fastllm::cuda::rms_norm_bwd(P(dy), dys, P(x), xs, P(w), P<float>(rstd), P(de), des, P(dx), dxs, P<float>(dw),
                               P<float>(ws), rows, cols, t, stream);
 }
+
+// The quantised GEMV (float activations, m <= cuda::kQGemvMaxRows); same checks as cpu_qmatmul.
+void cuda_qmatmul(ptr_t x, int64_t xs, ptr_t w, ptr_t scales, ptr_t mins, ptr_t bias, ptr_t y, int64_t ys, int64_t m,
+                  int64_t n, int64_t k, int64_t group, int fmt, int dt, ptr_t stream) {
+  DType t = check_dtype(dt);
+  const auto f = check_qmatmul(x, xs, w, scales, mins, y, ys, m, n, k, group, fmt);
+  FASTLLM_CHECK(m <= fastllm::cuda::kQGemvMaxRows, "m must be <= " + std::to_string(fastllm::cuda::kQGemvMaxRows) +
+                                                       " for the CUDA qmatmul (GEMV), got " + std::to_string(m));
+  FASTLLM_CHECK(w % 16 == 0, "qweight data must be 16-byte aligned (128-bit loads)");
+  fastllm::cuda::qmatmul_gemv(P(x), xs, P(w), P(scales), P(mins), P(bias), P(y), ys, m, n, k, group, f, t, stream);
+}
 #endif
 
 }  // namespace
@@ -254,5 +273,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_rms_norm_fwd", &cuda_rms_norm_fwd);
   m.def("cuda_add_rms_norm_fwd", &cuda_add_rms_norm_fwd);
   m.def("cuda_rms_norm_bwd", &cuda_rms_norm_bwd);
+  m.def("cuda_qmatmul", &cuda_qmatmul);
+  m.attr("cuda_qmatmul_max_m") = fastllm::cuda::kQGemvMaxRows;
 #endif
 }

@@ -25,7 +25,7 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "attention_varlen": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "decode_attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "kv_cache_append": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
-    "qmatmul": {"cpu": ("cpu", "torch")},  # CUDA tensors: the reference until the CUDA kernels land
+    "qmatmul": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
 }
 # Backends that can be forced for an op beyond its preference list (Triton on CPU, for tests).
 FORCIBLE: dict[str, tuple[str, ...]] = {op: ("triton",) for op in ("softmax", "attention", "attention_varlen",
@@ -54,15 +54,17 @@ def _unsupported(tensors: tuple[torch.Tensor | None, ...]) -> str | None:
     return None
 
 
-def select(op: str, *tensors: torch.Tensor | None) -> str:
-    """Name of the backend that runs `op` on these tensors (the first is the main input)."""
+def select(op: str, *tensors: torch.Tensor | None, limits: dict[str, str | None] | None = None) -> str:
+    """Name of the backend that runs `op` on these tensors (the first is the main input).
+    limits: {backend: why it cannot take this call, or None}, for an op's own limits (shapes, modes)."""
+    limits = limits or {}
     device = tensors[0].device
     forced = _forced.get()
     if forced is not None:
         allowed = PREFERENCE[op].get(device.type, ("torch",)) + FORCIBLE.get(op, ())
         reason = None if forced in allowed else f"{op} has no {forced} path"
         if reason is None and forced != "torch":
-            reason = _backend.why_not(forced, device) or _unsupported(tensors)
+            reason = _backend.why_not(forced, device) or _unsupported(tensors) or limits.get(forced)
         if reason is not None:
             raise ValueError(f"backend {forced!r} was forced for {op} on {device.type}, but {reason}")
         _log[op] = Decision(forced, {"(forced)": f"use_backend({forced!r})"})
@@ -71,7 +73,7 @@ def select(op: str, *tensors: torch.Tensor | None) -> str:
     for name in PREFERENCE[op].get(device.type, ("torch",)):
         if name == "torch":
             break
-        reason = _backend.why_not(name, device) or _unsupported(tensors)
+        reason = _backend.why_not(name, device) or _unsupported(tensors) or limits.get(name)
         if reason is None:
             _log[op] = Decision(name, skipped)
             return name

@@ -1,14 +1,17 @@
-"""fastllm.qmatmul on every backend (C++ AVX2, C++ scalar, torch reference) against dequantise-
-then-matmul in float64, both activation modes, every format, odd M and N, several K; gradients,
-strides, empty input, bad input, opcheck and torch.compile."""
+"""fastllm.qmatmul on every backend (C++ AVX2, C++ scalar, CUDA GEMV, torch reference) against
+dequantise-then-matmul in float64, both activation modes, every format, odd M and N, several K;
+gradients, strides, empty input, bad input, opcheck and torch.compile. The CUDA kernel takes
+act="float" and M <= 8 only: its cases outside that skip (the dispatcher sends them to the
+reference, test_cuda_dispatch_limits)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastllm
 from fastllm import _backend
+from fastllm.ops.qmatmul import CUDA_GEMV_MAX_M
 from fastllm.reference import dequantize_activations, qmatmul_fwd, quantize_activations
-from helpers import DTYPES, assert_close, device_backends, randn, running_on
+from helpers import DTYPES, assert_close, device_backends, needs_cuda, randn, running_on
 
 FORMATS = [("int8", None), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128), ("int4_asym", 32),
            ("int4_asym", 128)]
@@ -29,6 +32,11 @@ def _torch_peer(x, q, b, act):
     return F.linear(xa.to(x.dtype), q.dequantize(x.dtype), b)
 
 
+def _takes(backend, m, act):
+    """Whether `backend` has a kernel for M rows of x in mode act (the CUDA GEMV: float, M <= 8)."""
+    return backend != "cuda" or (act == "float" and m <= CUDA_GEMV_MAX_M)
+
+
 def _check(x, q, b, act, backend):
     with running_on(backend):
         y = fastllm.qmatmul(x, q, b, act=act)
@@ -47,8 +55,10 @@ def _check(x, q, b, act, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scheme,group", FORMATS, ids=str)
 def test_qmatmul_matches_reference(device, backend, act, dtype, scheme, group):
+    if not _takes(backend, 1, act):
+        pytest.skip(f"{backend} has no act={act!r} kernel")
     for i, (m, n, k) in enumerate(SHAPES):
-        if k % (group or 32):
+        if k % (group or 32) or not _takes(backend, m, act):
             continue
         _check(*_case(m, n, k, dtype, device, i * 7 + (group or 0), scheme, group, i % 2 == 0), act, backend)
 
@@ -71,13 +81,19 @@ def test_int8_activation_quantisation_is_bit_identical():
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4_asym", 32)], ids=str)
 def test_qmatmul_k_chunks_and_row_tiles(device, backend, act, scheme, group):
     """M = 40 rows of x make the AVX2 driver split K = 1056 (33 blocks) into chunks of 8 blocks, the
-    odd block in the last one, and N = 37 into row tiles of 16 and a partial one."""
-    _check(*_case(40, 37, 1056, torch.float32, device, 3, scheme, group, True), act, backend)
+    odd block in the last one, and N = 37 into row tiles of 16 and a partial one. On CUDA (M = 8)
+    K = 1056 is a tile of 32 chunks and one of 1, N = 37 two blocks of 16 channels and a partial one."""
+    m = CUDA_GEMV_MAX_M if backend == "cuda" else 40
+    if not _takes(backend, m, act):
+        pytest.skip(f"{backend} has no act={act!r} kernel")
+    _check(*_case(m, 37, 1056, torch.float32, device, 3, scheme, group, True), act, backend)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("act", ["float", "int8"])
 def test_non_finite_activations_give_non_finite_outputs(device, backend, act):
+    if not _takes(backend, 3, act):
+        pytest.skip(f"{backend} has no act={act!r} kernel")
     q = fastllm.quantize(randn((6, 64), torch.float32, device, seed=1), "int4", 32)
     x = randn((3, 64), torch.float32, device, seed=2)
     x[0, 3], x[2, 40] = float("nan"), float("inf")
@@ -92,7 +108,8 @@ def test_qmatmul_strides_batch_dims_and_empty(device, backend):
     b = randn((11,), torch.float32, device, seed=2)
     big = randn((6, 200), torch.float32, device, seed=3)
     _check(big[1:5, 50:146], q, b, "float", backend)  # row stride 200
-    _check(randn((96, 5), torch.float32, device, seed=4).t(), q, b, "int8", backend)  # column-major: copied
+    act = "int8" if _takes(backend, 5, "int8") else "float"
+    _check(randn((96, 5), torch.float32, device, seed=4).t(), q, b, act, backend)  # column-major: copied
     _check(randn((2, 3, 96), torch.bfloat16, device, seed=5), q, None, "float", backend)
     x = torch.empty(0, 96, device=device, requires_grad=True)
     with running_on(backend):
@@ -105,10 +122,12 @@ def test_qmatmul_strides_batch_dims_and_empty(device, backend):
 @pytest.mark.parametrize("act", ["float", "int8"])
 def test_qmatmul_gradients(device, backend, act):
     """dx = dy @ dequantize(W) (straight through the int8 rounding), dbias = sum dy."""
+    if not _takes(backend, 8, act):
+        pytest.skip(f"{backend} has no act={act!r} kernel")
     q = fastllm.quantize(randn((13, 64), torch.float32, device, seed=1), "int4", 32)
-    x = randn((2, 5, 64), torch.float32, device, seed=2).requires_grad_()
+    x = randn((2, 4, 64), torch.float32, device, seed=2).requires_grad_()
     b = randn((13,), torch.float32, device, seed=3).requires_grad_()
-    dy = randn((2, 5, 13), torch.float32, device, seed=4)
+    dy = randn((2, 4, 13), torch.float32, device, seed=4)
     with running_on(backend):
         fastllm.qmatmul(x, q, b, act=act).backward(dy)
     x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
@@ -155,6 +174,46 @@ def test_extension_checks_its_arguments():
     call()
     for kwargs, msg in [({"k": 48}, "k must"), ({"group": 48}, "group"), ({"fmt": 7}, "qformat"),
                         ({"mins": q.scales.data_ptr()}, "mins"), ({"data": 0}, "null"), ({"fmt": 0}, "group")]:
+        with pytest.raises(ValueError, match=msg):
+            call(**kwargs)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scheme,group", FORMATS, ids=str)
+def test_cuda_gemv_every_row_count_and_k_tile(dtype, scheme, group):
+    """M = 1..8 (the four register-tile sizes 1, 2, 4, 8 and the zero rows staged for 3, 5, 6, 7),
+    K = 2176 (17 groups of 128; two tiles of 32 chunks and one of 4), N = 37 and 16 (partial and
+    exact blocks of 16 channels)."""
+    for m in range(1, CUDA_GEMV_MAX_M + 1):
+        for n in (37, 16):
+            _check(*_case(m, n, 2176, dtype, "cuda", m + n, scheme, group, m % 2 == 1),
+                   "float", "cuda")
+
+
+@needs_cuda
+def test_cuda_dispatch_limits():
+    """CUDA calls the GEMV cannot take run the reference, and the dispatch log says why."""
+    q = fastllm.quantize(randn((8, 64), torch.float32, "cuda", seed=1), "int4", 32)
+    for m, act, reason in [(1, "float", None), (CUDA_GEMV_MAX_M + 1, "float", "M = 9"), (1, "int8", "act")]:
+        fastllm.qmatmul(randn((m, 64), torch.float16, "cuda", seed=2), q, act=act)
+        log = fastllm.dispatch_log()["qmatmul"]
+        assert log["backend"] == ("cuda" if reason is None else "torch"), (m, act, log)
+        assert reason is None or reason in log["skipped"]["cuda"], log
+
+
+@pytest.mark.skipif(not getattr(_backend.extension(), "has_cuda", False), reason="fastllm._C built without CUDA")
+def test_cuda_extension_checks_its_arguments():
+    """The CUDA entry point's checks run before anything touches a device (no GPU needed)."""
+    ext = _backend.extension()
+    assert ext.cuda_qmatmul_max_m == CUDA_GEMV_MAX_M
+
+    def call(m=2, k=64, group=32, fmt=2, mins=0, data=4096, dt=1):
+        ext.cuda_qmatmul(4096, 64, data, 4096, mins, 0, 4096, 8, m, 8, k, group, fmt, dt, 0)
+
+    for kwargs, msg in [({"k": 48}, "k must"), ({"group": 48}, "group"), ({"fmt": 7}, "qformat"), ({"mins": 4096}, "mins"),
+                        ({"data": 0}, "null"), ({"fmt": 0}, "group"), ({"m": 9}, "m must be <= 8"),
+                        ({"data": 4104}, "16-byte aligned"), ({"dt": 5}, "dtype code")]:
         with pytest.raises(ValueError, match=msg):
             call(**kwargs)
 

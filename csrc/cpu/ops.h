@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../common/dtype.h"
+#include "../common/qformat.h"
 
 namespace fastllm::cpu {
 
@@ -47,14 +48,8 @@ void softmax_fwd(const void* x, int64_t x_stride, void* y, int64_t y_stride, int
 void softmax_bwd(const void* y, int64_t y_stride, const void* dy, int64_t dy_stride, void* dx,
                  int64_t dx_stride, int64_t rows, int64_t cols, DType dt);
 
-// Packed weight formats of qmatmul (fastllm/quant/formats.py documents the layout, Format.code
-// gives these codes). W: (n, k) in groups of `group` along k (group == k for I8Channel).
-//   I8Channel: w int8 (n, k), scales f32 (n, 1)            W = q * d
-//   I8Group:   w int8 (n, k), scales f16 (n, k / group)    W = q * d
-//   I4:        w uint8 (n, k / 2), scales f16              W = (u - 8) * d
-//   I4Asym:    w uint8 (n, k / 2), scales and mins f16     W = u * d + m
-// int4 rows are k / 32 blocks of 16 bytes: byte i holds element i (low nibble) and 16 + i (high).
-enum class QFormat : int { I8Channel = 0, I8Group = 1, I4 = 2, I4Asym = 3 };
+// Packed weight formats of qmatmul: common/qformat.h.
+using fastllm::QFormat;
 
 // y = x @ W^T + bias, x: (m, k) of dt with row stride x_stride, y: (m, n) of dt with row stride
 // y_stride, bias: (n,) of dt or nullptr. fp32 accumulation. int8_act: each row of x is first

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../common/dtype.h"
+#include "../common/qformat.h"
 
 namespace fastllm::cuda {
 
@@ -34,5 +35,17 @@ void rms_norm_bwd(const void* dy, int64_t dy_stride, const void* x, int64_t x_st
                   const void* w, const float* rstd, const void* dextra, int64_t dextra_stride,
                   void* dx, int64_t dx_stride, float* dw, float* workspace, int64_t rows,
                   int64_t cols, DType dt, uintptr_t stream);
+
+// Rows of x the quantised GEMV takes (larger M needs a tensor-core GEMM, not written yet).
+constexpr int64_t kQGemvMaxRows = 8;
+
+// y = x @ W^T + bias for m <= kQGemvMaxRows rows of x, W packed in format `fmt` (common/qformat.h):
+// x: (m, k) of dt with row stride x_stride, y: (m, n) of dt with row stride y_stride, bias: (n,)
+// of dt or nullptr; scales/mins as the format says (mins nullptr unless I4Asym). fp32
+// accumulation, the weights dequantised exactly (cpu/ops.h qmatmul's float mode). k is a multiple
+// of 32 and of group (group == k for I8Channel); w must be 16-byte aligned.
+void qmatmul_gemv(const void* x, int64_t x_stride, const void* w, const void* scales, const void* mins,
+                  const void* bias, void* y, int64_t y_stride, int64_t m, int64_t n, int64_t k, int64_t group,
+                  QFormat fmt, DType dt, uintptr_t stream);
 
 }  // namespace fastllm::cuda

@@ -11,8 +11,9 @@ asymmetric scheme, a min m). The schemes:
   "int4_asym"  u in [0, 15] (4 bits),     W ~= u * d + m.  G in {32, 64, 128}, d and m float16
                (G = 32 is GGUF Q4_1).
 
-Packed layout "rows" (the CPU kernels' layout; a GPU layout can be added to LAYOUTS and converted
-to exactly from this one):
+Packed layout "rows" (read as it is by the CPU kernels and by the CUDA GEMV, whose lanes each take
+one 16-byte int4 block or 32 int8 bytes per 128-bit load; a tensor-core layout can be added to
+LAYOUTS and converted to exactly from this one):
   data    int8:  int8 (N, K), row-major, element k of row n at [n, k].
           int4:  uint8 (N, K // 2). Each row is K // 32 blocks of 16 bytes; byte i of block b holds
                  element 32 b + i in its low nibble and element 32 b + 16 + i in its high nibble.
@@ -39,7 +40,7 @@ GROUP_SIZES = (32, 64, 128)
 BLOCK = 32
 """Elements per int4 block (16 bytes), and per block of int8-quantised activations."""
 LAYOUTS = ("rows",)
-"""Packed layouts: "rows" is documented above (the CPU kernels read it)."""
+"""Packed layouts: "rows" is documented above (the CPU kernels and the CUDA GEMV read it)."""
 DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128, "int4_asym": 128}
 
 
