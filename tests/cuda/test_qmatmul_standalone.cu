@@ -1,4 +1,5 @@
 // Standalone GPU test + benchmark of the CUDA quantised GEMV (cuda/ops.h qmatmul_gemv; no Python,
+// SOURCES: csrc/cuda/qmatmul_gemv.cu
 // no torch).
 //
 // Build and run from the repository root (H100: sm_90; add -gencode for other GPUs):
