@@ -1,6 +1,6 @@
 // Standalone GPU test + benchmark of the CUDA quantised GEMV (cuda/ops.h qmatmul_gemv; no Python,
-// SOURCES: csrc/cuda/qmatmul_gemv.cu
 // no torch).
+// SOURCES: csrc/cuda/qmatmul_gemv.cu
 //
 // Build and run from the repository root (H100: sm_90; add -gencode for other GPUs):
 //   mkdir -p build && nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 \
