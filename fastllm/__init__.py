@@ -11,6 +11,7 @@
     out = fastllm.decode_attention(q, k_cache, v_cache, lens + 1)   # generation: new tokens vs the cache
     qw = fastllm.quantize(linear.weight, scheme="int4", group_size=128)
     y = fastllm.qmatmul(x, qw, bias)                    # as F.linear with the quantised weight
+    loss = fastllm.linear_cross_entropy(h, lm_head.weight, targets)   # LM loss without the logits
     fastllm.quantize_model(model, scheme="int8")        # nn.Linear -> fastllm.nn.QuantLinear
     fastllm.backends()        # which backends run here and, for each missing one, why
     fastllm.dispatch_log()    # which backend each op took last, and why faster ones were not
@@ -22,7 +23,7 @@ from ._dispatch import dispatch_log, use_backend
 from .llm import LLM
 from .nn import quantize_model
 from .ops import (add_rms_norm, attention, attention_varlen, decode_attention, kv_cache_append, layer_norm,
-                  qmatmul, rms_norm, softmax)
+                  linear_cross_entropy, qmatmul, rms_norm, softmax)
 from .patch import patch_sdpa, sdpa_is_patched, unpatch_sdpa
 from .quant import QuantizedWeight, quantize
 
@@ -30,4 +31,4 @@ __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "decode_attention", "kv_cache_append", "softmax", "layer_norm",
            "rms_norm", "add_rms_norm", "nn", "reference", "backends", "dispatch_log", "use_backend", "quantize",
            "QuantizedWeight", "qmatmul", "quantize_model", "patch_sdpa", "unpatch_sdpa", "sdpa_is_patched", "LLM",
-           "__version__"]
+           "linear_cross_entropy", "__version__"]

@@ -1,7 +1,8 @@
 """The `fastllm` command. `fastllm generate "prompt"` prints a completion as it is generated; `fastllm chat`
 is an interactive conversation (empty line or Ctrl-D ends it); both use the bundled SmolLM2-135M-Instruct
 unless -m names a model directory or .gguf file. `fastllm bench` times each op against torch on this
-machine's device (GB/s and the ratios), then a model's prefill and decode tokens/s against transformers."""
+machine's device (GB/s and the ratios), then a model's prefill and decode tokens/s against transformers.
+`fastllm train data.txt` fine-tunes a model (fastllm.train.finetune) and writes checkpoints and a loss plot."""
 from __future__ import annotations
 
 import argparse
@@ -122,6 +123,20 @@ def _chat(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .llm import LLM
+    from .train import finetune
+
+    llm = LLM.load(args.model, device=args.device, dtype=torch.float32)
+    out = finetune(llm.model, args.data, llm.tokenizer, steps=args.steps, batch_size=args.batch_size,
+                   seq_len=args.seq_len, accum=args.accum, lr=args.lr, weight_decay=args.weight_decay,
+                   warmup=args.warmup, clip=args.clip, seed=args.seed, out_dir=args.out, save_every=args.save_every,
+                   resume=args.resume)
+    print(f"trained {out.step} steps: loss {out.losses[0]:.4f} -> {out.losses[-1]:.4f}; checkpoint in "
+          f"{args.out}/final" + (f", loss curve {out.plot}" if out.plot else ""))
+    return 0
+
+
 def _model_args(p, max_new_tokens: int) -> None:
     p.add_argument("-m", "--model", help="a Hugging Face model directory or a .gguf file (default: SmolLM2-135M)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
@@ -154,8 +169,24 @@ def main(argv=None) -> int:
     chat = sub.add_parser("chat", help="an interactive conversation with the model's chat template")
     chat.add_argument("--system", help="a system message")
     _model_args(chat, 512)
+    train = sub.add_parser("train", help="fine-tune a model (float32 weights, bf16 autocast on CUDA) on a file")
+    train.add_argument("data", help="a .txt file, or .jsonl with {\"text\": ...} or {\"messages\": [...]} per line")
+    train.add_argument("-m", "--model", help="a Hugging Face model directory or a .gguf file (default: SmolLM2-135M)")
+    train.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    train.add_argument("--out", default="fastllm-train", help="checkpoints and loss.png go here")
+    train.add_argument("--steps", type=int, default=100)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--seq-len", type=int, default=256)
+    train.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine schedule)")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
+    train.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    train.add_argument("--resume", help="a checkpoint directory to continue from")
     args = parser.parse_args(argv)
-    commands = {"bench": _bench, "generate": _generate, "chat": _chat}
+    commands = {"bench": _bench, "generate": _generate, "chat": _chat, "train": _train}
     try:
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:

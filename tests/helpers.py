@@ -32,6 +32,7 @@ _BACKENDS = {
     "decode_attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "kv_cache_append": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "qmatmul": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
+    "linear_cross_entropy": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
 }
 
 

@@ -1,7 +1,8 @@
 """What every decoder-only model shares: the three ways of running it, over the same blocks.
 
     model(tokens)               whole sequences (B, L) at positions 0..L-1, causal, no cache -> logits (B, L, V)
-                                (tests, scoring, training): fastllm.attention
+                                (tests, scoring): fastllm.attention; model.hidden(tokens) stops before lm_head
+                                (training: fastllm.linear_cross_entropy takes it from there)
     model.prefill(prompts, c)   ragged prompts packed back to back into rows of the static KV cache c ->
                                 logits of each prompt's last token (B, V): fastllm.attention_varlen
     model.decode(tokens, c)     one new token per row at the row's length -> logits (B, V):
@@ -48,6 +49,11 @@ class DecoderLM(nn.Module):
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(tokens))                                     # (B, L, vocab)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states (B, L, dim) of the cache-free full forward, before lm_head (training
+        feeds them to fastllm.linear_cross_entropy with lm_head.weight, so the logits are never formed)."""
         b, l = tokens.shape
         positions = torch.arange(l, device=tokens.device).expand(b, l)              # (B, L)
         cos, sin = self.rotary(positions) if self.rotary is not None else (None, None)   # (B, L, D)
@@ -58,7 +64,7 @@ class DecoderLM(nn.Module):
                                   enable_gqa=True)                                   # (B, Hq, L, D)
             return y.transpose(1, 2)
 
-        return self.lm_head(self._run(tokens, positions, attend))
+        return self._run(tokens, positions, attend)
 
     def prefill(self, prompts: list[list[int]], cache: StaticKVCache, rows: list[int] | None = None) -> torch.Tensor:
         """Cache row rows[i] (default i) gets prompts[i] from slot 0, replacing what it held; the other rows are

@@ -1,0 +1,62 @@
+"""Fused linear + cross-entropy (forward + backward) against torch's F.linear + F.cross_entropy: time (TFLOP/s of
+the three matmuls, 6 N V D FLOPs) and peak memory above the inputs, at the vocabularies of SmolLM2 (49152) and
+Llama 3 (128256). GPU cases skip on CPU; the CPU case is tiny (CI runs it with --benchmark-disable)."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastllm
+from harness import DEVICE, compare
+
+# (tokens N, hidden D, vocab V, dtype)
+GPU_CASES = [(8192, 576, 49152, torch.bfloat16), (8192, 4096, 128256, torch.bfloat16)]
+CPU_CASES = [(256, 64, 4096, torch.float32)]
+CASES = CPU_CASES if DEVICE == "cpu" else GPU_CASES
+
+
+def _step(fn, h, w, t):
+    """One forward + backward of fn(h, w, t) -> scalar loss; the gradients are dropped afterwards."""
+    def run():
+        h.grad = w.grad = None
+        fn(h, w, t).backward()
+    return run
+
+
+def _fused(h, w, t):
+    return fastllm.linear_cross_entropy(h, w, t)
+
+
+def _unfused(h, w, t):
+    return F.cross_entropy(F.linear(h, w), t)
+
+
+def _peak_bytes(run) -> int | None:
+    """Peak CUDA memory of one call above what was allocated before it (None on CPU: not measured)."""
+    if DEVICE != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.parametrize("n,d,v,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_linear_cross_entropy(benchmark, n, d, v, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    h = torch.randn(n, d, generator=g, device=DEVICE, dtype=dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g, device=DEVICE, dtype=dtype) * d ** -0.5).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g, device=DEVICE)
+    fused, unfused = _step(_fused, h, w, t), _step(_unfused, h, w, t)
+    compare(benchmark, fused, {"torch": lambda: contextlib.nullcontext(unfused)}, group=f"lce-{n}x{d}x{v}",
+            suite="linear_cross_entropy", case={"op": "linear_cross_entropy", "direction": "fwd+bwd",
+                                                "shape": [n, d, v], "dtype": str(dtype).replace("torch.", "")},
+            work=6 * n * v * d, unit="TFLOP/s", counted="6 N V D: the logits matmul and its two gradients")
+    if not benchmark.disabled:
+        peaks = {"fastllm": _peak_bytes(fused), "torch": _peak_bytes(unfused)}
+        benchmark.extra_info["peak_bytes"] = peaks
+        if peaks["torch"]:
+            benchmark.extra_info["peak_ratio_vs_torch"] = peaks["fastllm"] / peaks["torch"]
