@@ -8,23 +8,22 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
-import socket
-import threading
 import time
 
 import pytest
 import torch
 
 import fastllm
+from fastllm import cli
 from tiny_models import tiny_llama
 
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from fastllm.serve import Engine, Rejected, create_app, model_name  # noqa: E402
+from fastllm.serve import Engine, Rejected, create_app, model_name, running  # noqa: E402
 from fastllm.runtime.sampling import SamplingParams  # noqa: E402
 
 NAME = "tiny"
@@ -33,31 +32,23 @@ PROMPTS = ["the quick brown", "hello world", "a cat sat on", "numbers 0123", "th
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+def tiny_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_serve")
     tiny_llama(path, eos_token_id=None, max_position_embeddings=2048)  # no EOS: full-length generations
-    return fastllm.LLM.load(str(path), device="cpu")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_path):
+    return fastllm.LLM.load(tiny_path, device="cpu")
 
 
 @contextlib.contextmanager
 def serving(llm, name=NAME, **options):
     """Yields (base URL, engine) of the app served on a free loopback port; stops the server afterwards."""
     app = create_app(llm, model_name=name, **options)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.engine
-    finally:
-        server.should_exit = True
-        thread.join(TIMEOUT_S)
-        sock.close()
+    with running(app, timeout_s=TIMEOUT_S) as url:
+        yield url, app.state.engine
 
 
 def client(url, key="none"):
@@ -260,3 +251,10 @@ def test_bundled_default_model():
         r = client(url).chat.completions.create(model=model_name(None), messages=messages, max_tokens=6,
                                                 temperature=0)
     assert r.choices[0].message.content == want and "Paris" in want
+
+
+def test_cli_serve_refuses_bad_limits(tiny_path, capsys):
+    assert cli.main(["serve", "-m", tiny_path, "--device", "cpu", "--max-seqs", "0"]) == 2
+    assert "max_seqs must be an int >= 1" in capsys.readouterr().err
+    assert cli.main(["serve", "-m", tiny_path, "--device", "cpu", "--context-len", "4096"]) == 2
+    assert "exceeds the model's context of 2048" in capsys.readouterr().err
