@@ -170,10 +170,11 @@ class Engine:
                     self._step(admit)
                 except Exception as e:  # a model failure fails the running requests, never the server
                     traceback.print_exc()
-                    for r in self.rows:
-                        if r is not None:
-                            r.send("error", 500, f"generation failed: {type(e).__name__}: {e}")
-                            self._release(r)
+                    with self.cv:
+                        for r in self.rows:
+                            if r is not None:
+                                r.send("error", 500, f"generation failed: {type(e).__name__}: {e}")
+                                self._release(r)
 
     def _release(self, req: Request) -> None:
         self.rows[req.row] = None
