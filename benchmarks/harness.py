@@ -24,8 +24,9 @@ from fastllm import _bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12, "tok/s": 1}
-"""The units a rate can be recorded in, and how much work (bytes, FLOPs, tokens) one of each is per second."""
+UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12, "tok/s": 1, "req/s": 1}
+"""The units a rate can be recorded in, and how much work (bytes, FLOPs, tokens, requests) one of each is per
+second."""
 
 Peer = Callable[[], ContextManager[Callable[[], object]]]
 """A peer: called once, it gives a context manager that sets the peer up (tensors, backend flags), yields

@@ -1,5 +1,6 @@
 """The `fastllm` command. `fastllm generate "prompt"` prints a completion as it is generated; `fastllm chat`
-is an interactive conversation (empty line or Ctrl-D ends it); both use the bundled SmolLM2-135M-Instruct
+is an interactive conversation (empty line or Ctrl-D ends it); `fastllm serve` is an OpenAI-compatible
+HTTP API (loopback by default) with continuous batching; all use the bundled SmolLM2-135M-Instruct
 unless -m names a model directory or .gguf file. `fastllm bench` times each op against torch on this
 machine's device (GB/s and the ratios), then a model's prefill and decode tokens/s against transformers.
 `fastllm train data.txt` fine-tunes a model (fastllm.train.finetune) and writes checkpoints and a loss plot."""
@@ -137,6 +138,17 @@ def _train(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        print(f"fastllm serve needs fastapi and uvicorn (pip install 'fastllm[serve]'): {e}", file=sys.stderr)
+        return 2
+    serve(args.model, host=args.host, port=args.port, device=args.device, api_key=args.api_key,
+          max_seqs=args.max_seqs, max_queue=args.max_queue, context_len=args.context_len)
+    return 0
+
+
 def _model_args(p, max_new_tokens: int) -> None:
     p.add_argument("-m", "--model", help="a Hugging Face model directory or a .gguf file (default: SmolLM2-135M)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
@@ -185,8 +197,18 @@ def main(argv=None) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     train.add_argument("--resume", help="a checkpoint directory to continue from")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (completions, chat, streaming)")
+    srv.add_argument("-m", "--model", help="a Hugging Face model directory or a .gguf file (default: SmolLM2-135M)")
+    srv.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    srv.add_argument("--max-seqs", type=int, default=8, help="sequences decoded together (KV cache rows)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get 429")
+    srv.add_argument("--context-len", type=int, help="positions per sequence, prompt + max_tokens "
+                                                     "(default: the model's, at most 2048)")
     args = parser.parse_args(argv)
-    commands = {"bench": _bench, "generate": _generate, "chat": _chat, "train": _train}
+    commands = {"bench": _bench, "generate": _generate, "chat": _chat, "train": _train, "serve": _serve}
     try:
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:

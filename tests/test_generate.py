@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastllm
-from fastllm.runtime.sampling import SamplingParams, sample
+from fastllm.runtime.sampling import SamplingParams, sample, sample_rows
 from tiny_models import tiny_llama
 
 PROMPTS = [[0, 5, 9, 77, 120, 3], [0, 44], [0, 300, 2, 2, 7, 19, 250, 31, 8, 8, 100]]
@@ -93,3 +93,13 @@ def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         llm.generate_ids([[]])
     assert len(llm.generate_ids([[0] * 120], max_new_tokens=50)[0]) == 8  # stops at the context's end
+
+
+def test_sample_rows_draws_each_row_alone():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=5, seed=1), SamplingParams(temperature=0.7, seed=2)]
+    got = sample_rows(logits, params, [p.generator("cpu") for p in params])
+    want = [int(sample(logits[i:i + 1], p, None, p.generator("cpu"))) for i, p in enumerate(params)]
+    assert got.tolist() == want
+    with pytest.raises(ValueError, match="one entry per row"):
+        sample_rows(logits, params[:2], [None, None])

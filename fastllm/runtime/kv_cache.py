@@ -36,3 +36,15 @@ class StaticKVCache:
         """Forget row's tokens (length 0): decode steps then keep rewriting its slot 0, harmlessly, until
         prefill gives the row a new sequence."""
         self.lengths[row] = 0
+
+    def first_rows(self, n: int) -> "StaticKVCache":
+        """A cache over rows [0, n) that shares this one's storage: a decode step on it computes and writes
+        only those rows (a server keeps its live sequences in the lowest rows and decodes just that prefix).
+        `longest` is the view's own; the caller sets it."""
+        if not 0 < n <= self.batch:
+            raise ValueError(f"n must be in [1, {self.batch}], got {n}")
+        view = object.__new__(StaticKVCache)
+        view.k, view.v, view.lengths = self.k[:, :n], self.v[:, :n], self.lengths[:n]
+        view.longest, view.max_len, view.batch = self.longest, self.max_len, n
+        view.cos, view.sin = self.cos, self.sin
+        return view

@@ -6,6 +6,8 @@ a repetition penalty; the same order and rules as transformers' logits processor
     top-k k:              keep the k highest scores    (0 = all)
     top-p p:              keep the smallest set of highest-probability tokens whose mass reaches p (1 = all)
     then draw from softmax(s) with a torch.Generator seeded by `seed` (None = torch's global generator).
+sample() applies one SamplingParams to a whole batch; sample_rows() gives every row its own (a server's
+requests), drawing each sampled row alone so that a seeded request draws what it would draw by itself.
 """
 from __future__ import annotations
 
@@ -73,3 +75,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits: (B, V) float32; params[i] and generators[i] are row i's -> next tokens (B,) int64. Greedy rows
+    take one batched argmax; each sampling row is drawn as the batch of one it would be alone (no repetition
+    penalty: there is no `seen` per row)."""
+    if not len(params) == len(generators) == logits.shape[0]:
+        raise ValueError(f"params ({len(params)}) and generators ({len(generators)}) must give one entry per "
+                         f"row of logits ({logits.shape[0]})")
+    out = logits.argmax(dim=-1)
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if p.temperature != 0:
+            out[i] = sample(logits[i:i + 1], p, None, g)[0]
+    return out

@@ -1,0 +1,224 @@
+"""The OpenAI-compatible HTTP API over an Engine (scheduler.py), as a FastAPI app:
+
+    POST /v1/completions        {"model", "prompt", ...}     -> text_completion (or SSE chunks with stream)
+    POST /v1/chat/completions   {"model", "messages", ...}   -> chat.completion (or chat.completion.chunk SSE)
+    GET  /v1/models             the one model served
+    GET  /health                {"status": "ok", running, waiting, limits}   (never needs the API key)
+
+Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}: malformed JSON and schema
+violations 400, a missing or wrong API key 401, an unknown model or route 404, the context exceeded 400,
+the queue full 429, the server shutting down 503. Streaming answers are server-sent events `data: {json}`
+ending with `data: [DONE]`. A request whose client disconnects is cancelled and its cache row freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..runtime.sampling import SamplingParams
+from .scheduler import Engine, Rejected
+from .schemas import ChatRequest, CompletionRequest
+
+DISCONNECT_POLL_S = 0.25
+"""While a request waits for its next event, how often the client's connection is checked."""
+MAX_CHARS_PER_TOKEN = 64
+"""Text longer than context_len * this is refused before tokenising (no token is that long), so a huge body
+costs no tokenizer time."""
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               429: "rate_limit_error", 503: "service_unavailable"}
+
+
+def error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    body = {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": status}
+    return JSONResponse({"error": body}, status_code=status)
+
+
+class APIKeyMiddleware:
+    """Every path but /health needs `Authorization: Bearer <key>` (checked before the body is read)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await error(401, "a missing or wrong API key: send the header 'Authorization: Bearer <key>'")(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "), None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if not loc and first.get("type") == "missing":
+        return "the body is missing: send a JSON object", None
+    msgs = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+            for e in errs[:5]]
+    return "invalid request: " + "; ".join(msgs), (loc[0] if loc else None)
+
+
+def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, max_seqs: int = 8,
+               max_queue: int = 64, context_len: int | None = None) -> FastAPI:
+    """The app serving `llm` (a fastllm.LLM); its engine thread runs while the app's lifespan does."""
+    engine = Engine(llm, max_seqs=max_seqs, max_queue=max_queue, context_len=context_len)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="fastllm", description=__doc__, lifespan=lifespan)
+    app.state.engine = engine
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        return error(400, *_validation_message(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Rejected)
+    async def _rejected(request, exc: Rejected):
+        return error(exc.status, str(exc))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "fastllm", "max_model_len": engine.context_len}]}
+
+    def _prepare(body, prompt_ids: list[int], max_tokens: int | None):
+        if body.model != model_name:
+            raise Rejected(404, f"the model {body.model!r} is not served here; this server serves {model_name!r}")
+        if max_tokens is None:
+            max_tokens = max(1, engine.context_len - len(prompt_ids))
+        params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)
+        return engine.submit(prompt_ids, max_tokens, params, body.stop)
+
+    def _encode_text(text: str, chat: bool = False, messages=None) -> list[int]:
+        if len(text) > engine.context_len * MAX_CHARS_PER_TOKEN:
+            raise Rejected(400, f"the prompt has {len(text)} characters, far more than this model's context of "
+                                f"{engine.context_len} tokens can hold")
+        if not chat:
+            return llm.tokenizer.encode(text)
+        try:
+            return llm.tokenizer.encode_chat(messages)
+        except Exception as e:  # the template's own refusals (raise_exception) and jinja errors alike
+            raise Rejected(400, f"the chat template cannot render these messages: {e}") from None
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if isinstance(body.prompt, str):
+            ids = _encode_text(body.prompt)
+        else:
+            ids = body.prompt
+            vocab = llm.config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise Rejected(400, f"prompt token ids must be in [0, {vocab})")
+        req = _prepare(body, ids, body.max_tokens)
+        return await _respond(request, req, body, "cmpl", "text_completion",
+                              lambda piece: {"text": piece, "logprobs": None},
+                              lambda text: {"text": text, "logprobs": None})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = "".join(m["content"] for m in messages)
+        ids = _encode_text(text, chat=True, messages=messages)
+        req = _prepare(body, ids, body.max_completion_tokens or body.max_tokens)
+        first = [True]
+
+        def delta(piece):
+            d = {"content": piece}
+            if first[0]:
+                d, first[0] = {"role": "assistant", **d}, False
+            return {"delta": d, "logprobs": None}
+
+        return await _respond(request, req, body, "chatcmpl", "chat.completion", delta,
+                              lambda text: {"message": {"role": "assistant", "content": text}, "logprobs": None})
+
+    async def _events(request: Request, req):
+        """The request's events until done or error; cancels it when the client goes away (or on exit)."""
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(req.queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                yield ev
+                if ev[0] != "text":
+                    return
+        finally:
+            engine.cancel(req)
+
+    async def _respond(request, req, body, prefix, obj, chunk_choice, final_choice):
+        head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
+                "model": model_name}
+
+        def usage():
+            return {"prompt_tokens": len(req.prompt), "completion_tokens": req.generated,
+                    "total_tokens": len(req.prompt) + req.generated}
+
+        if not body.stream:
+            text, reason = [], None
+            async for ev in _events(request, req):
+                if ev[0] == "text":
+                    text.append(ev[1])
+                elif ev[0] == "done":
+                    reason = ev[1]
+                else:
+                    return error(ev[1], ev[2])
+            return {**head, "choices": [{"index": 0, **final_choice("".join(text)), "finish_reason": reason}],
+                    "usage": usage()}
+
+        chunk_head = {**head, "object": obj + ".chunk"} if obj == "chat.completion" else head
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        def sse(data) -> str:
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def stream():
+            try:
+                async for ev in _events(request, req):
+                    if ev[0] == "text":
+                        yield sse({**chunk_head, "choices": [{"index": 0, **chunk_choice(ev[1]), "finish_reason": None}]})
+                    elif ev[0] == "done":
+                        yield sse({**chunk_head, "choices": [{"index": 0, **chunk_choice(""), "finish_reason": ev[1]}]})
+                        if include_usage:
+                            yield sse({**chunk_head, "choices": [], "usage": usage()})
+                    else:
+                        yield sse({"error": {"message": ev[2], "type": ERROR_TYPES.get(ev[1], "server_error"),
+                                             "param": None, "code": ev[1]}})
+                yield "data: [DONE]\n\n"
+            finally:
+                engine.cancel(req)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app

@@ -1,0 +1,226 @@
+"""Continuous batching: one engine thread owns the model and a StaticKVCache of `max_seqs` rows, and between
+decode steps admits waiting requests into free rows, so that a new request joins the running batch instead of
+waiting for it to drain.
+
+Each loop iteration:
+    1. drop cancelled requests (client gone) and free their rows;
+    2. admit waiting requests into the lowest free rows, all with one model.prefill(prompts, cache, rows=...)
+       (the other rows are left alone), and sample each one's first token;
+    3. one model.decode step over rows [0, highest live row] (a StaticKVCache.first_rows view: rows past the
+       last live one cost nothing) and sample every live row with its own parameters (sample_rows);
+    4. each row's token goes through its TextStream (incremental text, stop strings); a row that produced EOS,
+       a stop string or max_tokens tokens is finished and released, and its slot is free for step 2.
+Results reach each request's asyncio.Queue through loop.call_soon_threadsafe, as Event tuples:
+    ("text", piece)   ("done", finish_reason)  finish_reason "stop" (EOS or stop string) or "length"
+    ("error", http_status, message)
+Rows, not pages, are the unit of admission: a row holds up to `context_len` positions (the contiguous ragged
+cache: per-row lengths, no padding), and a request is admitted only if its prompt + max_tokens fit a row,
+so an admitted request can never run out of cache mid-generation and nothing is ever preempted. A paged
+cache (block tables, which decode_attention and kv_cache_append support) would let short requests use less
+memory and more of them run at once; with rows, memory is max_seqs * context_len positions, reserved up front.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from ..runtime.generate import TextStream
+from ..runtime.sampling import SamplingParams, sample_rows
+
+
+class Rejected(Exception):
+    """A request the server cannot take now or at all; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. The event-loop side reads `queue`; the engine thread owns everything else."""
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    stop: tuple[str, ...]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    generated: int = 0          # tokens sampled so far (an EOS included)
+    row: int = -1
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+    last: int = 0               # the token the next decode step feeds
+
+    def send(self, *event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class Engine:
+    """engine = Engine(llm, max_seqs=8, max_queue=64, context_len=2048); engine.start()
+    req = engine.submit(prompt_ids, max_tokens, SamplingParams(...), stop=("\\n",))   # on the event loop
+    ... await req.queue.get() ...;  engine.cancel(req);  engine.stop()
+
+    max_seqs: rows decoded together; max_queue: requests waiting for a row (more -> 429);
+    context_len: positions per row (prompt + max_tokens must fit, else 400)."""
+
+    def __init__(self, llm, max_seqs: int = 8, max_queue: int = 64, context_len: int | None = None):
+        limit = llm.config.max_seq_len
+        context_len = min(limit, 2048) if context_len is None else context_len
+        for name, v in (("max_seqs", max_seqs), ("max_queue", max_queue), ("context_len", context_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if context_len > limit:
+            raise ValueError(f"context_len {context_len} exceeds the model's context of {limit} tokens")
+        self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
+        self.eos_ids = set(llm.eos_ids)
+        self.max_seqs, self.max_queue, self.context_len = max_seqs, max_queue, context_len
+        self.device = self.model.tok_embeddings.weight.device
+        self.cache = self.model.new_cache(max_seqs, context_len)
+        self.rows: list[Request | None] = [None] * max_seqs
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.peak_running, self.cancelled = 0, 0     # counters for /health (and the tests)
+        self.thread: threading.Thread | None = None
+
+    # ---- the event-loop side -----------------------------------------------------------------------
+    def check(self, n_prompt: int, max_tokens: int) -> None:
+        """Rejected(400) unless a prompt of n_prompt tokens and max_tokens new ones fit a row."""
+        if n_prompt < 1:
+            raise Rejected(400, "the prompt is empty (no tokens)")
+        if n_prompt + max_tokens > self.context_len:
+            raise Rejected(400, f"this model's context is {self.context_len} tokens; the prompt has {n_prompt} "
+                                f"and max_tokens asks for {max_tokens} more ({n_prompt + max_tokens} in all): "
+                                f"shorten the prompt or lower max_tokens")
+
+    def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop=()) -> Request:
+        """Queue a request (call on the event loop that will read its queue)."""
+        self.check(len(prompt), max_tokens)
+        req = Request(list(prompt), max_tokens, params, tuple(stop), asyncio.get_running_loop())
+        with self.cv:
+            if self.stopping or self.thread is None:
+                raise Rejected(503, "the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise Rejected(429, f"the server is busy: {len(self.waiting)} requests are already waiting "
+                                    f"(--max-queue {self.max_queue}); retry later")
+            self.waiting.append(req)
+            self.cv.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """The client went away: drop the request (its row is freed before the next step)."""
+        req.cancelled = True
+        with self.cv:
+            if req in self.waiting:
+                self.waiting.remove(req)
+                self.cancelled += 1
+
+    def stats(self) -> dict:
+        with self.cv:
+            return {"running": sum(r is not None for r in self.rows), "waiting": len(self.waiting),
+                    "peak_running": self.peak_running, "cancelled": self.cancelled, "max_seqs": self.max_seqs, "max_queue": self.max_queue, "context_len": self.context_len}
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="fastllm-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Finish the current step, then answer every request still waiting or running with 503."""
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        if self.thread is not None:
+            self.thread.join()
+        for req in [*self.waiting, *(r for r in self.rows if r is not None)]:
+            req.send("error", 503, "the server is shutting down")
+        self.waiting.clear()
+        self.rows = [None] * self.max_seqs
+
+    # ---- the engine thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.cv:
+                    while not self.stopping and not self.waiting and not any(self.rows):
+                        self.cv.wait()
+                    if self.stopping:
+                        return
+                    for r in self.rows:
+                        if r is not None and r.cancelled:
+                            self._release(r)
+                            self.cancelled += 1
+                    free = [i for i, r in enumerate(self.rows) if r is None]
+                    admit = []
+                    while self.waiting and len(admit) < len(free):
+                        admit.append(self.waiting.popleft())
+                    for req, row in zip(admit, free):
+                        req.row, self.rows[row] = row, req
+                    self.peak_running = max(self.peak_running, sum(r is not None for r in self.rows))
+                try:
+                    self._step(admit)
+                except Exception as e:  # a model failure fails the running requests, never the server
+                    traceback.print_exc()
+                    with self.cv:
+                        for r in self.rows:
+                            if r is not None:
+                                r.send("error", 500, f"generation failed: {type(e).__name__}: {e}")
+                                self._release(r)
+
+    def _release(self, req: Request) -> None:
+        self.rows[req.row] = None
+        self.cache.release(req.row)
+
+    def _step(self, admit: list[Request]) -> None:
+        if admit:
+            logits = self.model.prefill([r.prompt for r in admit], self.cache, rows=[r.row for r in admit])
+            for r in admit:
+                r.stream = TextStream(self.tokenizer, r.stop)
+                r.generator = r.params.generator(self.device)
+            self._take(admit, logits)                                                  # (N, V)
+        live = [r for r in self.rows if r is not None]
+        if not live:
+            return
+        n = max(r.row for r in live) + 1
+        view = self.cache.first_rows(n)
+        idle = [i for i in range(n) if self.rows[i] is None]
+        if idle:  # a free row inside the prefix rewrites its slot 0, harmlessly, instead of growing
+            view.lengths[idle] = 0
+        view.longest = max(len(r.prompt) + r.generated - 1 for r in live)
+        tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+        tokens[[r.row for r in live]] = torch.tensor([r.last for r in live], device=self.device)
+        logits = self.model.decode(tokens, view)                                       # (n, V)
+        self._take(live, logits[[r.row for r in live]])
+
+    def _take(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample each request's next token from its row of logits (N, V) and pass it on."""
+        tokens = sample_rows(logits.float(), [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        for r, t in zip(reqs, tokens):
+            r.last, r.generated = t, r.generated + 1
+            reason = None
+            if t in self.eos_ids:
+                reason = "stop"
+            else:
+                piece = r.stream.push(t)
+                if piece:
+                    r.send("text", piece)
+                if r.stream.stopped:
+                    reason = "stop"
+            if reason is None and r.generated >= r.max_tokens:
+                reason = "length"
+            if reason is not None:
+                tail = r.stream.finish()
+                if tail:
+                    r.send("text", tail)
+                r.send("done", reason)
+                with self.cv:
+                    self._release(r)
