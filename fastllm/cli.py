@@ -32,8 +32,10 @@ def _bench_generate(args, device: str) -> int:
           file=sys.stderr, flush=True)
     model = LLM.load(args.model, device=device).model
     b, p, n = args.batch, args.prompt_len, args.new_tokens
-    print(f"# {model.cfg.arch}, {sum(q.numel() for q in model.parameters()) / 1e6:.0f}M parameters, "
-          f"{model.tok_embeddings.weight.dtype}, batch {b}, prompt {p} tokens, {n} decode steps")
+    weights = {id(t): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    quantised = sum(1 for m in model.modules() if hasattr(m, "quantized_weight"))
+    print(f"# {model.cfg.arch}, {sum(weights.values()) / 2**20:.0f} MiB of weights ({quantised} quantised layers), "
+          f"activations {model.tok_embeddings.weight.dtype}, batch {b}, prompt {p} tokens, {n} decode steps")
     rows = {"fastllm": bench.time_fastllm(model, b, p, n)}
     try:
         hf = bench.transformers_model(model)
