@@ -101,3 +101,22 @@ def test_huge_page_advice_for_large_cpu_outputs():
     big = torch.empty(8 << 20)  # 32 MiB: at least one aligned 2 MiB page inside whatever the alignment
     thp = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
     assert ext.advise_huge_pages(big.data_ptr(), big.numel() * 4) == thp
+
+
+def test_call_op_enters_the_implementation_only_when_nothing_changes():
+    """ops._common.call_op skips the torch.library dispatcher only in plain eager calls: never for tensors
+    autograd follows, meta/fake tensors (the fake implementation must run) or under torch.compile."""
+    from fastllm.ops._common import _plain_eager
+
+    x = torch.randn(3, 4)
+    assert _plain_eager((x, 1.0, None))
+    assert not _plain_eager((x.requires_grad_(),))
+    with torch.no_grad():
+        assert _plain_eager((x,))
+    assert not _plain_eager((torch.empty(3, device="meta"),))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert not _plain_eager((mode.from_tensor(torch.randn(2)),))
+    y = fastllm.rms_norm(torch.randn(2, 8, device="meta"), (8,))  # the fake implementation answers
+    assert y.shape == (2, 8) and y.is_meta

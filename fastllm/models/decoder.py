@@ -20,6 +20,7 @@ from torch import nn
 
 import fastllm
 
+from ..ops._kv_cache import trusted_positions
 from ..runtime.kv_cache import StaticKVCache
 from .rope import apply_rotary
 
@@ -110,7 +111,8 @@ class DecoderLM(nn.Module):
                                             sin=cache.sin, q=q if cache.cos is not None else None)
             return fastllm.decode_attention(q if q_rot is None else q_rot, cache.k[i], cache.v[i], after)
 
-        h = self._run(tokens[:, None], cache.lengths[:, None].long(), attend)        # (B, 1, dim)
+        with trusted_positions():  # cache.check_room above guarantees every row's next slot
+            h = self._run(tokens[:, None], cache.lengths[:, None].long(), attend)    # (B, 1, dim)
         cache.lengths.copy_(after)
         cache.longest += 1
         return self.lm_head(h)[:, 0]

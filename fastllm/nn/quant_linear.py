@@ -77,7 +77,17 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return qmatmul(x, self.quantized_weight(), bias, act=self.act)
+        return qmatmul(x, self._cached_weight(), bias, act=self.act)
+
+    def _cached_weight(self) -> QuantizedWeight:
+        """quantized_weight(), built again only when the buffers are other tensors (after .to(), say): the
+        QuantizedWeight then remembers that its tensors passed validation, so each call skips it."""
+        key = (id(self.qweight), id(self.scales), id(self.mins))
+        cached = self.__dict__.get("_qw")
+        if cached is None or cached[0] != key:
+            cached = (key, self.quantized_weight())
+            self.__dict__["_qw"] = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -13,6 +13,9 @@ for them.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from dataclasses import dataclass
 
 import torch
@@ -84,9 +87,25 @@ def check_cache(k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, 
     return CacheLayout(paged, page, capacity, k_cache.shape[2], k_cache.shape[3], int8)
 
 
+_trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("fastllm_trusted_positions", default=False)
+
+
+@contextlib.contextmanager
+def trusted_positions():
+    """Skip the host-side value checks of cache_seqlens / block_table in this block: for a caller that keeps
+    the lengths itself and guarantees them (fastllm's runtime checks the room before every step), so that a
+    decode step does not read the device's lengths back on every layer."""
+    token = _trusted.set(True)
+    try:
+        yield
+    finally:
+        _trusted.reset(token)
+
+
 def values_checkable(t: torch.Tensor) -> bool:
-    """Whether the values may be read on the host here (not under CUDA-graph capture or torch.compile)."""
-    if torch.compiler.is_compiling():
+    """Whether the values are to be read on the host here: not under CUDA-graph capture or torch.compile, and
+    not inside trusted_positions()."""
+    if torch.compiler.is_compiling() or _trusted.get():  # (dynamo cannot trace ContextVar.get: ask it first)
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 

@@ -15,7 +15,7 @@ import torch
 
 from .._dispatch import select
 from ..reference import decode_attention as _ref
-from ._common import check_same_device, check_tensor, kernels
+from ._common import call_op, check_same_device, check_tensor, kernels
 from ._kv_cache import check_cache, check_positions, values_checkable
 
 MAX_HEAD_DIM = 256
@@ -107,5 +107,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         check_positions(cache_seqlens, block_table, layout, k_cache.shape[0], None)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
-    return _decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, float(scale),
-                             causal, num_splits or 0)
+    return call_op(_decode_attention, q, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale,
+                   float(scale), causal, num_splits or 0)

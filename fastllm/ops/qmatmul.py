@@ -26,7 +26,7 @@ from .._dispatch import select
 from ..quant.formats import Format, dequantize
 from ..quant.quantize import QuantizedWeight
 from ..reference.qmatmul import ACT_MODES
-from ._common import as_rows, check_same_device, check_tensor, code, new_output, ptr, run_c
+from ._common import as_rows, call_op, check_same_device, check_tensor, code, new_output, ptr, run_c
 
 
 CUDA_GEMV_MAX_M = 8
@@ -117,4 +117,5 @@ def qmatmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
     if act not in ACT_MODES:
         raise ValueError(f"act must be one of {ACT_MODES}, got {act!r}")
-    return _qmatmul(x, qweight.data, qweight.scales, qweight.mins, bias, qweight.scheme, qweight.group_size or 0, act)
+    return call_op(_qmatmul, x, qweight.data, qweight.scales, qweight.mins, bias, qweight.scheme,
+                   qweight.group_size or 0, act)

@@ -14,7 +14,7 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ._common import (as_rows, check_normalized_shape, check_param, check_same_device, check_tensor, code,
+from ._common import (as_rows, call_op, check_normalized_shape, check_param, check_same_device, check_tensor, code,
                       cuda_workspace, new_output, ptr, run_c, stat_dtype)
 
 
@@ -160,7 +160,7 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = No
     check_tensor("x", x)
     ns = check_normalized_shape(normalized_shape, x)
     check_param("weight", weight, x, ns)
-    return _rms_norm_fwd(x, ns, weight, _resolve_eps(eps, x))[0]
+    return call_op(_rms_norm_fwd, x, ns, weight, _resolve_eps(eps, x))[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
@@ -180,5 +180,5 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalised one)")
     check_param("weight", weight, x, [x.shape[-1]])
-    y, s, _ = _add_rms_norm_fwd(x, residual, weight, _resolve_eps(eps, x))
+    y, s, _ = call_op(_add_rms_norm_fwd, x, residual, weight, _resolve_eps(eps, x))
     return y, s
