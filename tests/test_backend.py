@@ -120,3 +120,7 @@ def test_call_op_enters_the_implementation_only_when_nothing_changes():
         assert not _plain_eager((mode.from_tensor(torch.randn(2)),))
     y = fastllm.rms_norm(torch.randn(2, 8, device="meta"), (8,))  # the fake implementation answers
     assert y.shape == (2, 8) and y.is_meta
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lambda a: fastllm.rms_norm(a, (8,)))(torch.randn(4, 8))  # a dispatch mode: the op is traced
+    assert any("fastllm" in str(n.target) for n in graph.graph.nodes), graph.graph

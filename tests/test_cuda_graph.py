@@ -1,5 +1,7 @@
 """The decode step under a CUDA graph (fastllm/runtime/cuda_graph.py): replayed logits equal eager ones, and
 generation gives the same tokens with and without graphs (GPU only); on CPU the eager step is used."""
+import warnings
+
 import pytest
 import torch
 
@@ -42,6 +44,20 @@ def test_generation_is_the_same_with_and_without_graphs(tmp_path, monkeypatch):
     tiny_llama(tmp_path)
     llm = LLM.load(str(tmp_path), device="cuda", dtype=torch.float32)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    with_graphs = llm.generate_ids(prompts, max_new_tokens=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture or a failed first-step check warns: fail instead
+        with_graphs = llm.generate_ids(prompts, max_new_tokens=10)
     monkeypatch.setenv("FASTLLM_CUDA_GRAPHS", "0")
     assert llm.generate_ids(prompts, max_new_tokens=10) == with_graphs
+
+
+@needs_cuda
+def test_the_stepper_keeps_the_graph(tmp_path):
+    tiny_llama(tmp_path)
+    model, _ = load_hf_dir(str(tmp_path), "cuda", torch.float32)
+    with torch.inference_mode():
+        cache = model.new_cache(2, 16)
+        model.prefill([[5, 6], [7, 8, 9]], cache)
+        step = cuda_graph.decode_stepper(model, cache)
+        step(torch.tensor([3, 4], device="cuda"))
+        assert isinstance(step, cuda_graph._CheckedStep) and step.fn is step.graphed

@@ -258,3 +258,27 @@ def test_cli_serve_refuses_bad_limits(tiny_path, capsys):
     assert "max_seqs must be an int >= 1" in capsys.readouterr().err
     assert cli.main(["serve", "-m", tiny_path, "--device", "cpu", "--context-len", "4096"]) == 2
     assert "exceeds the model's context of 2048" in capsys.readouterr().err
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(llm, monkeypatch):
+    """An exception inside a generation step answers the running requests with 500; the next request is
+    served normally; an engine that stopped for good answers 503 (and /health says so)."""
+    with serving(llm) as (url, engine):
+        real = engine.model.decode
+        calls = {"n": 0}
+
+        def flaky(tokens, cache):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected failure")
+            return real(tokens, cache)
+
+        monkeypatch.setattr(engine.model, "decode", flaky)
+        _assert_error(_post(url, {"model": NAME, "prompt": "hello", "max_tokens": 5}), 500, ["injected failure"])
+        r = _post(url, {"model": NAME, "prompt": "hello", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == llm.generate("hello", max_new_tokens=5)
+        with engine.cv:
+            engine.dead = "RuntimeError: simulated"
+        _assert_error(_post(url, {"model": NAME, "prompt": "hello", "max_tokens": 2}), 503, ["engine stopped"])
+        assert httpx.get(url + "/health", timeout=TIMEOUT_S).status_code == 503

@@ -129,6 +129,8 @@ def _plain_eager(args) -> bool:
     fake, meta or subclass tensors, which only the registered fake implementations may see)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
+    if torch._C._len_torch_dispatch_stack() > 0:  # make_fx, FlopCounterMode, fake modes...: they must see the op
+        return False
     grad = torch.is_grad_enabled()
     for a in args:
         if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.is_meta or (grad and a.requires_grad)):
@@ -139,7 +141,9 @@ def _plain_eager(args) -> bool:
 def call_op(op, *args):
     """op(*args) for a fastllm custom op, entering its implementation directly when the dispatcher would
     change nothing (_plain_eager): that saves some 15 us a call, which a decode step of a small model pays
-    hundreds of times. Under autograd, torch.compile, fake tensors or functorch, the custom op runs as ever."""
+    hundreds of times. Under autograd, torch.compile, dispatch modes, fake tensors or functorch, the custom op
+    runs as ever. Only for ops that mutate none of their arguments (the dispatcher bumps the version counters
+    of mutated tensors) and have one implementation for every device (no register_kernel)."""
     impl = getattr(op, "_init_fn", None)
     if impl is not None and _plain_eager(args):
         return impl(*args)

@@ -12,7 +12,7 @@ import torch
 
 from .._dispatch import select
 from ..reference import decode_attention as _ref
-from ._common import call_op, check_same_device, check_tensor, kernels
+from ._common import check_same_device, check_tensor, kernels
 from ._kv_cache import check_cache, check_positions, values_checkable
 
 
@@ -109,6 +109,5 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
             raise ValueError(f"cos and sin have {cos.shape[0]} positions, fewer than cache_seqlens.max() + Lnew = "
                              f"{int(cache_seqlens.max()) + k_new.shape[1]}")
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q is not None else None
-    call_op(_kv_cache_append, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin,
-            q, q_out)
+    _kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin, q, q_out)
     return q_out

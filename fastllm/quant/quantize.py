@@ -85,9 +85,12 @@ class QuantizedWeight:
         """Raises ValueError/TypeError naming the packed tensor that does not fit the format: wrong
         dtype, shape, device or strides (cheap, checked before every kernel call), and with
         values=True also non-finite scales or mins (a pass over them)."""
-        sig = tuple((id(t), None if t is None else (t.dtype, t.shape, t.device)) for t in self.tensors())
-        if not values and sig == getattr(self, "_checked", None):
-            return  # these very tensors passed already (qmatmul validates on every call)
+        sig = None
+        if not values and not torch.compiler.is_compiling():  # (dynamo cannot trace data_ptr comparisons)
+            sig = tuple((id(t), None if t is None else (t.dtype, t.shape, t.stride(), t.device, t.data_ptr()))
+                        for t in self.tensors())
+            if sig == getattr(self, "_checked", None):
+                return  # these very tensors passed already (qmatmul validates on every call)
         fmt, (n, k) = self.format, self.shape
         fmt.check_k(k, "shape[1]")
         expect = {"data": (fmt.data_dtype, fmt.data_shape(n, k)), "scales": (fmt.scale_dtype, fmt.scale_shape(n, k)),
@@ -112,7 +115,8 @@ class QuantizedWeight:
                 raise ValueError(f"{name} must be contiguous")
             if values and name != "data" and not torch.isfinite(t).all():
                 raise ValueError(f"{name} contains NaN or infinite values (corrupt packed tensor)")
-        self._checked = sig
+        if sig is not None:
+            self._checked = sig
 
     # ---- conversions ---------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

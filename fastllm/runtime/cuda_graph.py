@@ -86,7 +86,9 @@ class _CheckedStep:
             return got
         warnings.warn("fastllm: the CUDA-graph decode step disagreed with the eager one; decoding eagerly")
         self.fn = lambda t: self.model.decode(t, cache)
-        return expected
+        cache.lengths.copy_(lengths)  # the replay rewrote this step's cache slots: write the eager ones again
+        cache.longest = longest
+        return self.fn(tokens)
 
 
 def decode_stepper(model, cache):

@@ -37,6 +37,21 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
                429: "rate_limit_error", 503: "service_unavailable"}
 
 
+class _StreamingResponse(StreamingResponse):
+    """A streaming response that calls on_close however it ends, even when the client is gone before the body
+    generator first runs (its own `finally` would then never run and the request would go on for nobody)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
 def error(status: int, message: str, param: str | None = None) -> JSONResponse:
     body = {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": status}
     return JSONResponse({"error": body}, status_code=status)
@@ -104,6 +119,8 @@ def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, 
 
     @app.get("/health")
     async def health():
+        if engine.dead is not None:
+            return error(503, f"the generation engine stopped: {engine.dead}")
         return {"status": "ok", **engine.stats()}
 
     @app.get("/v1/models")
@@ -219,6 +236,6 @@ def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, 
             finally:
                 engine.cancel(req)
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return _StreamingResponse(stream(), on_close=lambda: engine.cancel(req), media_type="text/event-stream")
 
     return app

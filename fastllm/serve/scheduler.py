@@ -80,6 +80,10 @@ class Engine:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if context_len > limit:
             raise ValueError(f"context_len {context_len} exceeds the model's context of {limit} tokens")
+        if getattr(llm.model, "rotary", None) is not None and llm.config.rope_type == "dynamic":
+            # prefill re-derives the shared rotary tables from the admitted prompts, which would change them
+            # under the rows already running
+            raise ValueError("models with dynamic (NTK) rotary scaling cannot be served with continuous batching")
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
         self.eos_ids = set(llm.eos_ids)
         self.max_seqs, self.max_queue, self.context_len = max_seqs, max_queue, context_len
@@ -91,6 +95,7 @@ class Engine:
         self.stopping = False
         self.peak_running, self.cancelled = 0, 0     # counters for /health (and the tests)
         self.thread: threading.Thread | None = None
+        self.dead: str | None = None                  # why the engine thread stopped on an unexpected error
 
     # ---- the event-loop side -----------------------------------------------------------------------
     def check(self, n_prompt: int, max_tokens: int) -> None:
@@ -107,6 +112,8 @@ class Engine:
         self.check(len(prompt), max_tokens)
         req = Request(list(prompt), max_tokens, params, tuple(stop), asyncio.get_running_loop())
         with self.cv:
+            if self.dead is not None:
+                raise Rejected(503, f"the generation engine stopped: {self.dead}")
             if self.stopping or self.thread is None:
                 raise Rejected(503, "the server is shutting down")
             if len(self.waiting) >= self.max_queue:
@@ -148,6 +155,19 @@ class Engine:
 
     # ---- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # outside a step (a step's own failures are handled in _serve): fail everyone
+            traceback.print_exc()
+            with self.cv:
+                self.dead = f"{type(e).__name__}: {e}"
+                for r in [*self.rows, *self.waiting]:
+                    if r is not None:
+                        r.send("error", 503, f"the generation engine stopped: {self.dead}")
+                self.rows = [None] * self.max_seqs
+                self.waiting.clear()
+
+    def _serve(self) -> None:
         with torch.inference_mode():
             while True:
                 with self.cv:
@@ -177,8 +197,9 @@ class Engine:
                                 self._release(r)
 
     def _release(self, req: Request) -> None:
+        """Host bookkeeping only (so it cannot fail after a device error): a free row's length is reset on
+        the device by the next step (idle rows of the decoded prefix) or by the prefill that reuses it."""
         self.rows[req.row] = None
-        self.cache.release(req.row)
 
     def _step(self, admit: list[Request]) -> None:
         if admit:
