@@ -127,16 +127,29 @@ def _chat(args) -> int:
 
 
 def _train(args) -> int:
+    import os
+
     from .llm import LLM
     from .train import finetune
 
-    llm = LLM.load(args.model, device=args.device, dtype=torch.float32)
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one data-parallel process per rank
+        import torch.distributed as dist
+
+        cuda = torch.cuda.is_available() and (device or "cuda").startswith("cuda")
+        if cuda:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+    llm = LLM.load(args.model, device=device, dtype=torch.float32)
     out = finetune(llm.model, args.data, llm.tokenizer, steps=args.steps, batch_size=args.batch_size,
                    seq_len=args.seq_len, accum=args.accum, lr=args.lr, weight_decay=args.weight_decay,
                    warmup=args.warmup, clip=args.clip, seed=args.seed, out_dir=args.out, save_every=args.save_every,
                    resume=args.resume)
-    print(f"trained {out.step} steps: loss {out.losses[0]:.4f} -> {out.losses[-1]:.4f}; checkpoint in "
-          f"{args.out}/final" + (f", loss curve {out.plot}" if out.plot else ""))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {out.step} steps: loss {out.losses[0]:.4f} -> {out.losses[-1]:.4f}; checkpoint in "
+              f"{args.out}/final" + (f", loss curve {out.plot}" if out.plot else ""))
     return 0
 
 

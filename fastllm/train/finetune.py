@@ -7,6 +7,12 @@ then gradient clipping (global norm), AdamW (torch.optim) and a cosine learning-
 bf16 autocast on CUDA (parameters stay in their dtype: load the model in float32 to train it). The order of
 the blocks is a function of (seed, step) alone, so a run resumed from a checkpoint sees the same batches and,
 on CPU, reproduces the uninterrupted run's losses bit for bit.
+
+Data parallel: when torch.distributed is initialised (torchrun, or init_process_group with gloo on CPU / nccl on
+GPUs) with W processes, each micro-batch of batch_size blocks is split into W equal shards, one per rank, and the
+model runs under DistributedDataParallel (gradients averaged across ranks, synchronised on the last micro-batch
+only). The update is then that of one process taking the whole batch (up to the order of the sums); the
+reported loss is averaged over the ranks; rank 0 alone writes checkpoints, the plot and the progress bar.
 """
 from __future__ import annotations
 
@@ -48,6 +54,28 @@ def _batch(blocks: torch.Tensor, step: int, micro: int, accum: int, batch_size: 
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         idx.append(int(perm[pos]))
     return blocks[idx]
+
+
+class _Loss(torch.nn.Module):
+    """The training loss as a module's forward, so that DistributedDataParallel sees the whole computation."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, block: torch.Tensor) -> torch.Tensor:
+        h = self.model.hidden(block[:, :-1])                                         # (B, L, dim)
+        w = self.model.lm_head.weight
+        return fastllm.linear_cross_entropy(h, w.to(h.dtype), block[:, 1:])
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -106,6 +134,10 @@ def finetune(model, data, tokenizer=None, *, steps: int = 100, batch_size: int =
         data = load_blocks(data, tokenizer, seq_len, eos)
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype != torch.long or data.shape[1] < 2:
         raise TypeError("data must be a file path or an int64 tensor of token blocks (num_blocks, seq_len + 1)")
+    rank, world = _world()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the {world} data-parallel processes")
+    progress, plot = progress and rank == 0, plot and rank == 0
     device = model.lm_head.weight.device
     model.train()
     for p in model.parameters():
@@ -122,18 +154,27 @@ def finetune(model, data, tokenizer=None, *, steps: int = 100, batch_size: int =
         result.step, result.losses = checkpoint.load(resume, model, optimizer, scheduler)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
+    loss_fn = _Loss(model)
+    if world > 1:
+        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn)
+    shard = batch_size // world
     bar = _progress(steps, result.step, progress)
     while result.step < steps:
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         for micro in range(accum):
-            block = _batch(data, result.step, micro, accum, batch_size, seed).to(device)
-            with autocast:
-                h = model.hidden(block[:, :-1])                                     # (B, L, dim)
-                w = model.lm_head.weight
-                loss = fastllm.linear_cross_entropy(h, w.to(h.dtype), block[:, 1:]) / accum
-            loss.backward()
+            block = _batch(data, result.step, micro, accum, batch_size, seed)[rank * shard:(rank + 1) * shard]
+            sync = world == 1 or micro == accum - 1
+            with contextlib.nullcontext() if sync else loss_fn.no_sync():  # DDP: all-reduce on the last one
+                with autocast:
+                    loss = loss_fn(block.to(device)) / accum
+                loss.backward()
             total += loss.detach().float()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+            total /= world
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
@@ -145,13 +186,13 @@ def finetune(model, data, tokenizer=None, *, steps: int = 100, batch_size: int =
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         elif progress and (result.step % 10 == 0 or result.step == steps):
             print(f"step {result.step}/{steps}  loss {result.losses[-1]:.4f}", flush=True)
-        if out_dir and save_every and result.step % save_every == 0 and result.step < steps:
+        if out_dir and rank == 0 and save_every and result.step % save_every == 0 and result.step < steps:
             checkpoint.save(os.path.join(out_dir, f"step{result.step}"), model, optimizer, scheduler, result.step,
                             result.losses)
     if bar is not None:
         bar.close()
     model.eval()
-    if out_dir:
+    if out_dir and rank == 0:
         checkpoint.save(os.path.join(out_dir, "final"), model, optimizer, scheduler, result.step, result.losses)
         if plot:
             result.plot = plot_losses(result.losses, os.path.join(out_dir, "loss.png"))
