@@ -80,3 +80,24 @@ def cache_slots(BT, b, sbt_b, sbt_n, pos, ok, PAGE, PAGED: tl.constexpr):
         page = b + tl.zeros_like(pos).to(tl.int64)
         slot = pos.to(tl.int64)
     return page, slot
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i):
+    """One key block of an online softmax in log2 units: s [M, N] scores (-inf = not seen), m_i / l_i [M] the
+    running max and sum. Returns (p = 2^(s - m_new) [M, N], alpha = 2^(m_i - m_new) [M] to rescale the running
+    output, m_new, l_new). A row that has seen only -inf is shifted by 0 (exp2(-inf - -inf) would be NaN)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - shift)
+    p = tl.exp2(s - shift[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def online_softmax_finish(acc, m_i, l_i):
+    """(out = acc / l, lse2 = m + log2 l) of an online softmax; a row that saw no key (l = 0) gives out 0 and
+    lse2 -inf (as torch gives for a fully masked row)."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    return out, tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))

@@ -16,7 +16,7 @@ import triton.language as tl
 from ._attn_common import (AttnConfig, Varlen, _causal_offset, _keep, _key_range, _kv_scores, _load_tile,
                            _query_block, _seq, _store_tile, check_inputs, launch, mask_args, packed_4d,
                            pad_dim, pick_config)
-from ._common import device_guard, dot, kernel_flags, to_out
+from ._common import device_guard, dot, kernel_flags, online_softmax_finish, online_softmax_step, to_out
 
 
 @triton.jit
@@ -30,16 +30,10 @@ def _fwd_blocks(acc, l_i, m_i, q, k_ptr, v_ptr, m_ptr, lo, hi, offs_m, offs_d, o
         k, v, s = _kv_scores(q, k_ptr, v_ptr, m_ptr, offs_m, offs_n, offs_d, offs_dv, stride_kn, stride_kd,
                              stride_vn, stride_vd, stride_mm, stride_mn, LQ, LK, D, DV, qk_scale, causal_off,
                              MASK_KIND, EDGE, IS_CAUSAL, DOT)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Shift by 0 while a row has seen only -inf: exp2(-inf - -inf) would be NaN, exp2(-inf - 0) is 0.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - shift)
-        p = tl.exp2(s - shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         if DROPOUT:
             p = tl.where(_keep(seed, row, offs_m, offs_n, RNG_COLS, dropout_p), p / (1.0 - dropout_p), 0.0)
         acc = dot(to_out(p, v_ptr, EXACT_BF16), v, acc * alpha[:, None], DOT)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -77,10 +71,7 @@ def _fwd_kernel(Q, K, V, M, O, LSE, CU_Q, CU_K,
                                 skn, skd, svn, svd, smm, smn, LQ, LK, D, DV, qk_scale, causal_off, seed,
                                 row, RNG_COLS, dropout_p, BLOCK_N, MASK_KIND, True, IS_CAUSAL, DROPOUT, DOT,
                                 EXACT_BF16)
-    # A row that saw no key has l = 0: its output is 0 (acc is 0 too) and its lse -inf, as torch gives.
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    out, lse2 = online_softmax_finish(acc, m_i, l_i)  # a row that saw no key: 0 and -inf, as torch gives
     _store_tile(O + b * sob + h * soh + q0 * som, offs_m, som, LQ, offs_dv, sod, DV, out, EXACT_BF16)
     tl.store(LSE + row + offs_m, lse2, mask=offs_m < LQ)
 

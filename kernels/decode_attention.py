@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cache_slots, device_guard, dot, kernel_flags, to_out
+from ._common import cache_slots, device_guard, dot, kernel_flags, online_softmax_finish, online_softmax_step, to_out
 
 __all__ = ["DecodeConfig", "pick_config", "num_splits_for", "decode_attention", "MAX_SPLITS", "MAX_HEAD_DIM"]
 
@@ -160,24 +160,16 @@ def _split_kernel(Q, K, V, KS, VS, BT, SEQ, O, LSE,
         if INT8:
             s = s * tl.load(KS + page * sksp + slot * sksn + hk * sksh, mask=n_ok, other=0.0)[None, :]
         s = tl.where(n_ok[None, :] & (offs_n[None, :] <= last[:, None]), s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Shift by 0 while a row has seen only -inf: exp2(-inf - -inf) would be NaN, exp2(-inf - 0) is 0.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - shift)
-        p = tl.exp2(s - shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         if INT8:
             p = p * tl.load(VS + page * svsp + slot * svsn + hk * svsh, mask=n_ok, other=0.0)[None, :]
         acc = dot(to_out(p, Q, EXACT_BF16), v.to(q.dtype), acc * alpha[:, None], DOT)
-        m_i = m_new
     # A row that saw no key (a chunk past the sequence end, or a query before position 0) has l = 0:
     # its partial output is 0 and its lse -inf, so the combine gives it no weight.
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out, lse2 = online_softmax_finish(acc, m_i, l_i)
     o_ptrs = O + (b * sob + qi * soi + h * soh + split * sos)[:, None] + offs_d[None, :] * sod
     if SPLIT:
         tl.store(o_ptrs, out, mask=row_ok[:, None] & d_ok[None, :])
-        lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(LSE + b * slb + qi * sli + h * slh + split * sls, lse2, mask=row_ok)
     else:
         tl.store(o_ptrs, to_out(out, O, EXACT_BF16), mask=row_ok[:, None] & d_ok[None, :])
