@@ -71,12 +71,8 @@ def _copy_gbps() -> float:
     return 2 * x.numel() * 4 / s / 1e9
 
 
-def _prompts(vocab: int, b: int, n: int) -> list[list[int]]:
-    return torch.randint(3, vocab, (b, n), generator=torch.Generator().manual_seed(0)).tolist()
-
-
 def _fastllm_fn(model, direction: str, b: int, n: int):
-    prompts = _prompts(model.cfg.vocab_size, b, n)
+    prompts = gen_bench.prompts(model.cfg.vocab_size, b, n).tolist()
     cache = model.new_cache(b, n + 2)
     if direction == "prefill":
         return torch.inference_mode()(lambda: model.prefill(prompts, cache))
@@ -97,7 +93,7 @@ def _transformers_peer(hf, direction: str, b: int, n: int):
     def make():
         if isinstance(hf, str):
             raise Unsupported(hf)
-        ids = torch.tensor(_prompts(hf.config.vocab_size, b, n), device=DEVICE)
+        ids = gen_bench.prompts(hf.config.vocab_size, b, n).to(DEVICE)
         if direction == "prefill":
             yield torch.inference_mode()(lambda: hf(ids, use_cache=True))
             return
@@ -125,7 +121,7 @@ def _llama_cpp_peer(direction: str, b: int, n: int):
         from fastllm.loading import default_model_path
 
         llm = llama_cpp.Llama(default_model_path(), n_ctx=n + 8, n_threads=torch.get_num_threads(), verbose=False)
-        ids = _prompts(llm.n_vocab(), 1, n)[0]
+        ids = gen_bench.prompts(llm.n_vocab(), 1, n)[0].tolist()
         if direction == "prefill":
             def prefill():
                 llm.reset()

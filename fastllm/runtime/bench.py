@@ -33,7 +33,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prompts(vocab: int, batch: int, prompt_len: int) -> torch.Tensor:
+def prompts(vocab: int, batch: int, prompt_len: int) -> torch.Tensor:
+    """The benchmarks' prompts: (batch, prompt_len) token ids drawn from a fixed seed (ids < 3: special tokens)."""
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, vocab, (batch, prompt_len), generator=g)
 
@@ -58,11 +59,11 @@ def _time_loop(prefill, step, device, batch: int, prompt_len: int, new_tokens: i
 def time_fastllm(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 32, warmup: bool = True) -> GenTiming:
     """fastllm's prefill (packed prompts) and decode steps (static cache) of a loaded model."""
     device = model.tok_embeddings.weight.device
-    prompts = _prompts(model.cfg.vocab_size, batch, prompt_len).tolist()
+    ids = prompts(model.cfg.vocab_size, batch, prompt_len).tolist()
 
     def run():
         cache = model.new_cache(batch, prompt_len + new_tokens + 1)
-        return _time_loop(lambda: model.prefill(prompts, cache).argmax(-1),
+        return _time_loop(lambda: model.prefill(ids, cache).argmax(-1),
                           lambda nxt: model.decode(nxt, cache).argmax(-1), device, batch, prompt_len, new_tokens)
 
     if warmup:
@@ -121,7 +122,7 @@ def time_transformers(hf, batch: int = 1, prompt_len: int = 128, new_tokens: int
     """The same loop on a transformers model: forward over the prompt, then one token per step with its
     dynamic KV cache."""
     device = next(hf.parameters()).device
-    ids = _prompts(hf.config.vocab_size, batch, prompt_len).to(device)
+    ids = prompts(hf.config.vocab_size, batch, prompt_len).to(device)
 
     def run():
         state = {}
