@@ -160,7 +160,8 @@ def _serve(args) -> int:
         print(f"fastllm serve needs fastapi and uvicorn (pip install 'fastllm[serve]'): {e}", file=sys.stderr)
         return 2
     serve(args.model, host=args.host, port=args.port, device=args.device, api_key=args.api_key,
-          max_seqs=args.max_seqs, max_queue=args.max_queue, context_len=args.context_len)
+          max_seqs=args.max_seqs, max_queue=args.max_queue, context_len=args.context_len,
+          kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
     return 0
 
 
@@ -218,10 +219,13 @@ def main(argv=None) -> int:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
-    srv.add_argument("--max-seqs", type=int, default=8, help="sequences decoded together (KV cache rows)")
-    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get 429")
+    srv.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together (KV cache rows)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting to start; more get 429")
     srv.add_argument("--context-len", type=int, help="positions per sequence, prompt + max_tokens "
                                                      "(default: the model's, at most 2048)")
+    srv.add_argument("--kv-cache-tokens", type=int, help="positions in the paged KV cache, shared by all "
+                                                         "sequences (default: 8 x context-len)")
+    srv.add_argument("--block-size", type=int, default=16, help="positions per KV cache block")
     args = parser.parse_args(argv)
     commands = {"bench": _bench, "generate": _generate, "chat": _chat, "train": _train, "serve": _serve}
     try:

@@ -35,16 +35,31 @@ def test_logits_match_transformers(tmp_path, variant):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+def _new_cache(model, kind, batch, positions):
+    """A static cache, or a paged one (blocks of 4) whose rows got scattered, non-ascending blocks and reserved
+    all their positions up front (as the server does)."""
+    if kind == "static":
+        return model.new_cache(batch, positions)
+    cache = model.new_cache(batch, positions, block_size=4, num_blocks=1 + batch * -(-positions // 4) + 3)
+    cache.reserve(0, 5)                        # take blocks, give them back: the pool's order is shuffled
+    cache.reserve(1, 9)
+    cache.release(0)
+    for row in reversed(range(batch)):
+        assert cache.reserve(row, positions)
+    return cache
+
+
+@pytest.mark.parametrize("kind", ["static", "paged"])
 @pytest.mark.parametrize("variant", ["gqa-llama3-rope", "mqa-headdim"])
-def test_prefill_and_decode_steps_equal_full_recompute(tmp_path, variant):
-    """Ragged prompts prefilled together (packed), then decode steps through the static cache, give the
-    logits of whole-sequence forwards of each row."""
+def test_prefill_and_decode_steps_equal_full_recompute(tmp_path, variant, kind):
+    """Ragged prompts prefilled together (packed), then decode steps through the static or the paged cache,
+    give the logits of whole-sequence forwards of each row."""
     tiny_llama(tmp_path, **VARIANTS[variant])
     model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
     lens, steps = [6, 1, 9], 5
     seqs = [torch.randint(0, cfg.vocab_size, (n + steps,), generator=torch.Generator().manual_seed(n)) for n in lens]
     with torch.inference_mode():
-        cache = model.new_cache(len(lens), max(lens) + steps)
+        cache = _new_cache(model, kind, len(lens), max(lens) + steps)
         got = [model.prefill([s[:n].tolist() for s, n in zip(seqs, lens)], cache)]            # (B, V)
         for t in range(steps - 1):
             got.append(model.decode(torch.stack([s[n + t] for s, n in zip(seqs, lens)]), cache))
@@ -99,18 +114,23 @@ def test_sharded_checkpoint(tmp_path):
     assert torch.equal(_forward(a, tokens), _forward(b, tokens))
 
 
-def test_prefill_into_chosen_rows_leaves_the_others(tmp_path):
+@pytest.mark.parametrize("kind", ["static", "paged"])
+def test_prefill_into_chosen_rows_leaves_the_others(tmp_path, kind):
     """A sequence prefilled into a free row while another row is mid-generation: both continue as if alone
     (what a continuous-batching server does)."""
     tiny_llama(tmp_path)
     model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
     a, b = [5, 6, 7, 8, 9], [10, 11, 12]
     with torch.inference_mode():
-        cache = model.new_cache(2, 16)
+        cache = _new_cache(model, kind, 2, 16)
+        if kind == "paged":
+            cache.release(1)
         model.prefill([a], cache, rows=[0])
         cache.release(1)
         model.decode(torch.tensor([13, 0]), cache)                       # row 1 is free: its step is ignored
         got_b = model.prefill([b], cache, rows=[1])[0]
+        if kind == "paged":
+            assert cache.reserve(1, 4)                               # the prefill reserved the prompt's blocks
         step = model.decode(torch.tensor([14, 15]), cache)
         assert cache.lengths.tolist() == [7, 4]
         torch.testing.assert_close(got_b, _forward(model, torch.tensor([b]))[0, -1], rtol=1e-4, atol=1e-5)

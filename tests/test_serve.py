@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import threading
 import time
 
 import pytest
@@ -123,6 +124,42 @@ def test_disconnect_frees_the_row(llm):
         assert engine.stats()["cancelled"] == 1
         r = client(url).completions.create(model=NAME, prompt="hello", max_tokens=5, temperature=0)
         assert r.choices[0].text == llm.generate("hello", 5)
+
+
+def test_paged_pool_admits_by_blocks(llm):
+    """The paged cache admits a request only when the pool has blocks for its prompt + max_tokens: short requests
+    share a pool that holds a single long one, long ones wait their turn, every answer is right, and every block
+    comes back."""
+    short = [(PROMPTS[i], 6) for i in range(4)]                         # <= 16 positions: one block each
+    long = [(PROMPTS[i], 40) for i in range(3)]                         # 41..45 positions: three blocks each
+    want = {job: llm.generate(*job) for job in short + long}
+    options = dict(max_seqs=4, context_len=64, kv_cache_tokens=64, block_size=16)   # a pool of 4 blocks
+    for jobs, peak in ((short, 4), (long, 1)):
+        with serving(llm, **options) as (url, engine):
+            c = client(url)
+            assert engine.stats()["kv_blocks"] == engine.stats()["kv_blocks_free"] == 4
+            hold = threading.Event()
+            real = engine.model.decode
+
+            def slow_decode(tokens, cache):          # the first step waits until every request is queued
+                hold.wait(TIMEOUT_S)
+                return real(tokens, cache)
+
+            engine.model.decode = slow_decode
+            with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+                futures = [pool.submit(lambda j=j: c.completions.create(model=NAME, prompt=j[0], max_tokens=j[1],
+                                                                         temperature=0).choices[0].text)
+                           for j in jobs]
+                wait_for(lambda: sum(engine.stats()[k] for k in ("running", "waiting")) == len(jobs),
+                         "every request to arrive")
+                hold.set()
+                got = [f.result(TIMEOUT_S) for f in futures]
+            engine.model.decode = real
+            assert got == [want[j] for j in jobs]
+            stats = engine.stats()
+            assert stats["peak_running"] == peak and stats["kv_blocks_free"] == 4
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        Engine(llm, context_len=64, kv_cache_tokens=63)
 
 
 def _post(url, body, headers=()):
@@ -258,6 +295,8 @@ def test_cli_serve_refuses_bad_limits(tiny_path, capsys):
     assert "max_seqs must be an int >= 1" in capsys.readouterr().err
     assert cli.main(["serve", "-m", tiny_path, "--device", "cpu", "--context-len", "4096"]) == 2
     assert "exceeds the model's context of 2048" in capsys.readouterr().err
+    assert cli.main(["serve", "-m", tiny_path, "--device", "cpu", "--kv-cache-tokens", "100"]) == 2
+    assert "kv_cache_tokens must be an int >= context_len" in capsys.readouterr().err
 
 
 def test_a_failing_step_fails_its_requests_and_the_server_goes_on(llm, monkeypatch):

@@ -21,7 +21,7 @@ from torch import nn
 import fastllm
 
 from ..ops._kv_cache import trusted_positions
-from ..runtime.kv_cache import StaticKVCache
+from ..runtime.kv_cache import PagedKVCache, StaticKVCache
 from .rope import apply_rotary
 
 
@@ -32,11 +32,17 @@ class DecoderLM(nn.Module):
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+    def new_cache(self, batch: int, max_len: int, *, block_size: int | None = None,
+                  num_blocks: int | None = None) -> StaticKVCache:
+        """A StaticKVCache of batch rows of max_len positions, or with block_size a PagedKVCache whose pool
+        has num_blocks blocks (block 0 is scratch) and whose rows reach at most max_len positions."""
         p = self.tok_embeddings.weight
         cos, sin = self.rotary.table(max_len) if self.rotary is not None else (None, None)   # (Lmax, D)
-        return StaticKVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                             p.dtype, p.device, cos, sin)
+        args = (self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, p.dtype, p.device,
+                cos, sin)
+        if block_size is None:
+            return StaticKVCache(*args)
+        return PagedKVCache(*args, block_size=block_size, num_blocks=num_blocks)
 
     def _rotate(self, q, k, cos, sin):
         if cos is None:
@@ -79,6 +85,11 @@ class DecoderLM(nn.Module):
             raise ValueError(f"rows must name {len(prompts)} distinct cache rows in [0, {cache.batch}), got {rows}")
         if longest > cache.max_len:
             raise ValueError(f"a prompt of {longest} tokens does not fit the KV cache's {cache.max_len} positions")
+        if cache.block_table is not None:
+            for r, n in zip(rows, lens):
+                if not cache.reserve(r, n):
+                    raise ValueError(f"the paged KV cache has {len(cache.free)} free blocks of {cache.block_size} "
+                                     f"positions: too few for a prompt of {n} tokens in row {r}")
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)      # (T,)
         row_ids = torch.tensor(rows, device=device)
         rows = torch.repeat_interleave(row_ids, torch.tensor(lens, device=device))                  # (T,)
@@ -90,8 +101,7 @@ class DecoderLM(nn.Module):
 
         def attend(i, q, k, v):                                                      # (T, H, D)
             q, k = self._rotate(q, k, cos, sin)
-            cache.k[i][rows, pos] = k
-            cache.v[i][rows, pos] = v
+            cache.write(i, rows, pos, k, v)
             return fastllm.attention_varlen(q, k, v, cu, cu, longest, longest, is_causal=True)
 
         h = self._run(tokens, pos, attend)[cu[1:].long() - 1]                        # (N, dim)
@@ -100,16 +110,19 @@ class DecoderLM(nn.Module):
         return self.lm_head(h)
 
     def decode(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """tokens (B,) appended at each row's length; no host synchronisation, no allocation by value."""
+        """tokens (B,) appended at each row's length; no host synchronisation, no allocation by value. With a
+        PagedKVCache every row must hold a block for its next position (cache.reserve: a server reserves a
+        request's prompt + max_tokens when it admits it)."""
         cache.check_room(1)
         if self.rotary is not None and self.cfg.rope_type == "dynamic":
             cache.cos, cache.sin = self.rotary.table(cache.max_len, cache.longest + 1)
         after = cache.lengths + 1                                                    # (B,) int32
 
         def attend(i, q, k, v):                                                      # (B, 1, H, D)
-            q_rot = fastllm.kv_cache_append(cache.k[i], cache.v[i], k, v, cache.lengths, cos=cache.cos,
-                                            sin=cache.sin, q=q if cache.cos is not None else None)
-            return fastllm.decode_attention(q if q_rot is None else q_rot, cache.k[i], cache.v[i], after)
+            q_rot = fastllm.kv_cache_append(cache.k[i], cache.v[i], k, v, cache.lengths, block_table=cache.block_table,
+                                            cos=cache.cos, sin=cache.sin, q=q if cache.cos is not None else None)
+            return fastllm.decode_attention(q if q_rot is None else q_rot, cache.k[i], cache.v[i], after,
+                                            block_table=cache.block_table)
 
         with trusted_positions():  # cache.check_room above guarantees every row's next slot
             h = self._run(tokens[:, None], cache.lengths[:, None].long(), attend)    # (B, 1, dim)

@@ -26,15 +26,15 @@ def model_name(path: str | None) -> str:
 
 
 def serve(path: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, device=None,
-          api_key: str | None = None, max_seqs: int = 8, max_queue: int = 64, context_len: int | None = None,
-          log_level: str = "info") -> None:
-    """Load the model at `path` (None: the bundled SmolLM2-135M-Instruct) and serve it until interrupted."""
+          api_key: str | None = None, log_level: str = "info", **engine_options) -> None:
+    """Load the model at `path` (None: the bundled SmolLM2-135M-Instruct) and serve it until interrupted;
+    engine_options go to the Engine (max_seqs, max_queue, context_len, kv_cache_tokens, block_size)."""
     import uvicorn
 
     from ..llm import LLM
 
     app = create_app(LLM.load(path, device=device), model_name=model_name(path), api_key=api_key,
-                     max_seqs=max_seqs, max_queue=max_queue, context_len=context_len)
+                     **engine_options)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

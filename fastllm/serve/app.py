@@ -86,10 +86,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(msgs), (loc[0] if loc else None)
 
 
-def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, max_seqs: int = 8,
-               max_queue: int = 64, context_len: int | None = None) -> FastAPI:
-    """The app serving `llm` (a fastllm.LLM); its engine thread runs while the app's lifespan does."""
-    engine = Engine(llm, max_seqs=max_seqs, max_queue=max_queue, context_len=context_len)
+def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, **engine_options) -> FastAPI:
+    """The app serving `llm` (a fastllm.LLM); its engine thread runs while the app's lifespan does.
+    engine_options go to the Engine (max_seqs, max_queue, context_len, kv_cache_tokens, block_size)."""
+    engine = Engine(llm, **engine_options)
     created = int(time.time())
 
     @contextlib.asynccontextmanager

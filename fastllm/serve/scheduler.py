@@ -13,11 +13,12 @@ Each loop iteration:
 Results reach each request's asyncio.Queue through loop.call_soon_threadsafe, as Event tuples:
     ("text", piece)   ("done", finish_reason)  finish_reason "stop" (EOS or stop string) or "length"
     ("error", http_status, message)
-Rows, not pages, are the unit of admission: a row holds up to `context_len` positions (the contiguous ragged
-cache: per-row lengths, no padding), and a request is admitted only if its prompt + max_tokens fit a row,
-so an admitted request can never run out of cache mid-generation and nothing is ever preempted. A paged
-cache (block tables, which decode_attention and kv_cache_append support) would let short requests use less
-memory and more of them run at once; with rows, memory is max_seqs * context_len positions, reserved up front.
+The KV cache is paged (runtime/kv_cache.PagedKVCache): `max_seqs` rows share a pool of `kv_cache_tokens`
+positions in blocks of `block_size`. Admission is first come, first served: the request at the head of the queue
+is admitted when a row is free and the pool has blocks for its prompt + max_tokens, which it reserves up front,
+so an admitted request never runs out of cache mid-generation and nothing is ever preempted; when it finishes
+or is cancelled its blocks go back to the pool. Short requests therefore cost only what they use, and more of
+them run at once than rows of context_len would allow in the same memory.
 """
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..runtime.generate import TextStream
+from ..runtime.kv_cache import SCRATCH_BLOCK
 from ..runtime.sampling import SamplingParams, sample_rows
+
+
+DEFAULT_FULL_ROWS = 8  # the default pool holds this many sequences of context_len positions
 
 
 class Rejected(Exception):
@@ -69,17 +74,26 @@ class Engine:
     req = engine.submit(prompt_ids, max_tokens, SamplingParams(...), stop=("\\n",))   # on the event loop
     ... await req.queue.get() ...;  engine.cancel(req);  engine.stop()
 
-    max_seqs: rows decoded together; max_queue: requests waiting for a row (more -> 429);
-    context_len: positions per row (prompt + max_tokens must fit, else 400)."""
+    max_seqs: sequences decoded together (cache rows); max_queue: requests waiting for a row or for cache
+    blocks (more -> 429); context_len: positions per sequence (prompt + max_tokens must fit, else 400);
+    kv_cache_tokens: positions in the paged cache's pool, at least context_len (default
+    min(max_seqs, DEFAULT_FULL_ROWS) * context_len); block_size: positions per cache block."""
 
-    def __init__(self, llm, max_seqs: int = 8, max_queue: int = 64, context_len: int | None = None):
+    def __init__(self, llm, max_seqs: int = 16, max_queue: int = 64, context_len: int | None = None,
+                 kv_cache_tokens: int | None = None, block_size: int = 16):
         limit = llm.config.max_seq_len
         context_len = min(limit, 2048) if context_len is None else context_len
-        for name, v in (("max_seqs", max_seqs), ("max_queue", max_queue), ("context_len", context_len)):
+        for name, v in (("max_seqs", max_seqs), ("max_queue", max_queue), ("context_len", context_len),
+                        ("block_size", block_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if context_len > limit:
             raise ValueError(f"context_len {context_len} exceeds the model's context of {limit} tokens")
+        if kv_cache_tokens is None:
+            kv_cache_tokens = min(max_seqs, DEFAULT_FULL_ROWS) * context_len
+        if isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int) or kv_cache_tokens < context_len:
+            raise ValueError(f"kv_cache_tokens must be an int >= context_len ({context_len}), so that the longest "
+                             f"request fits, got {kv_cache_tokens!r}")
         if getattr(llm.model, "rotary", None) is not None and llm.config.rope_type == "dynamic":
             # prefill re-derives the shared rotary tables from the admitted prompts, which would change them
             # under the rows already running
@@ -88,7 +102,8 @@ class Engine:
         self.eos_ids = set(llm.eos_ids)
         self.max_seqs, self.max_queue, self.context_len = max_seqs, max_queue, context_len
         self.device = self.model.tok_embeddings.weight.device
-        self.cache = self.model.new_cache(max_seqs, context_len)
+        num_blocks = 1 + -(-kv_cache_tokens // block_size)                          # + the scratch block
+        self.cache = self.model.new_cache(max_seqs, context_len, block_size=block_size, num_blocks=num_blocks)
         self.rows: list[Request | None] = [None] * max_seqs
         self.waiting: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
@@ -134,7 +149,9 @@ class Engine:
     def stats(self) -> dict:
         with self.cv:
             return {"running": sum(r is not None for r in self.rows), "waiting": len(self.waiting),
-                    "peak_running": self.peak_running, "cancelled": self.cancelled, "max_seqs": self.max_seqs, "max_queue": self.max_queue, "context_len": self.context_len}
+                    "peak_running": self.peak_running, "cancelled": self.cancelled, "max_seqs": self.max_seqs, "max_queue": self.max_queue, "context_len": self.context_len,
+                    "kv_blocks_free": len(self.cache.free), "kv_blocks": self.cache.num_blocks - 1,
+                    "kv_block_size": self.cache.block_size}
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -181,9 +198,11 @@ class Engine:
                             self.cancelled += 1
                     free = [i for i, r in enumerate(self.rows) if r is None]
                     admit = []
-                    while self.waiting and len(admit) < len(free):
+                    while self.waiting and len(admit) < len(free):  # first come, first served
+                        req, row = self.waiting[0], free[len(admit)]
+                        if not self.cache.reserve(row, len(req.prompt) + req.max_tokens):
+                            break  # the pool is short of blocks: wait for running requests to finish
                         admit.append(self.waiting.popleft())
-                    for req, row in zip(admit, free):
                         req.row, self.rows[row] = row, req
                     self.peak_running = max(self.peak_running, sum(r is not None for r in self.rows))
                 try:
@@ -197,9 +216,11 @@ class Engine:
                                 self._release(r)
 
     def _release(self, req: Request) -> None:
-        """Host bookkeeping only (so it cannot fail after a device error): a free row's length is reset on
-        the device by the next step (idle rows of the decoded prefix) or by the prefill that reuses it."""
+        """Host bookkeeping only (so it cannot fail after a device error): the row's blocks go back to the pool;
+        a free row's length and block table are reset on the device by the next step (idle rows of the decoded
+        prefix) or by the reserve and prefill that reuse it."""
         self.rows[req.row] = None
+        self.cache.release(req.row, device=False)
 
     def _step(self, admit: list[Request]) -> None:
         if admit:
@@ -214,8 +235,9 @@ class Engine:
         n = max(r.row for r in live) + 1
         view = self.cache.first_rows(n)
         idle = [i for i in range(n) if self.rows[i] is None]
-        if idle:  # a free row inside the prefix rewrites its slot 0, harmlessly, instead of growing
+        if idle:  # a free row inside the prefix rewrites slot 0 of the scratch block, harmlessly, instead of growing
             view.lengths[idle] = 0
+            view.block_table[idle] = SCRATCH_BLOCK
         view.longest = max(len(r.prompt) + r.generated - 1 for r in live)
         tokens = torch.zeros(n, dtype=torch.long, device=self.device)
         tokens[[r.row for r in live]] = torch.tensor([r.last for r in live], device=self.device)
