@@ -3,13 +3,16 @@
     prefill case: B prompts of P tokens into a fresh static cache        work = B * P tokens
     decode case:  one decode step of B rows at context length L           work = B tokens
                   (the cache is rewound to L after every call, so every call is the same step)
-Peers, same weights and dtype, same run: transformers' own model class (default "sdpa" attention, its
-dynamic KV cache cropped back to L after every decode call), built from fastllm's weights by
-fastllm.runtime.bench.transformers_model; llama.cpp through llama-cpp-python on the same GGUF when that
+Peers, same weights and dtype, same run: transformers' own model class (default "sdpa" attention), built from
+fastllm's weights by fastllm.runtime.bench.transformers_model, run eagerly with its dynamic KV cache and with
+its StaticCache under torch.compile (both cropped back to L after every call; the compiled peer only in
+timed runs); llama.cpp through llama-cpp-python on the same GGUF when that
 package is installed (CPU, the default model only).
 CPU: the bundled SmolLM2-135M-Instruct GGUF in fp32. GPU: random-weight models with the shapes of
-SmolLM2-135M, TinyLlama-1.1B and Llama-3-8B in bf16; decode cases also record the bandwidth bound
-(weight bytes read per step / copy bandwidth measured in the same run) and the fraction of it reached.
+SmolLM2-135M, TinyLlama-1.1B and Llama-3-8B in bf16, and the same with int4 linear layers (name suffix -int4;
+transformers runs their dequantised bf16 weights); decode cases also record the bandwidth bound (copy
+bandwidth measured in the same run / the weight bytes a step reads: _bytes_per_step) and the fraction of it
+reached.
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ GPU_MODELS = {  # name -> ModelConfig fields (vocab, dim, layers, heads, kv head
     "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                       intermediate_size=14336, rope_theta=500000.0),
 }
+INT4 = "-int4"  # a GPU model name with this suffix: its linear layers quantised to int4, group 128 (lm_head kept)
 if DEVICE == "cuda":
-    CASES = [(m, d, b, n) for m in GPU_MODELS for d, b, n in (("prefill", 1, 512), ("decode", 1, 512),
-                                                               ("decode", 16, 512))]
+    CASES = [(m + q, d, b, n) for m in GPU_MODELS for q in ("", INT4)
+             for d, b, n in (("prefill", 1, 512), ("decode", 1, 512), ("decode", 16, 512))]
 else:
     CASES = [("smollm2-135m-gguf", "prefill", 1, 128), ("smollm2-135m-gguf", "decode", 1, 128),
              ("smollm2-135m-gguf", "decode", 4, 128)]
@@ -49,17 +53,31 @@ def _model(name: str):
     else:
         from fastllm.models import Llama, ModelConfig, build_model
 
-        cfg = ModelConfig(arch="llama", max_seq_len=4096, **GPU_MODELS[name])
+        cfg = ModelConfig(arch="llama", max_seq_len=4096, **GPU_MODELS[name.removesuffix(INT4)])
         with torch.device("meta"):
             shapes = {n: p.shape for n, p in Llama(cfg).named_parameters()}
         g = torch.Generator(device=DEVICE).manual_seed(0)
         tensors = {n: torch.randn(s, generator=g, device=DEVICE, dtype=torch.bfloat16) * 0.02 for n, s in shapes.items()}
         model = build_model(cfg, tensors, DEVICE, torch.bfloat16)
+        if name.endswith(INT4):
+            from fastllm import quantize_model
+
+            quantize_model(model, "int4", 128)
     try:
         hf = gen_bench.transformers_model(model) or "transformers has no model class for this architecture"
     except ImportError as e:
         hf = f"transformers is not installed ({e})"
     return model, hf
+
+
+def _bytes_per_step(model) -> int:
+    """Bytes of weights a decode step reads: every parameter and buffer (packed int4 weights, scales), less the
+    token embedding table unless the output head shares it (a step reads one row of it)."""
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    emb = model.tok_embeddings.weight
+    if not model.cfg.tie_word_embeddings:
+        tensors.pop(emb.data_ptr(), None)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,6 +127,43 @@ def _transformers_peer(hf, direction: str, b: int, n: int):
     return make
 
 
+def _transformers_compiled_peer(hf, direction: str, b: int, n: int, disabled: bool):
+    """transformers with its StaticCache and torch.compile(model.forward) (mode "reduce-overhead", CUDA graphs,
+    on a GPU), its recommended fast path: the cache is rewound with crop() after every call, so every call
+    repeats the same prefill of n tokens or the same decode step at length n."""
+    @contextlib.contextmanager
+    def make():
+        if isinstance(hf, str):
+            raise Unsupported(hf)
+        if disabled:
+            raise Unsupported("torch.compile takes minutes here: timed runs only")
+        from transformers import StaticCache
+
+        ids = gen_bench.prompts(hf.config.vocab_size, b, n).to(DEVICE)
+        cache = StaticCache(config=hf.config, max_cache_len=n + 2)
+        forward = torch.compile(hf.forward, mode="reduce-overhead" if DEVICE == "cuda" else None, dynamic=False)
+
+        @torch.inference_mode()
+        def prefill():
+            out = forward(ids, past_key_values=cache, use_cache=True)
+            cache.crop(-n)
+            return out
+        if direction == "prefill":
+            yield prefill
+            return
+        with torch.inference_mode():
+            hf(ids, past_key_values=cache, use_cache=True)
+        tok = torch.full((b, 1), 5, device=DEVICE)
+
+        @torch.inference_mode()
+        def step():
+            out = forward(tok, past_key_values=cache, use_cache=True)
+            cache.crop(-1)
+            return out
+        yield step
+    return make
+
+
 def _llama_cpp_peer(direction: str, b: int, n: int):
     @contextlib.contextmanager
     def make():
@@ -140,14 +195,15 @@ def _llama_cpp_peer(direction: str, b: int, n: int):
 @pytest.mark.parametrize("name,direction,b,n", CASES, ids=[f"{m}-{d}-B{b}-L{n}" for m, d, b, n in CASES])
 def test_generate(benchmark, name, direction, b, n):
     model, hf = _model(name)
-    peers = {"transformers": _transformers_peer(hf, direction, b, n)}
+    peers = {"transformers": _transformers_peer(hf, direction, b, n),
+             "transformers static+compile": _transformers_compiled_peer(hf, direction, b, n, benchmark.disabled)}
     if name.endswith("-gguf"):
         peers["llama.cpp"] = _llama_cpp_peer(direction, b, n)
     tokens = b * n if direction == "prefill" else b
     case = {"model": name, "direction": direction, "batch": b, "context": n,
             "dtype": str(model.tok_embeddings.weight.dtype).replace("torch.", "")}
     if direction == "decode" and DEVICE == "cuda" and not benchmark.disabled:
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        weight_bytes = _bytes_per_step(model)
         case["bandwidth_bound_tok_s"] = b * _copy_gbps() * 1e9 / weight_bytes
     compare(benchmark, _fastllm_fn(model, direction, b, n), peers, group=f"{name}-{direction}-B{b}-L{n}",
             suite="generate", case=case, work=tokens, unit="tok/s",
