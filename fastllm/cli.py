@@ -164,7 +164,7 @@ def _train(args) -> int:
     out = finetune(llm.model, args.data, llm.tokenizer, steps=args.steps, batch_size=args.batch_size,
                    seq_len=args.seq_len, accum=args.accum, lr=args.lr, weight_decay=args.weight_decay,
                    warmup=args.warmup, clip=args.clip, seed=args.seed, out_dir=args.out, save_every=args.save_every,
-                   resume=args.resume)
+                   resume=args.resume, parallel=args.parallel)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {out.step} steps: loss {out.losses[0]:.4f} -> {out.losses[-1]:.4f}; checkpoint in "
               f"{args.out}/final" + (f", loss curve {out.plot}" if out.plot else ""))
@@ -232,6 +232,8 @@ def main(argv=None) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     train.add_argument("--resume", help="a checkpoint directory to continue from")
+    train.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                       help="under torchrun: replicate the model (ddp, default) or shard it (fsdp)")
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (completions, chat, streaming)")
     srv.add_argument("-m", "--model", help="a Hugging Face model directory or a .gguf file (default: SmolLM2-135M)")
     srv.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
