@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastllm
-from fastllm.parallel import shard_model
+from fastllm.nn import QuantLinear
+from fastllm.parallel import shard_model, slice_linear
 from tiny_models import tiny_gpt2, tiny_llama
 
 MODELS = {  # name -> (builder, overrides, quantisation (scheme, group_size) or None)
@@ -97,3 +98,27 @@ def test_shard_model_needs_torch_distributed(tmp_path):
         pytest.skip("a process group is initialised in this process")
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         shard_model(fastllm.LLM.load(str(tmp_path), device="cpu").model)
+
+
+@pytest.mark.parametrize("scheme,group_size", [(None, None), ("int4", 32), ("int8", None), ("int4_asym", 32)])
+def test_slices_recompose_the_layer(scheme, group_size):
+    """Output-feature slices concatenate, input-feature slices sum (plus the bias once) to the whole layer."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    if scheme is not None:
+        lin = QuantLinear.from_linear(lin, scheme, group_size)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        full = lin(x)
+        rows = torch.cat([slice_linear(lin, rows=torch.arange(a, b))(x) for a, b in ((0, 20), (20, 48))], -1)
+        cols = sum(slice_linear(lin, cols=(a, b), bias=False)(x[:, a:b]) for a, b in ((0, 32), (32, 64)))
+    torch.testing.assert_close(rows, full, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cols + lin.bias, full, rtol=1e-5, atol=1e-5)
+
+
+def test_slice_quantised_layer_off_its_groups_is_refused():
+    lin = QuantLinear.from_linear(torch.nn.Linear(128, 8), "int4", 64)
+    with pytest.raises(ValueError, match="multiples of 32 and of its group size 64"):
+        slice_linear(lin, cols=(0, 32))
+    with pytest.raises(TypeError, match="linear must be"):
+        slice_linear(torch.nn.Conv1d(2, 2, 1))

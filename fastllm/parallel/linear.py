@@ -81,7 +81,7 @@ def _slice_quant(linear: QuantLinear, rows, cols, bias: bool) -> QuantLinear:
 
 
 def _check_inference(module: nn.Module, x: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+    if torch.is_grad_enabled() and x.requires_grad:  # (shard_model freezes the parameters)
         raise RuntimeError(f"{type(module).__name__} is for inference: run the tensor-parallel model under "
                            f"torch.inference_mode() or torch.no_grad() (its all-reduce has no backward)")
 
