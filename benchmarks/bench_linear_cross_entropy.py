@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastllm
-from harness import DEVICE, compare
+from harness import DEVICE, compare, peak_bytes
 
 # (tokens N, hidden D, vocab V, dtype)
 GPU_CASES = [(8192, 576, 49152, torch.bfloat16), (8192, 4096, 128256, torch.bfloat16)]
@@ -32,18 +32,6 @@ def _unfused(h, w, t):
     return F.cross_entropy(F.linear(h, w), t)
 
 
-def _peak_bytes(run) -> int | None:
-    """Peak CUDA memory of one call above what was allocated before it (None on CPU: not measured)."""
-    if DEVICE != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 @pytest.mark.parametrize("n,d,v,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
 def test_linear_cross_entropy(benchmark, n, d, v, dtype):
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -56,7 +44,7 @@ def test_linear_cross_entropy(benchmark, n, d, v, dtype):
                                                 "shape": [n, d, v], "dtype": str(dtype).replace("torch.", "")},
             work=6 * n * v * d, unit="TFLOP/s", counted="6 N V D: the logits matmul and its two gradients")
     if not benchmark.disabled:
-        peaks = {"fastllm": _peak_bytes(fused), "torch": _peak_bytes(unfused)}
+        peaks = {"fastllm": peak_bytes(fused), "torch": peak_bytes(unfused)}
         benchmark.extra_info["peak_bytes"] = peaks
         if peaks["torch"]:
             benchmark.extra_info["peak_ratio_vs_torch"] = peaks["fastllm"] / peaks["torch"]

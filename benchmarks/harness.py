@@ -106,6 +106,19 @@ def compare(benchmark, fn: Callable[[], object], peers: dict[str, Peer], *, grou
         "ratio_vs_best_peer": timed[best]["ratio"] if best else None, "environment": _environment()})
 
 
+def peak_bytes(run: Callable[[], object]) -> int | None:
+    """Peak CUDA memory of one call of run above what was allocated before it (None on CPU: not measured, torch
+    keeps no CPU allocator statistics)."""
+    if DEVICE != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 # ---- the row-wise ops (softmax, layer_norm, rms_norm) ------------------------------------------
 def params(op: str):
     return [pytest.param(case, impl, id=f"{case.name}-{impl}") for case in _bench.cases(DEVICE, (op,))

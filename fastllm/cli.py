@@ -3,7 +3,8 @@ is an interactive conversation (empty line or Ctrl-D ends it); `fastllm serve` i
 HTTP API (loopback by default) with continuous batching; all use the bundled SmolLM2-135M-Instruct
 unless -m names a model directory or .gguf file. `fastllm bench` times each op against torch on this
 machine's device (GB/s and the ratios), then a model's prefill and decode tokens/s against transformers.
-`fastllm train data.txt` fine-tunes a model (fastllm.train.finetune) and writes checkpoints and a loss plot."""
+`fastllm train data.txt` fine-tunes a model (fastllm.train.finetune) and writes checkpoints and a loss plot.
+Under torchrun, `fastllm train` is data-parallel and `fastllm generate --tp` tensor-parallel (fastllm.parallel)."""
 from __future__ import annotations
 
 import argparse
@@ -87,9 +88,30 @@ def _bench_ops(args, device: str) -> int:
     return 0
 
 
+def _init_distributed(device: str | None) -> str | None:
+    """Under torchrun: the process group (nccl when this rank uses CUDA, else gloo) and this rank's device."""
+    import os
+
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and (device or "cuda").startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
 def _load(args):
     from .llm import LLM
 
+    if getattr(args, "tp", False):
+        import os
+
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError("--tp runs under torchrun: torchrun --nproc-per-node N -m fastllm.cli generate --tp ...")
+        return LLM.load(args.model, device=_init_distributed(args.device), tensor_parallel=True)
     return LLM.load(args.model, device=args.device)
 
 
@@ -100,9 +122,12 @@ def _sampling(args) -> dict:
 
 def _generate(args) -> int:
     llm = _load(args)
-    for piece in llm.stream(args.prompt, **_sampling(args)):
-        print(piece, end="", flush=True)
-    print()
+    show = getattr(llm.model, "tensor_parallel", None) is None or llm.model.tensor_parallel.rank == 0
+    for piece in llm.stream(args.prompt, **_sampling(args)):  # every tensor-parallel rank runs it; rank 0 prints
+        if show:
+            print(piece, end="", flush=True)
+    if show:
+        print()
     return 0
 
 
@@ -134,19 +159,12 @@ def _train(args) -> int:
 
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one data-parallel process per rank
-        import torch.distributed as dist
-
-        cuda = torch.cuda.is_available() and (device or "cuda").startswith("cuda")
-        if cuda:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+        device = _init_distributed(device)
     llm = LLM.load(args.model, device=device, dtype=torch.float32)
     out = finetune(llm.model, args.data, llm.tokenizer, steps=args.steps, batch_size=args.batch_size,
                    seq_len=args.seq_len, accum=args.accum, lr=args.lr, weight_decay=args.weight_decay,
                    warmup=args.warmup, clip=args.clip, seed=args.seed, out_dir=args.out, save_every=args.save_every,
-                   resume=args.resume)
+                   resume=args.resume, parallel=args.parallel)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {out.step} steps: loss {out.losses[0]:.4f} -> {out.losses[-1]:.4f}; checkpoint in "
               f"{args.out}/final" + (f", loss curve {out.plot}" if out.plot else ""))
@@ -193,6 +211,8 @@ def main(argv=None) -> int:
     bench.add_argument("--new-tokens", type=int, default=32, help="generation benchmark: decode steps")
     gen = sub.add_parser("generate", help="complete a prompt, printing the text as it is generated")
     gen.add_argument("prompt")
+    gen.add_argument("--tp", action="store_true", help="tensor-parallel over the torchrun processes "
+                     "(torchrun --nproc-per-node N -m fastllm.cli generate --tp ...; nccl on GPUs, gloo on CPU)")
     _model_args(gen, 128)
     chat = sub.add_parser("chat", help="an interactive conversation with the model's chat template")
     chat.add_argument("--system", help="a system message")
@@ -213,6 +233,8 @@ def main(argv=None) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     train.add_argument("--resume", help="a checkpoint directory to continue from")
+    train.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                       help="under torchrun: replicate the model (ddp, default) or shard it (fsdp)")
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (completions, chat, streaming)")
     srv.add_argument("-m", "--model", help="a Hugging Face model directory or a .gguf file (default: SmolLM2-135M)")
     srv.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")

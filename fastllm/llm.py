@@ -35,14 +35,17 @@ class LLM:
 
     @classmethod
     def load(cls, path: str | None = None, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None, quantize: str | None = None, act: str = "float") -> "LLM":
+             dtype: torch.dtype | None = None, quantize: str | None = None, act: str = "float",
+             tensor_parallel: bool = False) -> "LLM":
         """path: a Hugging Face model directory or a .gguf file; None = the bundled default model.
         device: default cuda when available, else cpu. dtype: default bfloat16 (float16 without bf16) on
         CUDA, float32 on CPU (the activations' dtype; quantised weights stay quantised).
         quantize: None, or "int8" / "int4" / "int4_asym": quantise the float linear layers at load
         (fastllm.quantize_model; the output head stays float). On CPU a GGUF file's Q8_0/Q4_0/Q4_1 weights
         are kept quantised as they are. act: the quantised layers' activation mode, "float" (exact) or
-        "int8" (activations quantised per block of 32: faster on CPU, as llama.cpp does)."""
+        "int8" (activations quantised per block of 32: faster on CPU, as llama.cpp does).
+        tensor_parallel: shard the model across the initialised torch.distributed default group
+        (fastllm.parallel.shard_model; every rank loads the whole model first, then keeps its shard)."""
         from .loading import default_model_path
 
         path = default_model_path() if path is None else os.fspath(path)
@@ -66,6 +69,10 @@ class LLM:
             from .nn import quantize_model
 
             quantize_model(llm.model, scheme=quantize, act=act)
+        if tensor_parallel:
+            from .parallel import shard_model
+
+            shard_model(llm.model)
         return llm
 
     # ---- token level -------------------------------------------------------------------------------

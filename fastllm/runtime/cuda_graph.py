@@ -10,7 +10,8 @@ is done here around each replay.
 Checked on first use: the first step runs both eagerly and replayed (a decode step rewrites the same cache
 slots with the same values, so running it twice is harmless) and the graph is kept only if both agree to
 rounding; otherwise, or when capture fails, a warning says why and generation goes on eagerly.
-Rotary "dynamic" (NTK) scaling recomputes its tables on the host each step, so it is never captured.
+Rotary "dynamic" (NTK) scaling recomputes its tables on the host each step, so it is never captured; nor is a
+tensor-parallel model's step (fastllm/parallel: capturing its NCCL all-reduces is not verified on several GPUs).
 FASTLLM_CUDA_GRAPHS=0 switches graphs off.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ def graphs_enabled(model) -> str | None:
         return "switched off by FASTLLM_CUDA_GRAPHS=0"
     if model.rotary is not None and model.cfg.rope_type == "dynamic":
         return "dynamic rotary scaling recomputes its tables on the host every step"
+    if getattr(model, "tensor_parallel", None) is not None:
+        return "tensor-parallel decode is not captured (NCCL all-reduces in graphs are not verified yet)"
     return None
 
 

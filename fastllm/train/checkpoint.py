@@ -12,19 +12,27 @@ from safetensors.torch import load_file, save_file
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
 
 
-def save(path: str, model, optimizer, scheduler, step: int, losses: list[float]) -> None:
-    os.makedirs(path, exist_ok=True)
-    params = dict(model.named_parameters())                  # tied weights once
-    save_file({k: v.detach().contiguous() for k, v in params.items()}, os.path.join(path, MODEL_FILE))
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP shard (a DTensor: gathered, a collective every rank must join), else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def save(path: str, model, optimizer, scheduler, step: int, losses: list[float], write: bool = True) -> None:
+    """Write a checkpoint (when `write`; every rank of a sharded run calls this, rank 0 writes)."""
+    params = {k: _whole(v.detach()).contiguous() for k, v in model.named_parameters()}  # tied weights once
     opt = optimizer.state_dict()
     tensors, per_param = {}, {}
     for idx, st in opt["state"].items():
         per_param[idx] = {}
         for key, val in st.items():
             if torch.is_tensor(val):
-                tensors[f"opt.{idx}.{key}"] = val.detach().contiguous()
+                tensors[f"opt.{idx}.{key}"] = _whole(val.detach()).contiguous()
             else:
                 per_param[idx][key] = val
+    if not write:
+        return
+    os.makedirs(path, exist_ok=True)
+    save_file(params, os.path.join(path, MODEL_FILE))
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()

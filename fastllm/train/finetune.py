@@ -13,6 +13,11 @@ GPUs) with W processes, each micro-batch of batch_size blocks is split into W eq
 model runs under DistributedDataParallel (gradients averaged across ranks, synchronised on the last micro-batch
 only). The update is then that of one process taking the whole batch (up to the order of the sums); the
 reported loss is averaged over the ranks; rank 0 alone writes checkpoints, the plot and the progress bar.
+parallel="fsdp" shards instead (torch.distributed.fsdp.fully_shard, FSDP2: each block, then the rest of the
+model): every rank keeps 1/W of the parameters, gradients and AdamW moments, gathering a block's weights only
+for its forward and backward; same batches, same update as DDP. Checkpoints hold the whole (gathered) model;
+the trained model itself stays sharded (DTensor parameters): load out_dir/final to generate with it. Resuming
+an FSDP run is not supported yet.
 """
 from __future__ import annotations
 
@@ -69,6 +74,27 @@ class _Loss(torch.nn.Module):
         return fastllm.linear_cross_entropy(h, w.to(h.dtype), block[:, 1:])
 
 
+def _distribute(loss_fn: _Loss, parallel: str, world: int) -> torch.nn.Module:
+    """loss_fn wrapped for data parallelism over the process group (unchanged for one process under "ddp")."""
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in loss_fn.model.layers:
+            fully_shard(block)
+        return fully_shard(loss_fn)  # the root: embeddings, final norm, LM head (tied weights stay one)
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(loss_fn)
+    return loss_fn
+
+
+def _sync_context(loss_fn, parallel: str, sync: bool):
+    """Gradient synchronisation only on a step's last micro-batch (DDP no_sync; FSDP2's switch)."""
+    if parallel == "fsdp":
+        loss_fn.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync or not hasattr(loss_fn, "no_sync") else loss_fn.no_sync()
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised."""
     import torch.distributed as dist
@@ -111,15 +137,20 @@ def plot_losses(losses: list[float], path: str) -> str | None:
 def finetune(model, data, tokenizer=None, *, steps: int = 100, batch_size: int = 4, seq_len: int = 256,
              accum: int = 1, lr: float = 1e-4, weight_decay: float = 0.0, warmup: int = 10, min_lr_ratio: float = 0.1,
              clip: float = 1.0, seed: int = 0, out_dir: str | None = None, save_every: int = 0,
-             resume: str | None = None, progress: bool = True, plot: bool = True) -> TrainResult:
+             resume: str | None = None, progress: bool = True, plot: bool = True,
+             parallel: str = "ddp") -> TrainResult:
     """Train `model` (a fastllm decoder, e.g. fastllm.LLM.load(dtype=torch.float32).model) in place.
 
     data: a .txt / .jsonl path (tokenised with `tokenizer`, packed into blocks of seq_len + 1; train/data.py) or an
     int64 tensor of blocks (num_blocks, seq_len + 1). steps: optimizer steps in all (a resumed run continues up to
     it); each takes accum micro-batches of batch_size blocks. lr: the peak of the schedule (lr_factor).
     out_dir: where checkpoints (every save_every steps, and at the end) and loss.png go. resume: a checkpoint
-    directory to continue from. Returns the losses per step (the mean over the step's micro-batches).
+    directory to continue from. parallel: "ddp" or "fsdp", how several torch.distributed processes share the
+    work (see the module docstring; "fsdp" needs torch.distributed initialised). Returns the losses per step
+    (the mean over the step's micro-batches).
     """
+    if parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
     for name, val in (("steps", steps), ("batch_size", batch_size), ("accum", accum)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be an int >= 1, got {val!r}")
@@ -135,6 +166,10 @@ def finetune(model, data, tokenizer=None, *, steps: int = 100, batch_size: int =
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype != torch.long or data.shape[1] < 2:
         raise TypeError("data must be a file path or an int64 tensor of token blocks (num_blocks, seq_len + 1)")
     rank, world = _world()
+    if parallel == "fsdp" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("parallel='fsdp' needs torch.distributed initialised (torchrun + init_process_group)")
+    if parallel == "fsdp" and resume is not None:
+        raise ValueError("resuming is not supported with parallel='fsdp' yet (use parallel='ddp')")
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} must be a multiple of the {world} data-parallel processes")
     progress, plot = progress and rank == 0, plot and rank == 0
@@ -142,6 +177,7 @@ def finetune(model, data, tokenizer=None, *, steps: int = 100, batch_size: int =
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
+    loss_fn = _distribute(_Loss(model), parallel, world)  # before the optimizer: FSDP replaces the parameters
     params = [p for p in model.parameters()]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -154,9 +190,6 @@ def finetune(model, data, tokenizer=None, *, steps: int = 100, batch_size: int =
         result.step, result.losses = checkpoint.load(resume, model, optimizer, scheduler)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    loss_fn = _Loss(model)
-    if world > 1:
-        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn)
     shard = batch_size // world
     bar = _progress(steps, result.step, progress)
     while result.step < steps:
@@ -165,7 +198,7 @@ def finetune(model, data, tokenizer=None, *, steps: int = 100, batch_size: int =
         for micro in range(accum):
             block = _batch(data, result.step, micro, accum, batch_size, seed)[rank * shard:(rank + 1) * shard]
             sync = world == 1 or micro == accum - 1
-            with contextlib.nullcontext() if sync else loss_fn.no_sync():  # DDP: all-reduce on the last one
+            with _sync_context(loss_fn, parallel, sync):
                 with autocast:
                     loss = loss_fn(block.to(device)) / accum
                 loss.backward()
@@ -186,14 +219,15 @@ def finetune(model, data, tokenizer=None, *, steps: int = 100, batch_size: int =
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         elif progress and (result.step % 10 == 0 or result.step == steps):
             print(f"step {result.step}/{steps}  loss {result.losses[-1]:.4f}", flush=True)
-        if out_dir and rank == 0 and save_every and result.step % save_every == 0 and result.step < steps:
+        if out_dir and save_every and result.step % save_every == 0 and result.step < steps:
             checkpoint.save(os.path.join(out_dir, f"step{result.step}"), model, optimizer, scheduler, result.step,
-                            result.losses)
+                            result.losses, write=rank == 0)
     if bar is not None:
         bar.close()
     model.eval()
-    if out_dir and rank == 0:
-        checkpoint.save(os.path.join(out_dir, "final"), model, optimizer, scheduler, result.step, result.losses)
+    if out_dir:
+        checkpoint.save(os.path.join(out_dir, "final"), model, optimizer, scheduler, result.step, result.losses,
+                        write=rank == 0)
         if plot:
             result.plot = plot_losses(result.losses, os.path.join(out_dir, "loss.png"))
     return result
