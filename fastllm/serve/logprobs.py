@@ -2,7 +2,8 @@
 (token id, logprob, [(top id, top logprob)] * k):
 
     completions  {"tokens": [text], "token_logprobs": [lp], "top_logprobs": [{text: lp}], "text_offset": [i]}
-                 (each top_logprobs dict holds the k most likely tokens and the chosen one, as OpenAI's)
+                 (each top_logprobs dict holds the k most likely tokens and the chosen one, as OpenAI's; a dict
+                 keys on text, so of two tokens spelled alike it keeps the more likely one)
     chat         {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}],
                   "refusal": None}
 
@@ -27,8 +28,9 @@ class CompletionLogprobs:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, lp, top in entries:
             text = _text(self.tokenizer, token_id)[0]
-            alternatives = {_text(self.tokenizer, i)[0]: v for i, v in top}
-            alternatives.setdefault(text, lp)
+            alternatives = {}
+            for i, v in [*top, (token_id, lp)]:  # two tokens of the same text keep the higher logprob
+                alternatives.setdefault(_text(self.tokenizer, i)[0], v)
             out["tokens"].append(text)
             out["token_logprobs"].append(lp)
             out["top_logprobs"].append(alternatives)
