@@ -7,7 +7,10 @@ import concurrent.futures
 import pytest
 import torch
 
-from test_serve import NAME, PROMPTS, TIMEOUT_S, _assert_error, client, llm, serving, tiny_path  # noqa: F401
+import test_serve
+from test_serve import NAME, PROMPTS, TIMEOUT_S, _assert_error, client, serving
+
+llm, tiny_path = test_serve.llm, test_serve.tiny_path   # test_serve's fixtures: the tiny served model
 
 httpx = pytest.importorskip("httpx")
 
