@@ -208,7 +208,11 @@ BAD = [
     ({"model": NAME, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": NAME, "prompt": "hi", "seed": -1}, "seed"), ({"model": NAME, "prompt": "hi", "bogus": 1}, "bogus"),
     ({"model": NAME, "prompt": [1, 10 ** 9]}, "token ids"), ({"model": NAME, "prompt": []}, "empty"),
-    ({"model": NAME, "prompt": "hi", "presence_penalty": 1.0}, "presence_penalty"),
+    ({"model": NAME, "prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": NAME, "prompt": "hi", "frequency_penalty": -3}, "frequency_penalty"),
+    ({"model": NAME, "prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": NAME, "prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"model": NAME, "prompt": "hi", "logprobs": True}, "logprobs"),
 ]
 
 

@@ -1,6 +1,6 @@
 """Load a GGUF file (llama.cpp's format) with the `gguf` package: the hyper-parameters from its metadata,
-the tokenizer embedded in it (tokenizer.ggml.*, rebuilt as a `tokenizers` byte-level BPE, and
-tokenizer.chat_template), and the tensors, renamed through fastllm/loading/names.py.
+the tokenizer embedded in it (tokenizer.ggml.* and tokenizer.chat_template, rebuilt by
+gguf_tokenizer.py), and the tensors, renamed through fastllm/loading/names.py.
 
 Tensors: F32/F16 are read from the memory map. On CPU, linear weights in Q8_0/Q4_0/Q4_1 stay quantised
 (converted exactly into fastllm's packed layout, run by fastllm.qmatmul); other quantised blocks (K-quants,
@@ -20,16 +20,12 @@ import numpy as np
 import torch
 
 from ..models import ModelConfig, build_model
+from .gguf_tokenizer import tokenizer_from_metadata
 from .names import name_map
 from .progress import progress
 from .tokenizer import Tokenizer
 
 SUPPORTED_ARCHS = ("llama",)
-_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4   # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-
-# Pre-tokenizer regular expression of Llama 3 style BPE vocabularies (tokenizer.ggml.pre "llama-bpe").
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _open(path: str):
@@ -81,40 +77,8 @@ def config_from_gguf(reader, path: str = "") -> ModelConfig:
 
 
 def tokenizer_from_gguf(reader, path: str = "") -> Tokenizer:
-    """A byte-level BPE `tokenizers.Tokenizer` from tokenizer.ggml.{tokens, merges, token_type, pre, ...}."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
-    kind, pre = _meta(reader, "tokenizer.ggml.model"), _meta(reader, "tokenizer.ggml.pre", "default")
-    if kind != "gpt2":
-        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported yet (supported: gpt2 byte-level BPE)")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    pre_tokenizer = {
-        "default": byte_level, "gpt-2": byte_level,
-        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
-        "llama-bpe": pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
-    }.get(pre)
-    if pre_tokenizer is None:
-        raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt-2, "
-                         "smollm, llama-bpe)")
-    tokens = list(_meta(reader, "tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ", 1)) for m in _meta(reader, "tokenizer.ggml.merges", [])]
-    types = list(_meta(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre == "llama-bpe"))
-    tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL])
-    tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED])
-    bos, eos = _meta(reader, "tokenizer.ggml.bos_token_id"), _meta(reader, "tokenizer.ggml.eos_token_id")
-    if _meta(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
-                                                           special_tokens=[(tokens[bos], int(bos))])
-    specials = {"bos_token": tokens[bos] if bos is not None else None,
-                "eos_token": tokens[eos] if eos is not None else None}
-    return Tokenizer(tok, _meta(reader, "tokenizer.chat_template"), specials)
+    """The tokenizer embedded in the file (fastllm/loading/gguf_tokenizer.py builds it from tokenizer.*)."""
+    return tokenizer_from_metadata({k: _meta(reader, k) for k in reader.fields if k.startswith("tokenizer.")}, path)
 
 
 def dequantized(tensor, dtype: torch.dtype) -> torch.Tensor:

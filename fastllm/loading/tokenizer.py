@@ -19,6 +19,22 @@ def _token_text(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: the printable Latin-1 bytes stand for themselves,
+    the other bytes (controls, space, ...) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def _decoder_steps(tokenizer: _HFTokenizer) -> list[dict]:
+    """The `tokenizers` decoder as a flat list of its steps' JSON descriptions."""
+    if tokenizer.decoder is None:
+        return []
+    spec = json.loads(tokenizer.decoder.__getstate__())
+    return spec["decoders"] if spec["type"] == "Sequence" else [spec]
+
+
 def _raise(message):
     raise ValueError(f"the chat template refused the messages: {message}")
 
@@ -31,6 +47,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self._template = None
+        self._token_bytes = None
 
     @property
     def vocab_size(self) -> int:
@@ -41,6 +58,33 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for in decoded text, without the decoder's context-dependent steps
+        (a prefix space stripped at the start): a byte-level BPE token through GPT-2's byte alphabet, a
+        SentencePiece "<0xXX>" byte token as that byte, "▁" as a space. A token may hold part of a UTF-8
+        character, so this is bytes (as OpenAI's logprobs report them), not text."""
+        if self._token_bytes is None:
+            steps = _decoder_steps(self.tokenizer)
+            kinds = {s["type"] for s in steps}
+            alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
+            replaces = [(s["pattern"]["String"], s["content"]) for s in steps
+                        if s["type"] == "Replace" and "String" in s["pattern"]]
+
+            def convert(token: str) -> bytes:
+                if alphabet is not None and all(c in alphabet for c in token):
+                    return bytes(alphabet[c] for c in token)
+                if "ByteFallback" in kinds and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                    return bytes([int(token[3:5], 16)])
+                for pattern, content in replaces:
+                    token = token.replace(pattern, content)
+                return token.encode("utf-8")
+
+            self._token_bytes = convert
+        token = self.tokenizer.id_to_token(int(token_id))
+        if token is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary of {self.vocab_size}")
+        return self._token_bytes(token)
 
     def token_id(self, text: str | None) -> int | None:
         return None if text is None else self.tokenizer.token_to_id(text)

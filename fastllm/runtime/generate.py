@@ -49,6 +49,7 @@ def token_steps(model, prompts: list[list[int]], max_new_tokens: int, params: Sa
         seen = torch.zeros(b, cfg.vocab_size, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p, device=device)] = True
+    counts = torch.zeros(b, cfg.vocab_size, dtype=torch.int32, device=device) if params.counts_tokens else None
     if finished is None:
         finished = torch.zeros(b, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
@@ -56,13 +57,15 @@ def token_steps(model, prompts: list[list[int]], max_new_tokens: int, params: Sa
     logits = model.prefill(prompts, cache)                                                   # (B, V)
     decode = decode_stepper(model, cache) if max_new_tokens > 1 else None                    # CUDA graph on GPU
     for step in range(max_new_tokens):
-        nxt = sample(logits.float(), params, seen, generator)                                # (B,)
+        nxt = sample(logits.float(), params, seen, generator, counts)                        # (B,)
         yield nxt
         finished |= torch.isin(nxt, eos)
         if bool(finished.all()) or step == max_new_tokens - 1:
             return
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
+        if counts is not None:
+            counts.scatter_add_(1, nxt[:, None], torch.ones_like(nxt[:, None], dtype=counts.dtype))
         logits = decode(nxt)                                                                 # (B, V)
 
 

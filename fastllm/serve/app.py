@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..runtime.sampling import SamplingParams
+from .logprobs import CompletionLogprobs, chat_logprobs
 from .scheduler import Engine, Rejected
 from .schemas import ChatRequest, CompletionRequest
 
@@ -133,8 +134,10 @@ def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, 
             raise Rejected(404, f"the model {body.model!r} is not served here; this server serves {model_name!r}")
         if max_tokens is None:
             max_tokens = max(1, engine.context_len - len(prompt_ids))
-        params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)
-        return engine.submit(prompt_ids, max_tokens, params, body.stop)
+        params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
+                                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                                frequency_penalty=body.frequency_penalty)
+        return engine.submit(prompt_ids, max_tokens, params, body.stop, logprobs=body.top_logprobs_count())
 
     def _encode_text(text: str, chat: bool = False, messages=None) -> list[int]:
         if len(text) > engine.context_len * MAX_CHARS_PER_TOKEN:
@@ -157,9 +160,12 @@ def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, 
             if any(not 0 <= t < vocab for t in ids):
                 raise Rejected(400, f"prompt token ids must be in [0, {vocab})")
         req = _prepare(body, ids, body.max_tokens)
-        return await _respond(request, req, body, "cmpl", "text_completion",
-                              lambda piece: {"text": piece, "logprobs": None},
-                              lambda text: {"text": text, "logprobs": None})
+        fmt = CompletionLogprobs(llm.tokenizer) if body.logprobs is not None else None
+
+        def choice(text, entries):
+            return {"text": text, "logprobs": fmt(entries) if fmt else None}
+
+        return await _respond(request, req, body, "cmpl", "text_completion", choice, choice)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -169,14 +175,18 @@ def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, 
         req = _prepare(body, ids, body.max_completion_tokens or body.max_tokens)
         first = [True]
 
-        def delta(piece):
+        def logprobs(entries):
+            return chat_logprobs(llm.tokenizer, entries) if body.logprobs else None
+
+        def delta(piece, entries):
             d = {"content": piece}
             if first[0]:
                 d, first[0] = {"role": "assistant", **d}, False
-            return {"delta": d, "logprobs": None}
+            return {"delta": d, "logprobs": logprobs(entries)}
 
         return await _respond(request, req, body, "chatcmpl", "chat.completion", delta,
-                              lambda text: {"message": {"role": "assistant", "content": text}, "logprobs": None})
+                              lambda text, entries: {"message": {"role": "assistant", "content": text},
+                                                     "logprobs": logprobs(entries)})
 
     async def _events(request: Request, req):
         """The request's events until done or error; cancels it when the client goes away (or on exit)."""
@@ -203,16 +213,17 @@ def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, 
                     "total_tokens": len(req.prompt) + req.generated}
 
         if not body.stream:
-            text, reason = [], None
+            text, entries, reason = [], [], None
             async for ev in _events(request, req):
                 if ev[0] == "text":
                     text.append(ev[1])
+                    entries.extend(ev[2])
                 elif ev[0] == "done":
                     reason = ev[1]
                 else:
                     return error(ev[1], ev[2])
-            return {**head, "choices": [{"index": 0, **final_choice("".join(text)), "finish_reason": reason}],
-                    "usage": usage()}
+            choice = {"index": 0, **final_choice("".join(text), entries), "finish_reason": reason}
+            return {**head, "choices": [choice], "usage": usage()}
 
         chunk_head = {**head, "object": obj + ".chunk"} if obj == "chat.completion" else head
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -224,9 +235,11 @@ def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, 
             try:
                 async for ev in _events(request, req):
                     if ev[0] == "text":
-                        yield sse({**chunk_head, "choices": [{"index": 0, **chunk_choice(ev[1]), "finish_reason": None}]})
+                        choice = {"index": 0, **chunk_choice(ev[1], ev[2]), "finish_reason": None}
+                        yield sse({**chunk_head, "choices": [choice]})
                     elif ev[0] == "done":
-                        yield sse({**chunk_head, "choices": [{"index": 0, **chunk_choice(""), "finish_reason": ev[1]}]})
+                        choice = {"index": 0, **chunk_choice("", []), "finish_reason": ev[1]}
+                        yield sse({**chunk_head, "choices": [choice]})
                         if include_usage:
                             yield sse({**chunk_head, "choices": [], "usage": usage()})
                     else:

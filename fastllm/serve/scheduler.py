@@ -1,4 +1,4 @@
-"""Continuous batching: one engine thread owns the model and a StaticKVCache of `max_seqs` rows, and between
+"""Continuous batching: one engine thread owns the model and a PagedKVCache of `max_seqs` rows, and between
 decode steps admits waiting requests into free rows, so that a new request joins the running batch instead of
 waiting for it to drain.
 
@@ -6,13 +6,17 @@ Each loop iteration:
     1. drop cancelled requests (client gone) and free their rows;
     2. admit waiting requests into the lowest free rows, all with one model.prefill(prompts, cache, rows=...)
        (the other rows are left alone), and sample each one's first token;
-    3. one model.decode step over rows [0, highest live row] (a StaticKVCache.first_rows view: rows past the
+    3. one model.decode step over rows [0, highest live row] (a PagedKVCache.first_rows view: rows past the
        last live one cost nothing) and sample every live row with its own parameters (sample_rows);
     4. each row's token goes through its TextStream (incremental text, stop strings); a row that produced EOS,
        a stop string or max_tokens tokens is finished and released, and its slot is free for step 2.
 Results reach each request's asyncio.Queue through loop.call_soon_threadsafe, as Event tuples:
-    ("text", piece)   ("done", finish_reason)  finish_reason "stop" (EOS or stop string) or "length"
+    ("text", piece, logprobs)   ("done", finish_reason)  finish_reason "stop" (EOS or stop string) or "length"
     ("error", http_status, message)
+logprobs: for a request that asked for them (Request.logprobs = k), the tokens behind this piece (those
+sampled since the previous piece; an EOS is not reported) as [(id, logprob, [(top id, logprob)] * k)], else [].
+Penalties are per row: the engine keeps, per cache row, the tokens seen (prompt + output; repetition penalty)
+and the generated-token counts (presence/frequency), allocated when a request first needs them.
 The KV cache is paged (runtime/kv_cache.PagedKVCache): `max_seqs` rows share a pool of `kv_cache_tokens`
 positions in blocks of `block_size`. Admission is first come, first served: the request at the head of the queue
 is admitted when a row is free and the pool has blocks for its prompt + max_tokens, which it reserves up front,
@@ -32,7 +36,7 @@ import torch
 
 from ..runtime.generate import TextStream
 from ..runtime.kv_cache import SCRATCH_BLOCK
-from ..runtime.sampling import SamplingParams, sample_rows
+from ..runtime.sampling import SamplingParams, sample_rows, token_logprobs
 
 
 DEFAULT_FULL_ROWS = 8  # the default pool holds this many sequences of context_len positions
@@ -61,6 +65,8 @@ class Request:
     stream: TextStream | None = None
     generator: torch.Generator | None = None
     last: int = 0               # the token the next decode step feeds
+    logprobs: int | None = None  # report log-probabilities with this many top alternatives (None: don't)
+    pending: list = field(default_factory=list)  # logprob entries not yet sent with a piece of text
 
     def send(self, *event) -> None:
         try:
@@ -111,6 +117,8 @@ class Engine:
         self.peak_running, self.cancelled = 0, 0     # counters for /health (and the tests)
         self.thread: threading.Thread | None = None
         self.dead: str | None = None                  # why the engine thread stopped on an unexpected error
+        self.seen: torch.Tensor | None = None         # (max_seqs, V) bool, rows with a repetition penalty
+        self.counts: torch.Tensor | None = None       # (max_seqs, V) int32, rows with presence/frequency
 
     # ---- the event-loop side -----------------------------------------------------------------------
     def check(self, n_prompt: int, max_tokens: int) -> None:
@@ -122,10 +130,16 @@ class Engine:
                                 f"and max_tokens asks for {max_tokens} more ({n_prompt + max_tokens} in all): "
                                 f"shorten the prompt or lower max_tokens")
 
-    def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop=()) -> Request:
-        """Queue a request (call on the event loop that will read its queue)."""
+    def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop=(),
+               logprobs: int | None = None) -> Request:
+        """Queue a request (call on the event loop that will read its queue); logprobs = k reports each
+        token's log-probability and the k most likely alternatives."""
         self.check(len(prompt), max_tokens)
-        req = Request(list(prompt), max_tokens, params, tuple(stop), asyncio.get_running_loop())
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= self.model.cfg.vocab_size):
+            raise Rejected(400, f"logprobs must be an int in [0, {self.model.cfg.vocab_size}], got {logprobs!r}")
+        req = Request(list(prompt), max_tokens, params, tuple(stop), asyncio.get_running_loop(),
+                      logprobs=logprobs)
         with self.cv:
             if self.dead is not None:
                 raise Rejected(503, f"the generation engine stopped: {self.dead}")
@@ -228,6 +242,7 @@ class Engine:
             for r in admit:
                 r.stream = TextStream(self.tokenizer, r.stop)
                 r.generator = r.params.generator(self.device)
+                self._reset_penalty_state(r)
             self._take(admit, logits)                                                  # (N, V)
         live = [r for r in self.rows if r is not None]
         if not live:
@@ -244,26 +259,72 @@ class Engine:
         logits = self.model.decode(tokens, view)                                       # (n, V)
         self._take(live, logits[[r.row for r in live]])
 
+    def _state(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The per-row penalty state `name` ("seen" or "counts"), (max_seqs, V), allocated on first use."""
+        if getattr(self, name) is None:
+            setattr(self, name, torch.zeros(self.max_seqs, self.model.cfg.vocab_size, dtype=dtype,
+                                            device=self.device))
+        return getattr(self, name)
+
+    def _reset_penalty_state(self, r: Request) -> None:
+        """A newly admitted request's row of the penalty state: its prompt seen, no token generated."""
+        if r.params.repetition_penalty != 1.0:
+            seen = self._state("seen", torch.bool)
+            seen[r.row] = False
+            seen[r.row, torch.tensor(r.prompt, device=self.device)] = True
+        if r.params.counts_tokens:
+            self._state("counts", torch.int32)[r.row] = 0
+
     def _take(self, reqs: list[Request], logits: torch.Tensor) -> None:
         """Sample each request's next token from its row of logits (N, V) and pass it on."""
-        tokens = sample_rows(logits.float(), [r.params for r in reqs], [r.generator for r in reqs]).tolist()
-        for r, t in zip(reqs, tokens):
+        rows = torch.tensor([r.row for r in reqs], device=self.device)
+        rep = self.seen is not None and any(r.params.repetition_penalty != 1.0 for r in reqs)
+        cnt = self.counts is not None and any(r.params.counts_tokens for r in reqs)
+        chosen = sample_rows(logits.float(), [r.params for r in reqs], [r.generator for r in reqs],
+                             self.seen[rows] if rep else None, self.counts[rows] if cnt else None)  # (N,)
+        if rep:
+            self.seen[rows, chosen] = True
+        if cnt:
+            self.counts[rows, chosen] += 1
+        entries = self._logprobs(reqs, logits, chosen)
+        for r, t, entry in zip(reqs, chosen.tolist(), entries):
             r.last, r.generated = t, r.generated + 1
             reason = None
             if t in self.eos_ids:
                 reason = "stop"
             else:
+                if entry is not None:
+                    r.pending.append(entry)
                 piece = r.stream.push(t)
                 if piece:
-                    r.send("text", piece)
+                    self._send_text(r, piece)
                 if r.stream.stopped:
                     reason = "stop"
             if reason is None and r.generated >= r.max_tokens:
                 reason = "length"
             if reason is not None:
                 tail = r.stream.finish()
-                if tail:
-                    r.send("text", tail)
+                if tail or r.pending:
+                    self._send_text(r, tail)
                 r.send("done", reason)
                 with self.cv:
                     self._release(r)
+
+    @staticmethod
+    def _send_text(r: Request, piece: str) -> None:
+        r.send("text", piece, r.pending)
+        r.pending = []
+
+    @staticmethod
+    def _logprobs(reqs: list[Request], logits: torch.Tensor, chosen: torch.Tensor) -> list:
+        """Per request, None or (chosen id, its logprob, [(id, logprob)] of its top `logprobs` tokens)."""
+        want = [i for i, r in enumerate(reqs) if r.logprobs is not None]
+        out = [None] * len(reqs)
+        if want:
+            idx = torch.tensor(want, device=logits.device)
+            k = max(reqs[i].logprobs for i in want)
+            lp, top_lp, top_ids = (x.tolist() for x in token_logprobs(logits[idx], chosen[idx], k))
+            for j, i in enumerate(want):
+                n = reqs[i].logprobs
+                out[i] = (int(chosen[i]), lp[j], list(zip(top_ids[j][:n], top_lp[j][:n])))
+        return out
