@@ -104,3 +104,13 @@ def test_greedy_generation_with_penalties_matches_reference(llm, penalties):
     assert got == reference_greedy(llm, prompt, 16, penalties.get("repetition_penalty", 1.0),
                                    penalties.get("presence_penalty", 0.0), penalties.get("frequency_penalty", 0.0))
     assert got != llm.generate_ids([prompt], max_new_tokens=16)[0]
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-30, 1e-8])
+def test_tiny_temperature_samples_the_argmax(temperature):
+    """A temperature just above 0 divides the logits into overflow: the best token must still win (no NaN)."""
+    logits = torch.tensor([[1.0, 3.0, -2.0, 2.5], [0.0, -1.0, 7.0, float("-inf")]])
+    for top_k, top_p in ((0, 1.0), (2, 0.9)):
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
+        got = sample(logits, params, generator=torch.Generator().manual_seed(0))
+        assert got.tolist() == [1, 2]

@@ -98,7 +98,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
         logits = penalize_counts(logits, counts, params.presence_penalty, params.frequency_penalty)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shifted so that the best logit is 0, and T at least the dtype's smallest normal (below it T would round to
+    # 0 in the logits' dtype): a tiny temperature sends the other logits to -inf, never to 0 / 0 or inf - inf.
+    t = max(params.temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / t
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
