@@ -31,7 +31,7 @@ _BACKENDS = {
     "attention_varlen": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "decode_attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "kv_cache_append": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
-    "qmatmul": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
+    "qmatmul": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["cuda", "triton", "torch"]},
     "linear_cross_entropy": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
 }
 
