@@ -18,10 +18,10 @@ dequantised weight would see it; fp16/bf16 tiles then run on the tensor cores, f
 Grid (M tiles, N tiles, splits); M tiles vary fastest, so programs that share a weight tile run together and
 the weight is read from DRAM about once. Program (i, j, s) owns rows [i BLOCK_M, ...) and columns
 [j BLOCK_N, ...) of y and the K range [s k_split, (s + 1) k_split). It steps through K by BLOCK_K, and each
-step by SUB_K = min(BLOCK_K, G): a sub-tile lies inside one group, so its scales (and mins) are one vector of
-BLOCK_N values. int4: byte i of a 16-byte block holds element i (low nibble) and 16 + i (high nibble); rather
-than interleave nibbles in registers, the low nibbles are multiplied with x's columns 32 (i // 16) + i % 16
-and the high nibbles with those + 16: two dots of SUB_K / 2 each, the same sum in another order.
+step by SUB_K = 32 elements: a sub-tile lies inside one group, so its scales (and mins) are one vector of
+BLOCK_N values. int4: a sub-tile is one 16-byte block per column, byte i holding element i (low nibble) and
+16 + i (high nibble); rather than interleave nibbles in registers, the low nibbles are multiplied with x's
+columns 0..15 of the block and the high nibbles with columns 16..31: two dots of 16, the same sum.
 Split-K (when the output tiles alone leave SMs idle, small M): each split writes its fp32 partial tile to a
 workspace (splits, M, N) and a second kernel sums the splits in order, adds the bias and rounds: deterministic.
 """
@@ -57,22 +57,30 @@ class QConfig:
 CONFIGS = {
     # (largest M of the bucket, fp32?): tile
     (16, False): QConfig(16, 64, 128, 4, 4),
-    (32, False): QConfig(32, 64, 128, 4, 4),
-    (64, False): QConfig(64, 128, 64, 4, 3),
+    (32, False): QConfig(32, 64, 64, 4, 4),
+    (64, False): QConfig(64, 128, 64, 8, 3),
     (None, False): QConfig(128, 128, 64, 8, 3),
-    (16, True): QConfig(16, 64, 64, 4, 3),
-    (32, True): QConfig(32, 64, 64, 4, 3),
-    (64, True): QConfig(64, 64, 32, 4, 2),
-    (None, True): QConfig(64, 64, 32, 4, 2),
+    (16, True): QConfig(16, 32, 64, 4, 3),
+    (32, True): QConfig(16, 32, 64, 4, 3),
+    (64, True): QConfig(64, 64, 32, 8, 2),
+    (None, True): QConfig(64, 64, 32, 8, 2),
 }
 """Tiles by M bucket (M <= 16, <= 32, <= 64, larger) and by fp32 or not.
 
 Small M is memory-bound (a Marlin-like regime): the tile is as tall as M needs (16, the smallest tl.dot tile,
 then 32), narrow in N (64) so that many programs stream the weight, and deep in K (128 elements: 64 bytes of
-int4 or 128 of int8 per weight row per step) with 4 stages of loads in flight. From M = 64 the tile grows
-toward a compute-bound GEMM's (128 x 128 x 64, 8 warps), since each weight tile is then reused by many rows.
-fp32 runs its dots as exact fp32 FMAs, which need far more registers: smaller tiles. Compiled for sm_90
-without a GPU by tests/test_qmatmul_triton.py (shared memory within the 227 KiB); NOT TIMED on a GPU yet."""
+int4 or 128 of int8 per weight row per step, 4 stages of loads in flight). From M = 64 the tile grows toward a
+compute-bound GEMM's (128 x 128 x 64, 8 warps), since each weight tile is then reused by many rows. fp32 runs
+its dots as exact fp32 FMAs, which need far more registers: smaller tiles.
+Chosen by compiling for sm_90a with Triton 3.9 without a GPU (tests/test_qmatmul_triton.py compile-check):
+fp16/bf16 tiles compile with no register spills (bf16, every format: 128-250 registers per thread), the
+M > 32 ones on wgmma; fp32 tiles spill at most 16 bytes; shared memory at most 32 KiB. NOT TIMED on a GPU."""
+
+SUB_K = tl.constexpr(32)
+"""Elements of K dequantised at a time: one int4 block (16 bytes of a weight row), so one group whatever G and
+one scale (and min) per column. 64- or 128-element sub-tiles made ptxas spill hundreds of bytes per thread at
+small M (the pipelined weight loads of every stage wait in registers), so the BLOCK_K step is unrolled over
+sub-tiles of 32 instead."""
 
 PROGRAMS_PER_SM = 2
 """Programs per SM the split-K heuristic aims at when the output tiles alone do not fill the GPU."""
@@ -115,8 +123,7 @@ def _group_vector(S, offs_n, ok, stride_n, g):
 @triton.jit
 def _qmm_kernel(X, W, S, MINS, B, Y, P, M, N, K, KH, G, sxm, sym, swn, ssn, k_split,
                 FMT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, DOT: tl.constexpr,
-                EXACT_BF16: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, EXACT_BF16: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of y (SPLIT: of the fp32 partial sums of K split program_id(2) in P)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -128,14 +135,13 @@ def _qmm_kernel(X, W, S, MINS, B, Y, P, M, N, K, KH, G, sxm, sym, swn, ssn, k_sp
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         for t in tl.static_range(BLOCK_K // SUB_K):
-            kb = k0 + t * SUB_K                            # a multiple of SUB_K, inside group kb // G
+            kb = k0 + t * SUB_K                            # a multiple of 32, inside group kb // G
             g = tl.minimum(kb, K - 1) // G                 # (clamped: a sub-tile past K has zero x anyway)
-            if FMT >= 2:  # int4: bytes [SUB_K / 2, BLOCK_N], two nibbles each
+            if FMT >= 2:  # int4: one 16-byte block per column, [16, BLOCK_N] bytes of two nibbles
                 j = tl.arange(0, SUB_K // 2)
-                k_lo = tl.max_contiguous(tl.multiple_of(kb + (j // 16) * 32 + j % 16, 16), 16)
-                x_ok = m_ok[:, None] & (k_lo < K)[None, :]
-                x_lo = tl.load(x_rows + k_lo[None, :], mask=x_ok, other=0.0)
-                x_hi = tl.load(x_rows + (k_lo + 16)[None, :], mask=x_ok, other=0.0)
+                x_ok = m_ok[:, None] & (kb + j < K)[None, :]
+                x_lo = tl.load(x_rows + (kb + j)[None, :], mask=x_ok, other=0.0)
+                x_hi = tl.load(x_rows + (kb + SUB_K // 2 + j)[None, :], mask=x_ok, other=0.0)
                 jb = kb // 2 + j
                 b = tl.load(w_cols + jb[:, None], mask=(jb < KH)[:, None] & n_ok[None, :], other=0)
                 d = _group_vector(S, offs_n, n_ok, ssn, g)[None, :]
@@ -198,7 +204,6 @@ def qmatmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, mins: tor
     m, k = x.shape
     n = data.shape[0]
     cfg = config or pick_config(m, n, k, x.dtype)
-    sub_k = cfg.block_k if fmt_code == I8_CHANNEL else min(cfg.block_k, group)
     grid_mn = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
     if splits is None:
         bits = 8 if fmt_code <= I8_GROUP else 4
@@ -212,7 +217,7 @@ def qmatmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, mins: tor
             x, data, scales, scales if mins is None else mins, out if bias is None else bias, out, part,
             m, n, k, k // 2, group, x.stride(0), out.stride(0), data.stride(0), scales.stride(0), k_split,
             FMT=fmt_code, HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, SUB_K=sub_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
         if splits > 1:
             _split_sum_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
                 part, out if bias is None else bias, out, m, n, out.stride(0), splits, HAS_BIAS=bias is not None,
