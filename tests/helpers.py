@@ -142,8 +142,8 @@ def compile_sm90(kernel, ptrs: dict, consts: dict, num_warps: int, num_stages: i
 
 def sm90_resources(compiled) -> dict:
     """{"shared": bytes, "registers": per thread, "stack": bytes per thread (register spills land there),
-    "wgmma": whether Hopper's warpgroup MMA is used} of a compile_sm90 result, the register figures read from its cubin by Triton's own
-    cuobjdump."""
+    "wgmma": whether Hopper's warpgroup MMA is used} of a compile_sm90 result, the register figures read from its
+    cubin by Triton's own cuobjdump."""
     import re
     import tempfile
 
