@@ -1,7 +1,8 @@
 """GGUF loading (fastllm/loading/gguf.py) with the bundled default model, SmolLM2-135M-Instruct (Q4_1/Q8_0),
 against transformers loading the same file (it dequantises it): tokenizer, chat template, fp32 logits,
-and 64 greedy tokens (FASTLLM_SLOW=1: about a minute here); plus clear errors for truncated files and unsupported architectures; which GGUF blocks stay quantised (CPU, and CUDA
-with float activations), and the kept blocks on the Triton GEMM."""
+and 64 greedy tokens (FASTLLM_SLOW=1: about a minute here); clear errors for truncated files and unsupported
+architectures; which GGUF blocks stay quantised (CPU, and CUDA with float activations), and the kept blocks
+on the Triton GEMM."""
 import os
 
 import pytest
