@@ -121,6 +121,16 @@ def _group_vector(S, offs_n, ok, stride_n, g):
 
 
 @triton.jit
+def _acc_dot(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b. Under the interpreter (DOT_INTERP) acc is fp64 and the whole K sum is exact up to one final
+    rounding: rounding each 16- or 32-deep partial dot to fp32 (as _common.dot does) would add an error the GPU's
+    fp32 MMA accumulation does not have."""
+    if DOT == 2:  # DOT_INTERP
+        return tl.dot(a.to(tl.float64), b.to(tl.float64)) + acc
+    return dot(a, b, acc, DOT)
+
+
+@triton.jit
 def _qmm_kernel(X, W, S, MINS, B, Y, P, M, N, K, KH, G, sxm, sym, swn, ssn, k_split,
                 FMT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, EXACT_BF16: tl.constexpr):
@@ -132,7 +142,10 @@ def _qmm_kernel(X, W, S, MINS, B, Y, P, M, N, K, KH, G, sxm, sym, swn, ssn, k_sp
     w_cols = W + offs_n.to(tl.int64)[None, :] * swn       # [1, BLOCK_N]: weight row n is column n of W^T
     k_start = tl.program_id(2) * k_split
     k_end = tl.minimum(k_start + k_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if DOT == 2:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         for t in tl.static_range(BLOCK_K // SUB_K):
             kb = k0 + t * SUB_K                            # a multiple of 32, inside group kb // G
@@ -152,8 +165,8 @@ def _qmm_kernel(X, W, S, MINS, B, Y, P, M, N, K, KH, G, sxm, sym, swn, ssn, k_sp
                 else:
                     mn = _group_vector(MINS, offs_n, n_ok, ssn, g)[None, :]
                     lo, hi = lo * d + mn, hi * d + mn
-                acc = dot(x_lo, to_out(lo, X, EXACT_BF16), acc, DOT)
-                acc = dot(x_hi, to_out(hi, X, EXACT_BF16), acc, DOT)
+                acc = _acc_dot(x_lo, to_out(lo, X, EXACT_BF16), acc, DOT)
+                acc = _acc_dot(x_hi, to_out(hi, X, EXACT_BF16), acc, DOT)
             else:  # int8: [SUB_K, BLOCK_N]
                 k = kb + tl.arange(0, SUB_K)
                 k_ok = k < K
@@ -161,7 +174,8 @@ def _qmm_kernel(X, W, S, MINS, B, Y, P, M, N, K, KH, G, sxm, sym, swn, ssn, k_sp
                 w = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0).to(tl.float32)
                 if FMT == 1:
                     w = w * _group_vector(S, offs_n, n_ok, ssn, g)[None, :]
-                acc = dot(xt, to_out(w, X, EXACT_BF16), acc, DOT)
+                acc = _acc_dot(xt, to_out(w, X, EXACT_BF16), acc, DOT)
+    acc = acc.to(tl.float32)
     if FMT == 0:  # per-channel scale, constant along K
         acc = acc * tl.load(S + offs_n, mask=n_ok, other=0.0)[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
