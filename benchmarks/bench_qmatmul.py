@@ -7,11 +7,13 @@ and torch._weight_int4pack_mm_for_cpu (int4, group 128), these two with bfloat16
 fast path); M in {1, 8}, (K, N) in {(4096, 4096),
 (4096, 11008)}. GPU (bfloat16): bf16 F.linear, torch._weight_int8pack_mm, torch._weight_int4pack_mm;
 M in {1, 8, 16, 128}, (K, N) in {(4096, 4096), (4096, 14336), (8192, 28672)}. On the GPU fastllm's
-act="float" figure for M <= 8 is the CUDA GEMV (csrc/cuda/qmatmul_gemv.cu); larger M and act="int8"
-still run the dequantise-then-matmul reference.
+act="float" figure is the dispatcher's choice: the CUDA GEMV (csrc/cuda/qmatmul_gemv.cu) for M <= 8, the
+Triton GEMM with dequantisation in the K loop (kernels/qmatmul.py) for M = 16 and 128; act="int8" still
+runs the dequantise-then-matmul reference there.
 fastllm variants: int8 (per-channel) and int4 (symmetric, group 128), each with float activations
-(act="float", exact weights) and int8 activations (act="int8", integer dot products). With
---benchmark-disable (CI) only the tiny case runs, once.
+(act="float", exact weights) and int8 activations (act="int8", integer dot products); on the GPU also
+"int8-triton" / "int4-triton", the Triton GEMM forced at every M (at M <= 8 against the GEMV's figure).
+With --benchmark-disable (CI) only the tiny case runs, once.
 """
 from __future__ import annotations
 
@@ -31,8 +33,12 @@ MS = [1, 8, 16, 128] if GPU else [1, 8]
 TINY = (1, 256, 256)  # (M, K, N): the case CI runs
 DTYPE = torch.bfloat16 if GPU else torch.float32
 INT4_GROUP = 128
-VARIANTS = {"int8": ("int8", None, "float"), "int8-act8": ("int8", None, "int8"),
-            "int4": ("int4", INT4_GROUP, "float"), "int4-act8": ("int4", INT4_GROUP, "int8")}
+VARIANTS = {"int8": ("int8", None, "float", None), "int8-act8": ("int8", None, "int8", None),
+            "int4": ("int4", INT4_GROUP, "float", None), "int4-act8": ("int4", INT4_GROUP, "int8", None)}
+"""name: (scheme, group size, act, forced backend or None for the dispatcher's choice)."""
+if GPU:
+    VARIANTS.update({"int8-triton": ("int8", None, "float", "triton"),
+                     "int4-triton": ("int4", INT4_GROUP, "float", "triton")})
 
 
 @functools.lru_cache(maxsize=2)
@@ -81,10 +87,15 @@ def _params():
 def test_qmatmul(benchmark, m, k, n, variant):
     if benchmark.disabled and (m, k, n) != TINY:
         pytest.skip("only the tiny case runs with --benchmark-disable")
-    scheme, group, act = VARIANTS[variant]
+    scheme, group, act, backend = VARIANTS[variant]
     q = fastllm.quantize(_torch_weights(k, n)[0], scheme, group)
     x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
-    compare(benchmark, lambda: fastllm.qmatmul(x, q, act=act), _peers(x, k, n, scheme), group=f"qmatmul-M{m}-K{k}-N{n}",
+
+    def run():
+        with fastllm.use_backend(backend) if backend else contextlib.nullcontext():
+            return fastllm.qmatmul(x, q, act=act)
+
+    compare(benchmark, run, _peers(x, k, n, scheme), group=f"qmatmul-M{m}-K{k}-N{n}",
             suite="qmatmul", impl=f"fastllm {variant}",
             case={"op": "qmatmul", "variant": variant, "shape": [m, k, n], "dtype": str(DTYPE)[6:]},
             work=q.nbytes, unit="GB/s", counted="bytes of fastllm's packed weight and scales, read once per call")

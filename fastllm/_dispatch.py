@@ -25,13 +25,13 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "attention_varlen": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "decode_attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "kv_cache_append": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
-    "qmatmul": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
+    "qmatmul": {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")},
     "linear_cross_entropy": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }
 # Backends that can be forced for an op beyond its preference list (Triton on CPU, for tests).
 FORCIBLE: dict[str, tuple[str, ...]] = {op: ("triton",) for op in ("softmax", "attention", "attention_varlen",
                                                              "decode_attention", "kv_cache_append",
-                                                             "linear_cross_entropy")}
+                                                             "linear_cross_entropy", "qmatmul")}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastllm_forced_backend", default=None)
 

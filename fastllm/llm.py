@@ -41,11 +41,11 @@ class LLM:
         device: default cuda when available, else cpu. dtype: default bfloat16 (float16 without bf16) on
         CUDA, float32 on CPU (the activations' dtype; quantised weights stay quantised).
         quantize: None, or "int8" / "int4" / "int4_asym": quantise the float linear layers at load
-        (fastllm.quantize_model; the output head stays float). On CPU a GGUF file's Q8_0/Q4_0/Q4_1 weights
-        are kept quantised as they are. act: the quantised layers' activation mode, "float" (exact) or
-        "int8" (activations quantised per block of 32: faster on CPU, as llama.cpp does).
-        tensor_parallel: shard the model across the initialised torch.distributed default group
-        (fastllm.parallel.shard_model; every rank loads the whole model first, then keeps its shard)."""
+        (fastllm.quantize_model; the output head stays float). A GGUF file's Q8_0/Q4_0/Q4_1 weights are
+        kept quantised as they are, on CPU and on CUDA with act="float". act: the quantised layers'
+        activation mode, "float" (exact) or "int8" (activations quantised per block of 32: faster on CPU, as
+        llama.cpp does). tensor_parallel: shard the model across the initialised torch.distributed default
+        group (fastllm.parallel.shard_model; every rank loads the whole model first, then keeps its shard)."""
         from .loading import default_model_path
 
         path = default_model_path() if path is None else os.fspath(path)

@@ -3,6 +3,7 @@ and the GPU, and the launch context."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -19,6 +20,19 @@ def interpreting(t: torch.Tensor) -> bool:
 def exact_bf16(t: torch.Tensor) -> bool:
     """Whether to_out must round bf16 by hand for outputs like t (only under the interpreter)."""
     return t.dtype == torch.bfloat16 and interpreting(t)
+
+
+CPU_SMS = 1
+"""'SMs' of the Triton interpreter (CPU tensors): it runs programs one after another, so heuristics that split
+work to fill a GPU's SMs give it few splits."""
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (CPU_SMS for CPU tensors, which the interpreter runs)."""
+    if device.type != "cuda":
+        return CPU_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def device_guard(t: torch.Tensor):

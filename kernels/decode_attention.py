@@ -29,14 +29,14 @@ Limits: Lq * Hq per batch entry and B at most 65535 (grid dims); int64 cache off
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cache_slots, device_guard, dot, kernel_flags, online_softmax_finish, online_softmax_step, to_out
+from ._common import (cache_slots, device_guard, dot, kernel_flags, online_softmax_finish, online_softmax_step, sm_count,
+                      to_out)
 
 __all__ = ["DecodeConfig", "pick_config", "num_splits_for", "decode_attention", "MAX_SPLITS", "MAX_HEAD_DIM"]
 
@@ -65,9 +65,6 @@ PROGRAMS_PER_SM = 2
 """Programs per SM the heuristic aims at when batch x kv heads is too small to fill the GPU: two resident
 programs per SM keep loads in flight while either one starts or finishes."""
 
-CPU_SMS = 1
-"""'SMs' of the Triton interpreter (CPU tensors): it runs programs one after another, so it gets few splits."""
-
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -90,13 +87,6 @@ def pick_config(d: int, cache_dtype: torch.dtype) -> DecodeConfig:
     return DecodeConfig(block_n=min(128, max(16, rows)))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return CPU_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _block_m(rows: int) -> int:
     return min(MAX_BLOCK_M, max(MIN_BLOCK_M, triton.next_power_of_2(max(rows, 1))))
 
@@ -106,7 +96,7 @@ def num_splits_for(programs: int, capacity: int, device: torch.device) -> int:
     positions: none while those programs fill the GPU; otherwise enough for PROGRAMS_PER_SM programs per SM,
     keeping at least SPLIT_MIN_TOKENS positions per split and at most MAX_SPLITS splits. Depends on shapes only
     (the lengths' values are on the device), so a CUDA graph captured once stays valid."""
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if programs == 0 or programs >= sms:
         return 1
     want = triton.cdiv(PROGRAMS_PER_SM * sms, programs)

@@ -31,7 +31,7 @@ _BACKENDS = {
     "attention_varlen": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "decode_attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "kv_cache_append": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
-    "qmatmul": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
+    "qmatmul": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["cuda", "triton", "torch"]},
     "linear_cross_entropy": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
 }
 
@@ -121,6 +121,11 @@ def compile_for_sm90(kernel, ptrs: dict, consts: dict, num_warps: int, num_stage
     """Shared memory (bytes) of a Triton kernel compiled ahead of time for sm_90 (H100), without a GPU. ptrs: the
     pointer arguments' types ("*bf16", ...); consts: the constexprs; scalars: types of other scalar arguments
     (default "i32"); consts the kernel does not take are ignored."""
+    return compile_sm90(kernel, ptrs, consts, num_warps, num_stages, scalars).metadata.shared
+
+
+def compile_sm90(kernel, ptrs: dict, consts: dict, num_warps: int, num_stages: int, scalars: dict | None = None):
+    """compile_for_sm90's compiled kernel itself (metadata, asm["ptx"], asm["cubin"]; see sm90_resources)."""
     import inspect
 
     import triton
@@ -131,6 +136,26 @@ def compile_for_sm90(kernel, ptrs: dict, consts: dict, num_warps: int, num_stage
     sig = {name: "constexpr" if name in consts else ptrs.get(name) or scalars.get(name, "i32")
            for name in inspect.signature(kernel.fn).parameters}
     consts = {k: v for k, v in consts.items() if k in sig}  # constexprs a variant shares with others
-    compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    return compiled.metadata.shared
+    return triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def sm90_resources(compiled) -> dict:
+    """{"shared": bytes, "registers": per thread, "stack": bytes per thread (register spills land there),
+    "wgmma": whether Hopper's warpgroup MMA is used} of a compile_sm90 result, the register figures read from its
+    cubin by Triton's own cuobjdump."""
+    import re
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump gave no resource usage: {usage[-500:]}")
+    return {"shared": compiled.metadata.shared, "registers": int(found[1]), "stack": int(found[2]),
+            "wgmma": "wgmma" in compiled.asm["ptx"]}

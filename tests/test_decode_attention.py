@@ -153,7 +153,7 @@ def test_num_splits_heuristic(monkeypatch):
     """With an H100's 132 SMs: split only while B x Hkv programs leave SMs idle, >= 256 positions per split."""
     from fastllm.kernels import decode_attention as kd
 
-    monkeypatch.setattr(kd, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(kd, "sm_count", lambda device: 132)
     cpu = torch.device("cpu")
     assert kd.num_splits_for(1 * 8, 4096, cpu) == 16  # limited by SPLIT_MIN_TOKENS
     assert kd.num_splits_for(1 * 8, 32768, cpu) == 33  # 2 programs per SM

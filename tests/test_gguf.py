@@ -1,6 +1,8 @@
 """GGUF loading (fastllm/loading/gguf.py) with the bundled default model, SmolLM2-135M-Instruct (Q4_1/Q8_0),
 against transformers loading the same file (it dequantises it): tokenizer, chat template, fp32 logits,
-and 64 greedy tokens (FASTLLM_SLOW=1: about a minute here); plus clear errors for truncated files and unsupported architectures."""
+and 64 greedy tokens (FASTLLM_SLOW=1: about a minute here); clear errors for truncated files and unsupported
+architectures; which GGUF blocks stay quantised (CPU, and CUDA with float activations), and the kept blocks
+on the Triton GEMM."""
 import os
 
 import pytest
@@ -96,3 +98,51 @@ def test_unsupported_architecture(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="unsupported architecture 'bert'"):
         load_gguf(path, "cpu", torch.float32)
+
+
+def test_gguf_blocks_stay_quantised_where_kernels_run_them(monkeypatch):
+    """Q8_0/Q4_0/Q4_1 linear weights stay quantised on CPU, and on CUDA with float activations when the Triton
+    GEMM is there (the GEMV and the GEMM run them); embeddings, other block types, act="int8" on CUDA and a
+    CUDA without Triton expand them at load. No GPU needed: the decision only reads the device type."""
+    from types import SimpleNamespace
+
+    from fastllm.loading import gguf as loader
+
+    def t(name):
+        return SimpleNamespace(tensor_type=SimpleNamespace(name=name))
+
+    wq = "layers.0.attention.wq.weight"
+    monkeypatch.setattr(loader._backend, "why_not", lambda backend, device: None)
+    assert all(loader._keep_quantised(t(q), wq, dev, "float") for q in ("Q8_0", "Q4_0", "Q4_1")
+               for dev in ("cpu", "cuda"))
+    assert loader._keep_quantised(t("Q4_1"), wq, "cpu", "int8")
+    assert not loader._keep_quantised(t("Q4_1"), wq, "cuda", "int8")
+    assert not loader._keep_quantised(t("Q6_K"), wq, "cuda", "float")
+    assert not loader._keep_quantised(t("Q8_0"), "tok_embeddings.weight", "cuda", "float")
+    monkeypatch.setattr(loader._backend, "why_not", lambda backend, device: "triton unavailable")
+    assert not loader._keep_quantised(t("Q4_1"), wq, "cuda", "float")
+
+
+def test_gguf_layers_on_the_triton_gemm(llm):
+    """The model's own GGUF-derived weights (Q4_1 and Q8_0 blocks as kept) through the Triton GEMM (interpreted
+    here, as it runs them on CUDA) agree with the C++ kernels and the float64 reference."""
+    from helpers import assert_close, randn, running_on
+
+    from fastllm.nn import QuantLinear
+    from fastllm.reference import qmatmul_fwd
+
+    seen = {}  # scheme -> its first layer (Q8_0 is the 49152-row output head here)
+    for module in llm.model.modules():
+        if isinstance(module, QuantLinear):
+            seen.setdefault(module.format.scheme, module.quantized_weight())
+    assert set(seen) == {"int4_asym", "int8"}, seen.keys()
+    for q in seen.values():
+        rows = 40  # of the weight's output rows (whole rows: the blocks stay as they are; the interpreter is slow)
+        q = fastllm.QuantizedWeight(q.data[:rows], q.scales[:rows], None if q.mins is None else q.mins[:rows],
+                                    q.scheme, q.group_size, (rows, q.shape[1]))
+        x = randn((9, q.shape[1]), torch.float32, "cpu", seed=3)
+        with running_on("triton"):
+            ours = fastllm.qmatmul(x, q)
+        with running_on("cpu"):
+            theirs = fastllm.qmatmul(x, q)
+        assert_close(q.scheme, ours, theirs, qmatmul_fwd(x.double(), q.data, q.scales, q.mins, None, q.format))

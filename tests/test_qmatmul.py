@@ -1,8 +1,9 @@
-"""fastllm.qmatmul on every backend (C++ AVX2, C++ scalar, CUDA GEMV, torch reference) against
-dequantise-then-matmul in float64, both activation modes, every format, odd M and N, several K;
-gradients, strides, empty input, bad input, opcheck and torch.compile. The CUDA kernel takes
-act="float" and M <= 8 only: its cases outside that skip (the dispatcher sends them to the
-reference, test_cuda_dispatch_limits)."""
+"""fastllm.qmatmul on every backend (C++ AVX2, C++ scalar, CUDA GEMV, Triton GEMM, torch reference)
+against dequantise-then-matmul in float64, both activation modes, every format, odd M and N, several
+K; gradients, strides, empty input, bad input, opcheck and torch.compile. The CUDA GEMV takes
+act="float" and M <= 8 only, the Triton GEMM act="float" only: their cases outside that skip (the
+dispatcher sends them elsewhere, test_cuda_dispatch_limits). tests/test_qmatmul_triton.py has the
+Triton kernel's own tile, split-K and compile checks."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,10 @@ def _torch_peer(x, q, b, act):
 
 
 def _takes(backend, m, act):
-    """Whether `backend` has a kernel for M rows of x in mode act (the CUDA GEMV: float, M <= 8)."""
+    """Whether `backend` has a kernel for M rows of x in mode act (the CUDA GEMV: float, M <= 8; the
+    Triton GEMM: float)."""
+    if backend == "triton":
+        return act == "float"
     return backend != "cuda" or (act == "float" and m <= CUDA_GEMV_MAX_M)
 
 
@@ -193,13 +197,16 @@ def test_cuda_gemv_every_row_count_and_k_tile(dtype, scheme, group):
 
 @needs_cuda
 def test_cuda_dispatch_limits():
-    """CUDA calls the GEMV cannot take run the reference, and the dispatch log says why."""
+    """On CUDA: M <= 8 runs the GEMV (when built), more rows the Triton GEMM, act="int8" the reference; the
+    dispatch log says why a faster backend was passed over."""
     q = fastllm.quantize(randn((8, 64), torch.float32, "cuda", seed=1), "int4", 32)
-    for m, act, reason in [(1, "float", None), (CUDA_GEMV_MAX_M + 1, "float", "M = 9"), (1, "int8", "act")]:
+    gemv = "cuda" if _backend.why_not("cuda", torch.device("cuda")) is None else "triton"
+    for m, act, backend, reason in [(1, "float", gemv, None), (CUDA_GEMV_MAX_M + 1, "float", "triton", "M = 9"),
+                                    (1, "int8", "torch", "act")]:
         fastllm.qmatmul(randn((m, 64), torch.float16, "cuda", seed=2), q, act=act)
         log = fastllm.dispatch_log()["qmatmul"]
-        assert log["backend"] == ("cuda" if reason is None else "torch"), (m, act, log)
-        assert reason is None or reason in log["skipped"]["cuda"], log
+        assert log["backend"] == backend, (m, act, log)
+        assert reason is None or gemv != "cuda" or reason in log["skipped"]["cuda"], log
 
 
 @pytest.mark.skipif(not getattr(_backend.extension(), "has_cuda", False), reason="fastllm._C built without CUDA")

@@ -2,9 +2,11 @@
 the tokenizer embedded in it (tokenizer.ggml.* and tokenizer.chat_template, rebuilt by
 gguf_tokenizer.py), and the tensors, renamed through fastllm/loading/names.py.
 
-Tensors: F32/F16 are read from the memory map. On CPU, linear weights in Q8_0/Q4_0/Q4_1 stay quantised
-(converted exactly into fastllm's packed layout, run by fastllm.qmatmul); other quantised blocks (K-quants,
-...), embeddings and everything on CUDA are dequantised to the model dtype by `dequantized`. GGUF lists
+Tensors: F32/F16 are read from the memory map. Linear weights in Q8_0/Q4_0/Q4_1 stay quantised (converted
+exactly into fastllm's packed layout, run by fastllm.qmatmul) on CPU, and on CUDA with float activations
+when the Triton kernels are available (the CUDA GEMV takes decode's few rows, the Triton GEMM prefill's
+many); other quantised blocks (K-quants, ...), embeddings and the rest are dequantised to the model dtype
+by `dequantized`. GGUF lists
 dims innermost first; the numpy arrays are (rows, cols) as
 torch's Linear weight (out_features, in_features).
 
@@ -19,6 +21,7 @@ import os
 import numpy as np
 import torch
 
+from .. import _backend
 from ..models import ModelConfig, build_model
 from .gguf_tokenizer import tokenizer_from_metadata
 from .names import name_map
@@ -102,12 +105,21 @@ KEPT_QUANTISED = ("Q8_0", "Q4_0", "Q4_1")
 """GGUF block types fastllm's qmatmul reads as they are (fastllm/quant/gguf.py converts them exactly)."""
 
 
-def _keep_quantised(tensor, ours: str, device) -> bool:
+def _runs_quantised(device, act: str) -> bool:
+    """Whether qmatmul has kernels for quantised layers on `device` in mode `act`: the C++ kernels on CPU
+    (both modes); on CUDA the GEMV and the Triton GEMM, float activations only (elsewhere qmatmul would
+    dequantise the weight on every call, so the weights are expanded once at load instead)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and act == "float" and _backend.why_not("triton", device) is None
+
+
+def _keep_quantised(tensor, ours: str, device, act: str = "float") -> bool:
     """Whether this GGUF tensor becomes a QuantLinear weight: a linear layer's weight in one of the block
-    types fastllm's CPU kernels run (on CUDA, qmatmul still runs the dequantising reference, so the weights
-    are expanded at load instead)."""
-    return (torch.device(device).type == "cpu" and tensor.tensor_type.name in KEPT_QUANTISED
-            and ours.endswith(".weight") and not ours.startswith("tok_embeddings"))
+    types fastllm's kernels run as they are, on a device and mode with such kernels (_runs_quantised)."""
+    return (tensor.tensor_type.name in KEPT_QUANTISED and ours.endswith(".weight")
+            and not ours.startswith("tok_embeddings") and _runs_quantised(device, act))
 
 
 def _rows_unpermuted(q, n_heads: int):
@@ -120,8 +132,9 @@ def _rows_unpermuted(q, n_heads: int):
 
 
 def load_gguf(path: str, device, dtype: torch.dtype, act: str = "float"):
-    """(model, tokenizer, config) from a GGUF file. On CPU, Q8_0/Q4_0/Q4_1 linear weights stay quantised
-    (fastllm.nn.QuantLinear, activation mode `act`); a quantised token embedding tied to the output head
+    """(model, tokenizer, config) from a GGUF file. Q8_0/Q4_0/Q4_1 linear weights stay quantised
+    (fastllm.nn.QuantLinear, activation mode `act`) on CPU, and on CUDA for act="float" (_runs_quantised);
+    a quantised token embedding tied to the output head
     gives the head its own QuantLinear on the same blocks and a dense copy for the embedding lookup."""
     from ..quant import from_gguf
 
@@ -137,7 +150,7 @@ def load_gguf(path: str, device, dtype: torch.dtype, act: str = "float"):
         heads = cfg.n_heads if ours.endswith(("wq.weight", "wq.bias")) else \
             cfg.n_kv_heads if ours.endswith(("wk.weight", "wk.bias")) else None
         tied_head = ours == "tok_embeddings.weight" and cfg.tie_word_embeddings
-        if _keep_quantised(t, ours, device) or (tied_head and _keep_quantised(t, "lm_head.weight", device)):
+        if _keep_quantised(t, ours, device, act) or (tied_head and _keep_quantised(t, "lm_head.weight", device, act)):
             rows, cols = int(t.shape[1]), int(t.shape[0])
             q = from_gguf(np.array(t.data), t.tensor_type.name, shape=(rows, cols))
             quantized["lm_head" if tied_head else ours[:-len(".weight")]] = \

@@ -8,10 +8,11 @@ Activation modes (act=):
       even) and the block dot products are integer (llama.cpp's CPU scheme): faster on the CPU, at
       the cost of the activations' quantisation error (about 0.4% of each block's max |x|).
 Backends: the C++ CPU kernels (AVX2/FMA chosen at run time, OpenMP) for float32/float16/bfloat16 x
-on the CPU; on CUDA the GEMV kernel (csrc/cuda/qmatmul_gemv.cu) for act="float" and at most
-CUDA_GEMV_MAX_M rows of x; anything else (larger M on CUDA until the tensor-core GEMM lands,
-act="int8" on CUDA, float64) runs the pure-torch reference, dequantise-then-matmul (the dispatch
-log records why). Output in x's dtype, float32 accumulation.
+on the CPU; on CUDA, for act="float", the GEMV kernel (csrc/cuda/qmatmul_gemv.cu) for at most
+CUDA_GEMV_MAX_M rows of x and the Triton GEMM (kernels/qmatmul.py: dequantisation in the K loop,
+tensor cores for float16/bfloat16) for more rows, or for any M when the extension lacks CUDA;
+anything else (act="int8" on CUDA, float64) runs the pure-torch reference, dequantise-then-matmul
+(the dispatch log records why). Output in x's dtype, float32 accumulation.
 Autograd: dx = dy @ dequantize(W) (the int8 mode passes the gradient straight through its
 activation rounding), dbias = sum of dy; the packed weight gets no gradient.
 """
@@ -26,22 +27,25 @@ from .._dispatch import select
 from ..quant.formats import Format, dequantize
 from ..quant.quantize import QuantizedWeight
 from ..reference.qmatmul import ACT_MODES
-from ._common import as_rows, call_op, check_same_device, check_tensor, code, new_output, ptr, run_c
+from ._common import as_rows, call_op, check_same_device, check_tensor, code, kernels, new_output, ptr, run_c
 
 
 CUDA_GEMV_MAX_M = 8
 """Rows of x the CUDA GEMV takes (fastllm._C.cuda_qmatmul_max_m; the weight is read once for all)."""
 
 
-def _cuda_limit(m: int, act: str, data: torch.Tensor) -> str | None:
-    """Why the CUDA kernel cannot take this call, or None."""
+def _limits(m: int, act: str, data: torch.Tensor) -> dict[str, str | None]:
+    """Why the CUDA GEMV and the Triton GEMM cannot take this call (None: they can)."""
     if act != "float":
-        return f"act={act!r} has no CUDA kernel"
+        reason = f"act={act!r} has no GPU kernel"
+        return {"cuda": reason, "triton": reason}
     if m > CUDA_GEMV_MAX_M:
-        return f"M = {m} rows > {CUDA_GEMV_MAX_M}: the CUDA tensor-core GEMM for larger M is not written yet"
-    if data.data_ptr() % 16:
-        return "qweight.data is not 16-byte aligned (the kernel reads it with 128-bit loads)"
-    return None
+        cuda = f"M = {m} rows > {CUDA_GEMV_MAX_M}: the GEMV takes few rows (the Triton GEMM takes more)"
+    elif data.data_ptr() % 16:
+        cuda = "qweight.data is not 16-byte aligned (the kernel reads it with 128-bit loads)"
+    else:
+        cuda = None
+    return {"cuda": cuda, "triton": None}
 
 
 def _format(scheme: str, group_size: int) -> Format:
@@ -56,10 +60,13 @@ def _qmatmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, mins: Op
     x2 = as_rows(x)
     m, k = x2.shape
     n = data.shape[0]
-    backend = select("qmatmul", x, bias, limits={"cuda": _cuda_limit(m, act, data)}) if m else "torch"
+    backend = select("qmatmul", x, bias, limits=_limits(m, act, data)) if m else "torch"
     if backend == "torch":
         return reference.qmatmul_fwd(x2, data, scales, mins, bias, fmt, act).view(*x.shape[:-1], n)
     y = new_output((m, n), x.dtype, x.device)
+    if backend == "triton":
+        kernels().qmatmul.qmatmul(x2, data, scales, mins, bias, fmt.code, fmt.group(k), y)
+        return y.view(*x.shape[:-1], n)
     mode = (act == "int8",) if backend == "cpu" else ()  # the CUDA kernel has the float mode only
     run_c(backend, "qmatmul", x.device, ptr(x2), x2.stride(0), ptr(data), ptr(scales), ptr(mins), ptr(bias), ptr(y),
           y.stride(0), m, n, k, fmt.group(k), fmt.code, *mode, code(x))
