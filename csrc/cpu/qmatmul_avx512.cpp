@@ -185,16 +185,20 @@ void rows_int8(const QMatmulArgs& a, const Acts& p, const WRow& r, int64_t m0, i
   }
 }
 
-// Float mode: the 32 values of block b as two vectors of 16 floats, formats.py's dequantisation
-// (per-channel int8: q).
+// Float mode, int4: the dequantised value of every u in [0, 15] for group g (exact, as formats.py).
 template <QFormat F>
-inline void dequant_block(const WRow& r, int64_t b, __m512& w0, __m512& w1) {
+inline __m512 int4_table(const WRow& r, int64_t g) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 d = _mm512_set1_ps(r.d[g]);
+  if constexpr (F == QFormat::I4) return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0f)), d);
+  else return _mm512_fmadd_ps(iota, d, _mm512_set1_ps(r.m[g]));  // u d exact, + m rounded once
+}
+
+// Float mode: the 32 values of block b as two vectors of 16 floats, formats.py's dequantisation
+// (per-channel int8: q); int4 reads the block's group table.
+template <QFormat F>
+inline void dequant_block(const WRow& r, int64_t b, __m512 table, __m512& w0, __m512& w1) {
   if constexpr (kInt4<F>) {
-    const float d = r.d[b >> r.gshift];
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 table = F == QFormat::I4
-                             ? _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0f)), _mm512_set1_ps(d))
-                             : _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(r.m[b >> r.gshift]));
     const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.q + b * 16)));
     w0 = _mm512_permutexvar_ps(u, table);  // vpermps reads the low 4 bits: the low nibble
     w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table);
@@ -238,9 +242,14 @@ void rows_float(const FloatActs& p, const WRow& r, int64_t m0, int64_t b0, int64
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
   const float* x = p.x + m0 * p.rs;
+  int64_t tg = -1;  // the group whose int4 table is built
+  __m512 table = _mm512_setzero_ps();
   auto block = [&](int64_t b, int u) {
+    if constexpr (kInt4<F>) {
+      if ((b >> r.gshift) != tg) table = int4_table<F>(r, tg = b >> r.gshift);
+    }
     __m512 w0, w1;
-    dequant_block<F>(r, b, w0, w1);
+    dequant_block<F>(r, b, table, w0, w1);
     for (int i = 0; i < MT; ++i) {
       const float* xi = x + i * p.rs + b * p.bs;
       acc[i][2 * u] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc[i][2 * u]);
