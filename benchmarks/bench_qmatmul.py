@@ -10,7 +10,8 @@ M in {1, 8, 16, 128}, (K, N) in {(4096, 4096), (4096, 14336), (8192, 28672)}. On
 act="float" figure for M <= 8 is the CUDA GEMV (csrc/cuda/qmatmul_gemv.cu); larger M and act="int8"
 still run the dequantise-then-matmul reference.
 fastllm variants: int8 (per-channel) and int4 (symmetric, group 128), each with float activations
-(act="float", exact weights) and int8 activations (act="int8", integer dot products). With
+(act="float", exact weights) and int8 activations (act="int8", integer dot products). On a CPU with
+AVX-512 VNNI fastllm runs its AVX-512 path; FASTLLM_DISABLE_AVX512=1 times the AVX2 one instead. With
 --benchmark-disable (CI) only the tiny case runs, once.
 """
 from __future__ import annotations

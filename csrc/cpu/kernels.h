@@ -1,6 +1,6 @@
 // Private to csrc/cpu: argument bundles shared by the scalar and SIMD paths, the AVX2 and AVX-512
-// entry points (defined in *_avx2.cpp / *_avx512.cpp), element storage types, dtype/flag dispatch, and the fixed row
-// partition that makes the column reductions of the backward passes deterministic.
+// entry points (defined in *_avx2.cpp / *_avx512.cpp), element storage types, dtype/flag dispatch,
+// and the fixed row partition that makes the column reductions of the backward passes deterministic.
 //
 // Everything defined here (not just declared) has internal linkage, so a copy compiled into an
 // *_avx2.cpp (or *_avx512.cpp) file with -mavx2 can never be chosen by the linker for a scalar file.

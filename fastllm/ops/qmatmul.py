@@ -7,7 +7,7 @@ Activation modes (act=):
   "int8": each row of x is quantised per block of 32 along K (dx = max|x| / 127, round half to
       even) and the block dot products are integer (llama.cpp's CPU scheme): faster on the CPU, at
       the cost of the activations' quantisation error (about 0.4% of each block's max |x|).
-Backends: the C++ CPU kernels (AVX2/FMA chosen at run time, OpenMP) for float32/float16/bfloat16 x
+Backends: the C++ CPU kernels (AVX-512 VNNI or AVX2/FMA chosen at run time, OpenMP) for float32/float16/bfloat16 x
 on the CPU; on CUDA the GEMV kernel (csrc/cuda/qmatmul_gemv.cu) for act="float" and at most
 CUDA_GEMV_MAX_M rows of x; anything else (larger M on CUDA until the tensor-core GEMM lands,
 act="int8" on CUDA, float64) runs the pure-torch reference, dequantise-then-matmul (the dispatch
