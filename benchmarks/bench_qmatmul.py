@@ -13,7 +13,8 @@ runs the dequantise-then-matmul reference there.
 fastllm variants: int8 (per-channel) and int4 (symmetric, group 128), each with float activations
 (act="float", exact weights) and int8 activations (act="int8", integer dot products); on the GPU also
 "int8-triton" / "int4-triton", the Triton GEMM forced at every M (at M <= 8 against the GEMV's figure).
-With --benchmark-disable (CI) only the tiny case runs, once.
+On a CPU with AVX-512 VNNI fastllm runs its AVX-512 path; FASTLLM_DISABLE_AVX512=1 times the AVX2 one
+instead. With --benchmark-disable (CI) only the tiny case runs, once.
 """
 from __future__ import annotations
 

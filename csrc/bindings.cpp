@@ -252,8 +252,12 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("cpu_has_avx2_fma", &fastllm::cpu_has_avx2_fma, "CPU supports AVX2 and FMA");
   m.def("cpu_use_avx2", &fastllm::cpu_use_avx2, "the AVX2/FMA paths are in use");
+  m.def("cpu_has_avx512_vnni", &fastllm::cpu_has_avx512_vnni, "CPU and OS support AVX-512 F/BW/VL/VNNI");
+  m.def("cpu_simd_level", &fastllm::cpu_simd_level, "SIMD level in use: 0 scalar, 1 avx2, 2 avx512");
+  m.def("set_cpu_simd_max", &fastllm::set_cpu_simd_max, py::arg("level"),
+        "cap the SIMD level (0 scalar, 1 avx2, 2 avx512: no cap); the tests run every path this way");
   m.def("set_cpu_simd_enabled", &fastllm::set_cpu_simd_enabled, py::arg("enabled"),
-        "switch the AVX2/FMA paths off (False) to run the scalar paths, or back on");
+        "switch the SIMD paths off (False) to run the scalar paths, or back on");
 
   m.def("advise_huge_pages", &fastllm::advise_huge_pages, py::arg("ptr"), py::arg("nbytes"),
         "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of a fresh CPU buffer, before it is written");

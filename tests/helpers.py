@@ -22,7 +22,8 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
 
-# Backends each op can run on, per device type ("cpu-scalar": the C++ kernels with AVX2 switched off).
+# Backends each op can run on, per device type ("cpu": the C++ kernels at the best SIMD level of this CPU,
+# "cpu-avx2": capped at AVX2 (ops with an AVX-512 path), "cpu-scalar": with SIMD switched off).
 _BACKENDS = {
     "softmax": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},
     "layer_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
@@ -31,7 +32,7 @@ _BACKENDS = {
     "attention_varlen": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "decode_attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "kv_cache_append": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
-    "qmatmul": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["cuda", "triton", "torch"]},
+    "qmatmul": {"cpu": ["cpu", "cpu-avx2", "cpu-scalar", "triton", "torch"], "cuda": ["cuda", "triton", "torch"]},
     "linear_cross_entropy": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
 }
 
@@ -44,15 +45,16 @@ def device_backends(op: str):
 
 @contextlib.contextmanager
 def running_on(backend: str):
-    """Force `backend` for the ops in this block ("cpu-scalar" also switches AVX2 off)."""
+    """Force `backend` for the ops in this block ("cpu-scalar" / "cpu-avx2" also cap the SIMD level)."""
     ext = _backend.extension()
-    if backend == "cpu-scalar":
-        ext.set_cpu_simd_enabled(False)
+    caps = {"cpu-scalar": 0, "cpu-avx2": 1}
+    if backend in caps:
+        ext.set_cpu_simd_max(caps[backend])
         try:
             with fastllm.use_backend("cpu"):
                 yield
         finally:
-            ext.set_cpu_simd_enabled(True)
+            ext.set_cpu_simd_max(2)
     else:
         with fastllm.use_backend(backend):
             yield

@@ -16,8 +16,10 @@ from helpers import DTYPES, assert_close, device_backends, needs_cuda, randn, ru
 
 FORMATS = [("int8", None), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128), ("int4_asym", 32),
            ("int4_asym", 128)]
-SHAPES = [(1, 1, 128), (3, 37, 256), (9, 19, 384), (17, 5, 128), (2, 33, 2048), (4, 7, 32),
-          (5, 9, 160)]  # (M, N, K): K = 32 and 160 give an odd number of 32-blocks
+SHAPES = [(1, 13, 128), (3, 37, 256), (9, 19, 384), (17, 1, 128), (2, 33, 2048), (4, 7, 32),
+          (5, 9, 160)]  # (M, N, K): K = 32 and 160 give an odd number of 32-blocks. No case has a single
+# output: the RMS rule compares with torch's error on the same outputs, and for one output that is a
+# coin toss (torch's one sum may round almost exactly: every CPU path then misses 3-9% of random draws)
 
 
 def _case(m, n, k, dtype, device, seed, scheme, group, with_bias):
@@ -74,7 +76,7 @@ def test_int8_activation_quantisation_is_bit_identical():
     x = torch.randn(3, k) * 3
     x[0, :32] = torch.arange(32) - 15.5  # amax 15.5 makes x * 127 / amax hit many .5 ties
     q = fastllm.QuantizedWeight(torch.eye(k, dtype=torch.int8), torch.ones(k, 1), None, "int8", None, (k, k))
-    for backend in ("cpu", "cpu-scalar"):
+    for backend in ("cpu", "cpu-avx2", "cpu-scalar"):
         with running_on(backend):
             y = fastllm.qmatmul(x, q, act="int8")
         assert torch.equal(y, dequantize_activations(*quantize_activations(x))), backend

@@ -1,15 +1,28 @@
-// Run-time CPU feature detection (CPUID through the compiler's builtins).
+// Run-time CPU feature detection (CPUID through the compiler's builtins, XGETBV for the OS state).
 #pragma once
 
 namespace fastllm {
 
-// True when the CPU and OS support AVX2 and FMA.
-bool cpu_has_avx2_fma();
+// SIMD levels of the CPU kernels, in order: a level's files run only when the CPU and OS support
+// it and it is not above the cap (set_cpu_simd_max).
+//   0 scalar   portable C++
+//   1 avx2     *_avx2.cpp: AVX2, FMA, F16C
+//   2 avx512   *_avx512.cpp: AVX-512 F/BW/VL/VNNI (zmm and opmask state enabled by the OS)
+enum SimdLevel : int { kSimdScalar = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
 
-// True when the *_avx2.cpp paths should run: the CPU supports them and they were not
-// switched off (FASTLLM_DISABLE_AVX2=1 at load time, or set_cpu_simd_enabled(false),
-// which the tests use to check the scalar paths on an AVX2 machine).
-bool cpu_use_avx2();
+// True when the CPU and OS support AVX2 and FMA (and F16C).
+bool cpu_has_avx2_fma();
+// True when the CPU supports AVX-512 F/BW/VL/VNNI and the OS saves the zmm and opmask registers.
+bool cpu_has_avx512_vnni();
+
+// The highest level the CPU supports, capped by set_cpu_simd_max (default: no cap; the
+// environment variables FASTLLM_DISABLE_AVX2=1 / FASTLLM_DISABLE_AVX512=1 cap it at load time
+// to scalar / avx2). The tests use the cap to run every path on one machine.
+int cpu_simd_level();
+void set_cpu_simd_max(int level);
+inline bool cpu_use_avx2() { return cpu_simd_level() >= kSimdAvx2; }
+inline bool cpu_use_avx512() { return cpu_simd_level() >= kSimdAvx512; }
+// set_cpu_simd_max(enabled ? avx512 : scalar), kept for the tests that switch SIMD off.
 void set_cpu_simd_enabled(bool enabled);
 
 }  // namespace fastllm

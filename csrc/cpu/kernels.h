@@ -1,9 +1,9 @@
-// Private to csrc/cpu: argument bundles shared by the scalar and AVX2 paths, the AVX2 entry
-// points (defined in *_avx2.cpp), element storage types, dtype/flag dispatch, and the fixed row
-// partition that makes the column reductions of the backward passes deterministic.
+// Private to csrc/cpu: argument bundles shared by the scalar and SIMD paths, the AVX2 and AVX-512
+// entry points (defined in *_avx2.cpp / *_avx512.cpp), element storage types, dtype/flag dispatch,
+// and the fixed row partition that makes the column reductions of the backward passes deterministic.
 //
 // Everything defined here (not just declared) has internal linkage, so a copy compiled into an
-// *_avx2.cpp file with -mavx2 can never be chosen by the linker for a scalar file.
+// *_avx2.cpp (or *_avx512.cpp) file with -mavx2 can never be chosen by the linker for a scalar file.
 #pragma once
 #include <omp.h>
 
@@ -77,6 +77,10 @@ void softmax_fwd(const SoftmaxArgs& a);
 void softmax_bwd(const SoftmaxArgs& a);
 void qmatmul(const QMatmulArgs& a);
 }  // namespace avx2
+
+namespace avx512 {  // *_avx512.cpp, chosen by cpu_use_avx512()
+void qmatmul(const QMatmulArgs& a);
+}  // namespace avx512
 
 namespace {
 

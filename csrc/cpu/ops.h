@@ -2,7 +2,8 @@
 // inner stride is 1; *_stride is the distance between rows in elements. x/y/dy/dx use
 // the element type `dt`; weight and bias use `dt` too; mean/rstd/dweight/dbias are fp32.
 // Optional pointers may be nullptr. Each function has a scalar path and an AVX2/FMA
-// path (files *_avx2.cpp, compiled with -mavx2 -mfma) chosen by cpu_use_avx2(), and
+// path (files *_avx2.cpp, compiled with -mavx2 -mfma) chosen by cpu_use_avx2() (qmatmul also an
+// AVX-512 VNNI path, qmatmul_avx512.cpp, chosen by cpu_use_avx512()), and
 // parallelises over rows with OpenMP. Arguments are checked in bindings.cpp.
 #pragma once
 #include <cstdint>

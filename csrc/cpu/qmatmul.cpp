@@ -1,8 +1,8 @@
 // Weight-only quantised matmul on the CPU (ops.h): y = x @ W^T + bias with W packed (QFormat).
 // This file prepares the activations once per call (shared by both paths, so the int8 mode
-// quantises bit-identically to the reference) and holds the portable scalar path; the AVX2 path
-// is qmatmul_avx2.cpp. Both parallelise over output channels (OpenMP) and read each weight row
-// once for all rows of x.
+// quantises bit-identically to the reference) and holds the portable scalar path; the SIMD paths
+// are qmatmul_avx2.cpp and qmatmul_avx512.cpp (chosen at run time). All parallelise over output
+// channels (OpenMP) and read each weight row once for all rows of x.
 //   float mode: y = sum_k x[k] * W[k], W dequantised exactly in fp32 (q * d, (u - 8) * d, u * d + m).
 //   int8 mode:  per block b of 32: s_b = sum_i wq_i * qx_i (integer; wq = q, or u - 8 for both
 //               int4 formats), then y = sum_b s_b * dx_b * d_g(b), plus for I4Asym
@@ -165,6 +165,7 @@ void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales,
                 m, n, k, group, fmt, int8_act, dt};
   Prepared p;
   prepare(x, x_stride, a, p);
+  if (cpu_use_avx512()) return avx512::qmatmul(a);
   if (cpu_use_avx2()) return avx2::qmatmul(a);
   dispatch_qformat(fmt, [&](auto f) {
     if (int8_act) scalar_int8<decltype(f)::value>(a);

@@ -7,12 +7,13 @@ Activation modes (act=):
   "int8": each row of x is quantised per block of 32 along K (dx = max|x| / 127, round half to
       even) and the block dot products are integer (llama.cpp's CPU scheme): faster on the CPU, at
       the cost of the activations' quantisation error (about 0.4% of each block's max |x|).
-Backends: the C++ CPU kernels (AVX2/FMA chosen at run time, OpenMP) for float32/float16/bfloat16 x
-on the CPU; on CUDA, for act="float", the GEMV kernel (csrc/cuda/qmatmul_gemv.cu) for at most
-CUDA_GEMV_MAX_M rows of x and the Triton GEMM (kernels/qmatmul.py: dequantisation in the K loop,
-tensor cores for float16/bfloat16) for more rows, or for any M when the extension lacks CUDA;
-anything else (act="int8" on CUDA, float64) runs the pure-torch reference, dequantise-then-matmul
-(the dispatch log records why). Output in x's dtype, float32 accumulation.
+Backends: the C++ CPU kernels (AVX-512 VNNI or AVX2/FMA chosen at run time, OpenMP) for
+float32/float16/bfloat16 x on the CPU; on CUDA, for act="float", the GEMV kernel
+(csrc/cuda/qmatmul_gemv.cu) for at most CUDA_GEMV_MAX_M rows of x and the Triton GEMM
+(kernels/qmatmul.py: dequantisation in the K loop, tensor cores for float16/bfloat16) for more rows, or
+for any M when the extension lacks CUDA; anything else (act="int8" on CUDA, float64) runs the pure-torch
+reference, dequantise-then-matmul (the dispatch log records why). Output in x's dtype, float32
+accumulation.
 Autograd: dx = dy @ dequantize(W) (the int8 mode passes the gradient straight through its
 activation rounding), dbias = sum of dy; the packed weight gets no gradient.
 """

@@ -19,7 +19,9 @@ LAYOUTS and converted to exactly from this one):
                  element 32 b + i in its low nibble and element 32 b + 16 + i in its high nibble.
                  That is GGUF's own order within a Q4_0/Q4_1 block, so GGUF blocks convert by
                  copying bytes, and one 16-byte load, a 4-bit shift and a mask give the block's 32
-                 values in order (low half, high half) for AVX2.
+                 values in order (low half, high half) for AVX2; a 64-byte load (4 blocks) gives
+                 the low halves of the 4 blocks in its low nibbles and the high halves in its high
+                 nibbles, the operand order of the AVX-512 VNNI dot products.
   scales  (N, K // G): float16 for group-wise formats (as GGUF stores them: exact conversion, and
           half the bytes of float32 in a memory-bound kernel); (N, 1) float32 for per-channel int8.
   mins    (N, K // G) float16 for "int4_asym", else absent.

@@ -1,0 +1,379 @@
+// AVX-512 (F/BW/VL/VNNI) path of qmatmul, chosen at run time over the AVX2 one (the math is in
+// qmatmul.cpp's header comment). The weights are walked in "units" of one 64-byte load: 4 int4
+// blocks (U = 4) or 2 int8 blocks (U = 2); a K that is not a multiple of U blocks ends with a masked
+// load (the missing bytes read as 0 and their activations are padded with 0).
+//   int8 mode, integer dot products with vpdpbusd (u8 x s8, 4 products per 32-bit lane):
+//     int4: the unit's low nibbles are [b0: 0-15 | b1: 0-15 | b2: 0-15 | b3: 0-15] and its high
+//       nibbles the same for elements 16-31 (formats.py's layout), so the activations are re-laid
+//       once per call as 64 bytes of each (xq); u in [0, 15] is the unsigned operand and the centring
+//       sum (u - 8) qx = sum u qx - 8 sum qx starts each lane at -8 * (its qx sum) (nc). Lane l then
+//       holds block l / 4's partial sums: one conversion and one FMA with the lane's scale dx * d.
+//     int8: vpdpbusd(qx + 128, w) = sum qx w + 128 sum w; the weight term 128 sum w (one vpdpbusd
+//       with 128, shared by all rows of x) is subtracted by starting the lanes at its negation. Lane l
+//       holds block l / 8's partial sums. Sums stay in int32: |lane| <= 8 * 255 * 128.
+//   float mode: int4 values become floats through a 16-entry table per group, T[u] = (u - 8) d or
+//     u d + m (exactly formats.py's dequantised values; vpermps indexes it with the low 4 bits of
+//     each byte), int8 through a sign extension and conversion (times d, exact, for int8 groups);
+//     then FMAs with x. Per-channel int8 applies its row scale to the final sum.
+// Each unit of a weight row is decoded once and used for up to kQRows rows of x; the driver walks a
+// tile of kRowTile weight rows one chunk of K at a time so that the chunk of every row of x stays in
+// L1 (as the AVX2 path does). The lanes' partial sums are added in double (once per output and
+// chunk: the final sums are where the cancellation happens) and the result, bias included, is
+// rounded to fp32 once.
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_* (a known
+// false positive), once per intrinsic use.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+
+namespace fastllm::cpu::avx512 {
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kUnitBytes = 64;  // one zmm of packed weights
+constexpr int64_t kRowTile = 16;
+constexpr int64_t kChunkBytes = 16 << 10;  // activations of one K chunk for all rows of x (L1)
+constexpr int64_t kScalePad = 16;          // float scale arrays are read 16 at a time
+
+template <QFormat F>
+constexpr bool kInt4 = F == QFormat::I4 || F == QFormat::I4Asym;
+template <QFormat F>
+constexpr int64_t kUnit = kInt4<F> ? 4 : 2;  // blocks per unit
+
+// Activations of the int8 mode, re-laid once per call per unit t and row i of x (see the top), at
+// index t * m + i (the rows of a unit are adjacent: rows m * K apart would share L1 sets):
+// xq: kUnit * 32 bytes (int4: low-nibble half then high-nibble half; int8: qx + 128 in order),
+// nc: 16 int32 (int4 only), dxe: 16 floats (lane l: dx of the unit's block l / (16 / U)).
+struct Acts {
+  std::vector<uint8_t> xq;
+  std::vector<int32_t> nc;
+  std::vector<float> dxe;
+  int64_t units;
+};
+
+template <QFormat F>
+Acts prepare_acts(const QMatmulArgs& a) {
+  constexpr int64_t U = kUnit<F>;
+  const int64_t k = a.k, nb = k / kBlock, units = (nb + U - 1) / U;
+  Acts p{std::vector<uint8_t>(a.m * units * U * kBlock), std::vector<int32_t>(kInt4<F> ? a.m * units * 16 : 0),
+         std::vector<float>(a.m * units * 16, 0.0f), units};
+  for (int64_t i = 0; i < a.m; ++i) {
+    const int8_t* qx = a.qx + i * k;
+    for (int64_t t = 0; t < units; ++t) {
+      const int64_t at = t * a.m + i;
+      uint8_t* xq = p.xq.data() + at * U * kBlock;
+      float* dxe = p.dxe.data() + at * 16;
+      if constexpr (kInt4<F>) {
+        int32_t* nc = p.nc.data() + at * 16;
+        for (int j = 0; j < U; ++j) {
+          const int64_t b = t * U + j;
+          for (int l = 0; l < 4; ++l) {
+            int32_t s = 0;
+            for (int e = 0; e < 4; ++e) {
+              const int8_t lo = b < nb ? qx[b * kBlock + 4 * l + e] : 0, hi = b < nb ? qx[b * kBlock + 16 + 4 * l + e] : 0;
+              xq[16 * j + 4 * l + e] = static_cast<uint8_t>(lo);
+              xq[64 + 16 * j + 4 * l + e] = static_cast<uint8_t>(hi);
+              s += lo + hi;
+            }
+            nc[4 * j + l] = -8 * s;
+            dxe[4 * j + l] = b < nb ? a.dx[i * nb + b] : 0.0f;
+          }
+        }
+      } else {
+        for (int64_t e = 0; e < U * kBlock; ++e) {
+          const int64_t c = t * U * kBlock + e;
+          xq[e] = static_cast<uint8_t>((c < k ? qx[c] : 0) + 128);
+        }
+        for (int l = 0; l < 16; ++l) {
+          const int64_t b = t * U + l / 8;
+          dxe[l] = b < nb ? a.dx[i * nb + b] : 0.0f;
+        }
+      }
+    }
+  }
+  return p;
+}
+
+// The 16 lanes of v added in double.
+inline double reduce_to_double(__m512 v) {
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+}
+
+// One weight row: packed values, per-group scales and mins as floats (kScalePad past the end), the
+// per-channel scale, and the group of block b: b >> gshift.
+struct WRow {
+  const uint8_t* q;
+  const float* d;
+  const float* m;
+  float s32;
+  int gshift;
+};
+
+// The 64 bytes of unit t of a row with nb blocks (the last unit masked to the row's end).
+template <QFormat F>
+inline __m512i load_unit(const uint8_t* q, int64_t t, int64_t nb) {
+  constexpr int64_t U = kUnit<F>, block_bytes = kUnitBytes / U;
+  const int64_t left = (nb - t * U) * block_bytes;
+  if (left >= kUnitBytes) return _mm512_loadu_si512(q + t * kUnitBytes);
+  return _mm512_maskz_loadu_epi8(_cvtu64_mask64((uint64_t(1) << left) - 1), q + t * kUnitBytes);
+}
+
+// The unit's weight scales as 16 lanes (lane l: d of block t * U + l / (16 / U)).
+template <QFormat F>
+inline __m512 unit_scales(const WRow& r, int64_t t) {
+  constexpr int64_t U = kUnit<F>;
+  const int64_t b = t * U;
+  if ((int64_t(1) << r.gshift) >= U) return _mm512_set1_ps(r.d[b >> r.gshift]);  // one group
+  // U = 4 with groups of 1 or 2 blocks, or U = 2 with groups of 1 block
+  const int shift = (U == 4 ? 2 : 3) + r.gshift;
+  const __m512i idx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), shift);
+  return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(r.d + (b >> r.gshift)));
+}
+
+// int8 mode: out[i] = sum over units [t0, t1) of x row m0 + i . W row, for i < MT (per-channel
+// int8: before the row scale; int4_asym: without the min term).
+template <QFormat F, int MT>
+void rows_int8(const QMatmulArgs& a, const Acts& p, const WRow& r, int64_t m0, int64_t t0, int64_t t1, double* out) {
+  constexpr int64_t U = kUnit<F>;
+  constexpr int NA = MT == 1 ? 2 : 1;  // independent FMA chains for a single row of x
+  const int64_t nb = a.k / kBlock, xbytes = U * kBlock;
+  __m512 acc[MT][NA];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  auto unit = [&](int64_t t, int u) {
+    const __m512i w = load_unit<F>(r.q, t, nb);
+    __m512 dv = _mm512_setzero_ps();
+    if constexpr (F != QFormat::I8Channel) dv = unit_scales<F>(r, t);
+    if constexpr (kInt4<F>) {
+      const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+      for (int i = 0; i < MT; ++i) {
+        const int64_t at = t * a.m + m0 + i;
+        const uint8_t* x = p.xq.data() + at * xbytes;
+        __m512i s = _mm512_loadu_si512(p.nc.data() + at * 16);
+        s = _mm512_dpbusd_epi32(s, lo, _mm512_loadu_si512(x));
+        s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(x + 64));
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(p.dxe.data() + at * 16));
+        acc[i][u] = _mm512_fmadd_ps(f, dv, acc[i][u]);
+      }
+    } else {
+      const __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w));
+      for (int i = 0; i < MT; ++i) {
+        const int64_t at = t * a.m + m0 + i;
+        const __m512i s = _mm512_dpbusd_epi32(neg, _mm512_loadu_si512(p.xq.data() + at * xbytes), w);
+        const __m512 f = _mm512_cvtepi32_ps(s), dxe = _mm512_loadu_ps(p.dxe.data() + at * 16);
+        if constexpr (F == QFormat::I8Channel) acc[i][u] = _mm512_fmadd_ps(f, dxe, acc[i][u]);
+        else acc[i][u] = _mm512_fmadd_ps(_mm512_mul_ps(f, dxe), dv, acc[i][u]);
+      }
+    }
+  };
+  int64_t t = t0;
+  for (; t + NA <= t1; t += NA)
+    for (int u = 0; u < NA; ++u) unit(t + u, u);
+  for (; t < t1; ++t) unit(t, 0);
+  for (int i = 0; i < MT; ++i) {
+    __m512 s = acc[i][0];
+    for (int u = 1; u < NA; ++u) s = _mm512_add_ps(s, acc[i][u]);
+    out[i] = reduce_to_double(s);
+  }
+}
+
+// Float mode, int4: the dequantised value of every u in [0, 15] for group g (exact, as formats.py).
+template <QFormat F>
+inline __m512 int4_table(const WRow& r, int64_t g) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 d = _mm512_set1_ps(r.d[g]);
+  if constexpr (F == QFormat::I4) return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0f)), d);
+  else return _mm512_fmadd_ps(iota, d, _mm512_set1_ps(r.m[g]));  // u d exact, + m rounded once
+}
+
+// Float mode: the 32 values of block b as two vectors of 16 floats, formats.py's dequantisation
+// (per-channel int8: q); int4 reads the block's group table.
+template <QFormat F>
+inline void dequant_block(const WRow& r, int64_t b, __m512 table, __m512& w0, __m512& w1) {
+  if constexpr (kInt4<F>) {
+    const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.q + b * 16)));
+    w0 = _mm512_permutexvar_ps(u, table);  // vpermps reads the low 4 bits: the low nibble
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table);
+  } else {
+    const __m128i* q = reinterpret_cast<const __m128i*>(r.q + b * kBlock);
+    w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
+    w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)));
+    if constexpr (F == QFormat::I8Group) {
+      const __m512 d = _mm512_set1_ps(r.d[b >> r.gshift]);
+      w0 = _mm512_mul_ps(w0, d);  // exact
+      w1 = _mm512_mul_ps(w1, d);
+    }
+  }
+}
+
+// Float-mode activations: element c of row i at x[i * rs + (c / 32) * bs + c % 32]. Several rows are
+// copied once per call block-major (rs = 32, bs = 32 m: the rows of a block are adjacent, as above);
+// a single row is read in place.
+struct FloatActs {
+  std::vector<float> buf;
+  const float* x;
+  int64_t rs, bs;
+};
+
+FloatActs prepare_float(const QMatmulArgs& a) {
+  if (a.m == 1) return {{}, a.xf, 0, kBlock};
+  const int64_t nb = a.k / kBlock;
+  FloatActs p{std::vector<float>(a.m * a.k), nullptr, kBlock, a.m * kBlock};
+  for (int64_t i = 0; i < a.m; ++i)
+    for (int64_t b = 0; b < nb; ++b)
+      std::memcpy(p.buf.data() + (b * a.m + i) * kBlock, a.xf + i * a.xf_stride + b * kBlock, kBlock * sizeof(float));
+  p.x = p.buf.data();
+  return p;
+}
+
+// Float mode: out[i] = x row m0 + i . W row over the blocks [b0, b1), for i < MT.
+template <QFormat F, int MT>
+void rows_float(const FloatActs& p, const WRow& r, int64_t m0, int64_t b0, int64_t b1, double* out) {
+  constexpr int NP = MT >= 2 ? 1 : 2;  // accumulators per row of x and half block
+  __m512 acc[MT][2 * NP];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  const float* x = p.x + m0 * p.rs;
+  int64_t tg = -1;  // the group whose int4 table is built
+  __m512 table = _mm512_setzero_ps();
+  auto block = [&](int64_t b, int u) {
+    if constexpr (kInt4<F>) {
+      if ((b >> r.gshift) != tg) table = int4_table<F>(r, tg = b >> r.gshift);
+    }
+    __m512 w0, w1;
+    dequant_block<F>(r, b, table, w0, w1);
+    for (int i = 0; i < MT; ++i) {
+      const float* xi = x + i * p.rs + b * p.bs;
+      acc[i][2 * u] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc[i][2 * u]);
+      acc[i][2 * u + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), acc[i][2 * u + 1]);
+    }
+  };
+  int64_t b = b0;
+  for (; b + NP <= b1; b += NP)
+    for (int u = 0; u < NP; ++u) block(b + u, u);
+  for (; b < b1; ++b) block(b, 0);
+  for (int i = 0; i < MT; ++i) {
+    __m512 s = acc[i][0];
+    for (int p = 1; p < 2 * NP; ++p) s = _mm512_add_ps(s, acc[i][p]);
+    out[i] = reduce_to_double(s);
+  }
+}
+
+// n halves -> floats (dst has room for n rounded up to 16).
+inline void halves_to_floats(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + i)));
+  }
+}
+
+// sum_g (m_g + 8 d_g) * sx_g (int4_asym, int8 mode; see qmatmul.cpp).
+inline float min_term(const WRow& r, const float* sx, int64_t ng) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= ng; g += 16)
+    acc = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.0f), _mm512_loadu_ps(r.d + g), _mm512_loadu_ps(r.m + g)),
+                          _mm512_loadu_ps(sx + g), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; g < ng; ++g) s += (r.m[g] + 8.0f * r.d[g]) * sx[g];
+  return s;
+}
+
+// Steps (units in int8 mode, blocks in float mode) per K chunk: the chunk of all rows of x fits
+// kChunkBytes (int8 mode: about 2 bytes per element with nc and dxe; float: 4), at least 4 units.
+template <QFormat F, bool Int8Act>
+int64_t chunk_steps(const QMatmulArgs& a) {
+  const int64_t elems = kChunkBytes / (std::max<int64_t>(a.m, 1) * (Int8Act ? 2 : 4));
+  const int64_t per_step = Int8Act ? kUnit<F> * kBlock : kBlock;
+  return std::max<int64_t>(4, elems / per_step);
+}
+
+template <QFormat F, bool Int8Act>
+void run(const QMatmulArgs& a) {
+  const int64_t k = a.k, nb = k / kBlock, ng = k / a.group;
+  const int64_t steps = Int8Act ? (nb + kUnit<F> - 1) / kUnit<F> : nb, cs = chunk_steps<F, Int8Act>(a);
+  Acts p{};
+  FloatActs pf{};
+  if constexpr (Int8Act) p = prepare_acts<F>(a);
+  else pf = prepare_float(a);
+  const int gshift = F == QFormat::I8Channel ? 0 : __builtin_ctzll(static_cast<uint64_t>(a.group / kBlock));
+  const auto* w = static_cast<const uint8_t*>(a.w);
+  const int64_t row_bytes = kInt4<F> ? k / 2 : k, fstride = ng + kScalePad;
+#pragma omp parallel if (a.n * k >= kParallelMinElems)
+  {
+    // the tile's scales (and mins) as floats, and its partial sums per (weight row, row of x)
+    std::vector<float> fs(F == QFormat::I8Channel ? 0 : kRowTile * fstride * (F == QFormat::I4Asym ? 2 : 1), 0.0f);
+    std::vector<double> part(kRowTile * a.m);
+    // dynamic: on a shared machine a preempted thread then delays only the tile it holds
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t j0 = 0; j0 < a.n; j0 += kRowTile) {
+      const int64_t jn = std::min(kRowTile, a.n - j0);
+      WRow rows[kRowTile];
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        const int64_t j = j0 + jj;
+        WRow& r = rows[jj];
+        r = {w + j * row_bytes, nullptr, nullptr, 0.0f, gshift};
+        if constexpr (F == QFormat::I8Channel) {
+          r.s32 = static_cast<const float*>(a.scales)[j];
+        } else {
+          float* d = fs.data() + jj * fstride;
+          halves_to_floats(static_cast<const uint16_t*>(a.scales) + j * ng, ng, d);
+          r.d = d;
+          if constexpr (F == QFormat::I4Asym) {
+            float* m = fs.data() + (kRowTile + jj) * fstride;
+            halves_to_floats(a.mins + j * ng, ng, m);
+            r.m = m;
+          }
+        }
+      }
+      std::fill(part.begin(), part.begin() + jn * a.m, 0.0);
+      for (int64_t s0 = 0; s0 < steps; s0 += cs) {
+        const int64_t s1 = std::min(steps, s0 + cs);
+        for (int64_t jj = 0; jj < jn; ++jj) {
+          for (int64_t m0 = 0; m0 < a.m; m0 += kQRows) {
+            const int mt = static_cast<int>(std::min<int64_t>(kQRows, a.m - m0));
+            double out[kQRows];
+            dispatch_rows(mt, [&](auto t) {
+              constexpr int MT = decltype(t)::value;
+              if constexpr (Int8Act) rows_int8<F, MT>(a, p, rows[jj], m0, s0, s1, out);
+              else rows_float<F, MT>(pf, rows[jj], m0, s0, s1, out);
+            });
+            for (int i = 0; i < mt; ++i) part[jj * a.m + m0 + i] += out[i];
+          }
+        }
+      }
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        for (int64_t i = 0; i < a.m; ++i) {
+          double dv = part[jj * a.m + i];
+          if constexpr (F == QFormat::I8Channel) dv *= rows[jj].s32;
+          if constexpr (Int8Act && F == QFormat::I4Asym) dv += min_term(rows[jj], a.sx + i * ng, ng);
+          if (a.bias) dv += load_as_float(a.bias, j0 + jj, a.dt);
+          store_from_float(static_cast<char*>(a.y) + i * a.y_stride * dtype_size(a.dt), j0 + jj,
+                           static_cast<float>(dv), a.dt);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void qmatmul(const QMatmulArgs& a) {
+  dispatch_qformat(a.fmt, [&](auto f) {
+    if (a.int8_act) run<decltype(f)::value, true>(a);
+    else run<decltype(f)::value, false>(a);
+  });
+}
+
+}  // namespace fastllm::cpu::avx512
