@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import RMSNorm
+from ..nn.quant_linear import fused
 from .config import ModelConfig
 from .decoder import DecoderLM
 from .rope import Rotary
@@ -40,13 +41,23 @@ class Block(nn.Module):
         """h: (..., dim) -> (..., dim). attend(layer, q, k, v) -> y: the attention of this call's mode (full,
         prefill or decode), given q (..., Hq, D) and k, v (..., Hkv, D) before rotary, returning (..., Hq, D)."""
         x = self.attn_norm(h)                                                        # (..., dim)
-        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))                  # (..., Hq, D)
-        k = self.wk(x).unflatten(-1, (self.n_kv, self.head_dim))                     # (..., Hkv, D)
-        v = self.wv(x).unflatten(-1, (self.n_kv, self.head_dim))                     # (..., Hkv, D)
+        qkv = fused([self.wq, self.wk, self.wv], self, "_wqkv")
+        if qkv is not None:  # quantised: one qmatmul for the three projections
+            q, k, v = qkv(x).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))                           # (..., Hq, D)
+        k = k.unflatten(-1, (self.n_kv, self.head_dim))                              # (..., Hkv, D)
+        v = v.unflatten(-1, (self.n_kv, self.head_dim))                              # (..., Hkv, D)
         y = attend(self.index, q, k, v)                                              # (..., Hq, D)
         h = h + self.wo(y.flatten(-2))
         x = self.mlp_norm(h)
-        return h + self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate_up = fused([self.w_gate, self.w_up], self, "_w_gate_up")
+        if gate_up is not None:
+            gate, up = gate_up(x).split([self.w_gate.out_features, self.w_up.out_features], -1)
+        else:
+            gate, up = self.w_gate(x), self.w_up(x)
+        return h + self.w_down(F.silu(gate) * up)
 
 
 class Llama(DecoderLM):

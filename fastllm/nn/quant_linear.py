@@ -94,6 +94,42 @@ class QuantLinear(torch.nn.Module):
                 f"scheme={self.format.scheme!r}, group_size={self.format.group_size}, act={self.act!r}")
 
 
+def fused(mods: "list[QuantLinear]", owner: torch.nn.Module, name: str) -> "QuantLinear | None":
+    """One QuantLinear whose output is torch.cat([m(x) for m in mods], -1), or None when the modules cannot be
+    fused (not all QuantLinear; different in_features, format or act; a bias).
+
+    Exact: row j of a packed weight holds output feature j alone (its packed values, scales, mins), so the
+    rows of the modules concatenated along N give the same numbers as the separate calls (one kernel call
+    instead of len(mods), each thread getting a larger share of rows). No second copy of the weights: the
+    modules' buffers become row views of the fused buffers, so a load_state_dict (in-place copies) updates both;
+    when a module's buffers are other tensors (after .to(), say) the fused module is built again. It is kept
+    in owner.__dict__[name], outside the module tree (not in state_dict, named_modules or .to())."""
+    if not all(type(m) is QuantLinear for m in mods) or any(m.bias is not None for m in mods):
+        return None
+    first = mods[0]
+    if any((m.in_features, m.format, m.act) != (first.in_features, first.format, first.act) for m in mods):
+        return None
+    key = tuple((m.qweight.data_ptr(), m.scales.data_ptr(), m.qweight.device) for m in mods)
+    cached = owner.__dict__.get(name)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    out = QuantLinear(first.in_features, sum(m.out_features for m in mods), False, scheme=first.format.scheme,
+                      group_size=first.format.group_size, act=first.act, device=first.qweight.device)
+    row = 0
+    for m in mods:
+        rows = slice(row, row + m.out_features)
+        for buf in ("qweight", "scales", "mins"):
+            part = getattr(m, buf)
+            if part is not None:
+                target = getattr(out, buf)[rows]
+                target.copy_(part)
+                setattr(m, buf, target)
+        row += m.out_features
+    key = tuple((m.qweight.data_ptr(), m.scales.data_ptr(), m.qweight.device) for m in mods)
+    owner.__dict__[name] = (key, out)
+    return out
+
+
 def _check_loaded(module: QuantLinear, incompatible_keys) -> None:
     """After load_state_dict: the loaded buffers must form a valid weight (finite scales included)."""
     module.quantized_weight(check_values=True)
