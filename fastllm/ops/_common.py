@@ -138,13 +138,18 @@ def _plain_eager(args) -> bool:
     return True
 
 
-def call_op(op, *args):
+def call_op(op, *args, mutated: tuple[int, ...] = ()):
     """op(*args) for a fastllm custom op, entering its implementation directly when the dispatcher would
     change nothing (_plain_eager): that saves some 15 us a call, which a decode step of a small model pays
     hundreds of times. Under autograd, torch.compile, dispatch modes, fake tensors or functorch, the custom op
-    runs as ever. Only for ops that mutate none of their arguments (the dispatcher bumps the version counters
-    of mutated tensors) and have one implementation for every device (no register_kernel)."""
+    runs as ever. For ops with one implementation for every device (no register_kernel). mutated: the
+    positions of the arguments the op writes in place (its mutates_args): on the direct path their version
+    counters are bumped here, as the dispatcher would (autograd then sees the writes)."""
     impl = getattr(op, "_init_fn", None)
     if impl is not None and _plain_eager(args):
-        return impl(*args)
+        out = impl(*args)
+        written = [args[i] for i in mutated if args[i] is not None]
+        if written:
+            torch.autograd.graph.increment_version(written)
+        return out
     return op(*args)

@@ -13,7 +13,7 @@ import torch
 
 from .._dispatch import select
 from ..reference import decode_attention as _ref
-from ._common import check_same_device, check_tensor, code, kernels, ptr, run_c
+from ._common import call_op, check_same_device, check_tensor, code, kernels, ptr, run_c
 from ._kv_cache import check_cache, check_positions, cpu_cache_limit, strides3, values_checkable
 
 
@@ -52,6 +52,9 @@ def _cpu_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_sc
 @_kv_cache_append.register_fake
 def _(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin, q, q_out):
     return None
+
+
+_MUTATED = (0, 1, 6, 7, 11)  # k_cache, v_cache, k_scale, v_scale, q_out: the op's mutates_args
 
 
 def _check_rotary(cos, sin, q, k_new):
@@ -127,5 +130,6 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
             raise ValueError(f"cos and sin have {cos.shape[0]} positions, fewer than cache_seqlens.max() + Lnew = "
                              f"{int(cache_seqlens.max()) + k_new.shape[1]}")
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q is not None else None
-    _kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin, q, q_out)
+    call_op(_kv_cache_append, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin, q,
+            q_out, mutated=_MUTATED)
     return q_out
