@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import RMSNorm
+from ..ops import add_rms_norm
 from ..nn.quant_linear import fused
 from .config import ModelConfig
 from .decoder import DecoderLM
@@ -50,8 +51,7 @@ class Block(nn.Module):
         k = k.unflatten(-1, (self.n_kv, self.head_dim))                              # (..., Hkv, D)
         v = v.unflatten(-1, (self.n_kv, self.head_dim))                              # (..., Hkv, D)
         y = attend(self.index, q, k, v)                                              # (..., Hq, D)
-        h = h + self.wo(y.flatten(-2))
-        x = self.mlp_norm(h)
+        x, h = add_rms_norm(self.wo(y.flatten(-2)), h, self.mlp_norm.weight, self.mlp_norm.eps)  # h += wo(y)
         gate_up = fused([self.w_gate, self.w_up], self, "_w_gate_up")
         if gate_up is not None:
             gate, up = gate_up(x).split([self.w_gate.out_features, self.w_up.out_features], -1)
