@@ -113,6 +113,8 @@ def test_call_op_enters_the_implementation_only_when_nothing_changes():
     assert not _plain_eager((x.requires_grad_(),))
     with torch.no_grad():
         assert _plain_eager((x,))
+        assert _plain_eager((torch.nn.Parameter(torch.randn(2)),))  # a module's weight, autograd off
+    assert not _plain_eager((torch.nn.Parameter(torch.randn(2)),))  # autograd on: it must see the weight
     assert not _plain_eager((torch.empty(3, device="meta"),))
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -123,17 +123,21 @@ def kernels():
 
 
 # ---- calling the custom ops --------------------------------------------------------------------
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_eager(args) -> bool:
     """Whether going through the torch.library dispatcher would change nothing for this call: eager (not
-    traced or compiled, no functorch transform), no tensor that autograd must follow, only plain tensors (no
-    fake, meta or subclass tensors, which only the registered fake implementations may see)."""
+    traced or compiled, no functorch transform), no tensor that autograd must follow, only plain tensors and
+    parameters (a module's weight: nn.Parameter changes nothing below autograd), no fake, meta or other
+    subclass tensors, which only the registered fake implementations may see."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     if torch._C._len_torch_dispatch_stack() > 0:  # make_fx, FlopCounterMode, fake modes...: they must see the op
         return False
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.is_meta or (grad and a.requires_grad)):
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.is_meta or (grad and a.requires_grad)):
             return False
     return True
 
