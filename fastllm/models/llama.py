@@ -23,6 +23,14 @@ from .decoder import DecoderLM
 from .rope import Rotary
 
 
+FUSED_MAX_ROWS = 8
+"""Quantised q/k/v (and gate/up) run as one qmatmul over their concatenated rows for at most this many rows of x
+(decode steps of up to 8 sequences), where the three calls' fixed costs outweigh the work. Above it (prefill)
+they stay separate: with the current CPU kernel the fused matrices were slower at many rows (SmolLM2 prefill of
+128 tokens, 2 threads: 323 tok/s fused against 351 separate; the cause, probably the larger matrix falling
+out of cache, is not pinned down)."""
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
@@ -42,7 +50,8 @@ class Block(nn.Module):
         """h: (..., dim) -> (..., dim). attend(layer, q, k, v) -> y: the attention of this call's mode (full,
         prefill or decode), given q (..., Hq, D) and k, v (..., Hkv, D) before rotary, returning (..., Hq, D)."""
         x = self.attn_norm(h)                                                        # (..., dim)
-        qkv = fused([self.wq, self.wk, self.wv], self, "_wqkv")
+        small = x.numel() <= FUSED_MAX_ROWS * x.shape[-1]
+        qkv = fused([self.wq, self.wk, self.wv], self, "_wqkv") if small else None
         if qkv is not None:  # quantised: one qmatmul for the three projections
             q, k, v = qkv(x).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
         else:
@@ -52,7 +61,7 @@ class Block(nn.Module):
         v = v.unflatten(-1, (self.n_kv, self.head_dim))                              # (..., Hkv, D)
         y = attend(self.index, q, k, v)                                              # (..., Hq, D)
         x, h = add_rms_norm(self.wo(y.flatten(-2)), h, self.mlp_norm.weight, self.mlp_norm.eps)  # h += wo(y)
-        gate_up = fused([self.w_gate, self.w_up], self, "_w_gate_up")
+        gate_up = fused([self.w_gate, self.w_up], self, "_w_gate_up") if small else None
         if gate_up is not None:
             gate, up = gate_up(x).split([self.w_gate.out_features, self.w_up.out_features], -1)
         else:
