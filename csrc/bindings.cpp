@@ -3,7 +3,9 @@
 // row strides in elements, dtype codes (common/dtype.h) and, for CUDA, the stream handle.
 // Every check throws ValueError in Python; nothing here aborts the process.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <string>
 
@@ -164,6 +166,66 @@ void cpu_qmatmul(ptr_t x, int64_t xs, ptr_t w, ptr_t scales, ptr_t mins, ptr_t b
   fastllm::cpu::qmatmul(P(x), xs, P(w), P(scales), P<uint16_t>(mins), P(bias), P(y), ys, m, n, k, group, f, int8_act, t);
 }
 
+// ---- KV cache (generation) -------------------------------------------------------------------
+using strides3 = std::array<int64_t, 3>;
+
+void copy3(int64_t (&dst)[3], const strides3& src) { for (int i = 0; i < 3; ++i) dst[i] = src[i]; }
+
+// Checks shared by decode_attention and kv_cache_append: sizes, head dim, GQA, int8 scales, the page.
+void check_kv_cache(ptr_t k, ptr_t v, ptr_t k_scale, ptr_t v_scale, ptr_t seqlens, ptr_t block_table, int64_t page,
+                    int64_t batch, int64_t hq, int64_t hkv, int64_t d, bool int8) {
+  FASTLLM_CHECK(batch >= 0 && hq >= 0, "batch and query heads must be >= 0");
+  FASTLLM_CHECK(hkv >= 1 && hq % hkv == 0, "kv heads must be >= 1 and divide the query heads, got " +
+                                               std::to_string(hkv) + " and " + std::to_string(hq));
+  FASTLLM_CHECK(d >= 1 && d <= fastllm::cpu::kMaxDecodeHeadDim,
+                "head dim must be in [1, " + std::to_string(fastllm::cpu::kMaxDecodeHeadDim) + "], got " + std::to_string(d));
+  FASTLLM_CHECK(k != 0 && v != 0 && seqlens != 0, "k_cache, v_cache and cache_seqlens must not be null pointers");
+  FASTLLM_CHECK(!int8 || (k_scale != 0 && v_scale != 0), "an int8 cache needs k_scale and v_scale");
+  FASTLLM_CHECK(block_table == 0 || page >= 1, "a paged cache needs page >= 1, got " + std::to_string(page));
+}
+
+void cpu_decode_attention(ptr_t q, strides3 qs, ptr_t k, strides3 ks, ptr_t v, strides3 vs, ptr_t k_scale,
+                          strides3 kss, ptr_t v_scale, strides3 vss, ptr_t seqlens, ptr_t block_table, int64_t bt_stride,
+                          int64_t page, ptr_t out, int64_t batch, int64_t lq, int64_t hq, int64_t hkv, int64_t d,
+                          double scale, bool causal, bool int8, int dt) {
+  fastllm::cpu::DecodeAttnArgs a{};
+  a.dt = check_dtype(dt);
+  check_kv_cache(k, v, k_scale, v_scale, seqlens, block_table, page, batch, hq, hkv, d, int8);
+  FASTLLM_CHECK(lq >= 0, "lq must be >= 0, got " + std::to_string(lq));
+  FASTLLM_CHECK(batch * lq * hq == 0 || (q != 0 && out != 0), "q and out must not be null pointers");
+  a.q = P(q), a.k = P(k), a.v = P(v), a.k_scale = P<float>(k_scale), a.v_scale = P<float>(v_scale);
+  copy3(a.q_stride, qs), copy3(a.k_stride, ks), copy3(a.v_stride, vs), copy3(a.ks_stride, kss), copy3(a.vs_stride, vss);
+  a.seqlens = P<int32_t>(seqlens), a.block_table = P<int32_t>(block_table), a.bt_stride = bt_stride, a.page = page;
+  a.out = P(out), a.batch = batch, a.lq = lq, a.hq = hq, a.hkv = hkv, a.d = d;
+  a.scale = float(scale), a.causal = causal, a.int8 = int8;
+  py::gil_scoped_release nogil;
+  fastllm::cpu::decode_attention(a);
+}
+
+void cpu_kv_cache_append(ptr_t k, strides3 ks, ptr_t v, strides3 vs, ptr_t k_scale, strides3 kss, ptr_t v_scale,
+                         strides3 vss, ptr_t k_new, strides3 kns, ptr_t v_new, strides3 vns, ptr_t seqlens,
+                         ptr_t block_table, int64_t bt_stride, int64_t page, ptr_t cos, ptr_t sin, int64_t cs_stride,
+                         int64_t rot, ptr_t q, strides3 qs, ptr_t q_out, int64_t batch, int64_t lnew, int64_t hq,
+                         int64_t hkv, int64_t d, bool int8, int dt) {
+  fastllm::cpu::KVAppendArgs a{};
+  a.dt = check_dtype(dt);
+  check_kv_cache(k, v, k_scale, v_scale, seqlens, block_table, page, batch, q ? hq : hkv, hkv, d, int8);
+  FASTLLM_CHECK(lnew >= 0, "lnew must be >= 0, got " + std::to_string(lnew));
+  FASTLLM_CHECK(batch * lnew == 0 || (k_new != 0 && v_new != 0), "k_new and v_new must not be null pointers");
+  FASTLLM_CHECK((cos == 0) == (sin == 0), "cos and sin must be given together");
+  FASTLLM_CHECK(cos == 0 || (rot >= 2 && rot % 2 == 0 && rot <= d), "the rotary width must be even and in [2, D]");
+  FASTLLM_CHECK(q == 0 || (cos != 0 && q_out != 0), "q is rotated only with cos/sin, into a q_out");
+  a.k = P(k), a.v = P(v), a.k_scale = P<float>(k_scale), a.v_scale = P<float>(v_scale);
+  a.k_new = P(k_new), a.v_new = P(v_new), a.q = P(q), a.q_out = P(q_out);
+  copy3(a.k_stride, ks), copy3(a.v_stride, vs), copy3(a.ks_stride, kss), copy3(a.vs_stride, vss);
+  copy3(a.kn_stride, kns), copy3(a.vn_stride, vns), copy3(a.q_stride, qs);
+  a.seqlens = P<int32_t>(seqlens), a.block_table = P<int32_t>(block_table), a.bt_stride = bt_stride, a.page = page;
+  a.cos = P<float>(cos), a.sin = P<float>(sin), a.cs_stride = cs_stride, a.rot = rot;
+  a.batch = batch, a.lnew = lnew, a.hq = hq, a.hkv = hkv, a.d = d, a.int8 = int8;
+  py::gil_scoped_release nogil;
+  fastllm::cpu::kv_cache_append(a);
+}
+
 #if FASTLLM_WITH_CUDA
 // ---- CUDA ------------------------------------------------------------------------------------
 void cuda_layer_norm_fwd(ptr_t x, int64_t xs, ptr_t w, ptr_t b, ptr_t y, int64_t ys, ptr_t mean, ptr_t rstd,
@@ -270,6 +332,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_softmax_fwd", &cpu_softmax_fwd);
   m.def("cpu_softmax_bwd", &cpu_softmax_bwd);
   m.def("cpu_qmatmul", &cpu_qmatmul);
+  m.def("cpu_decode_attention", &cpu_decode_attention);
+  m.def("cpu_kv_cache_append", &cpu_kv_cache_append);
 #if FASTLLM_WITH_CUDA
   m.def("cuda_norm_bwd_workspace_floats", &fastllm::cuda::norm_bwd_workspace_floats);
   m.def("cuda_layer_norm_fwd", &cuda_layer_norm_fwd);

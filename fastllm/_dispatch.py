@@ -23,8 +23,8 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "rms_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "attention_varlen": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
-    "decode_attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
-    "kv_cache_append": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "decode_attention": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    "kv_cache_append": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "qmatmul": {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")},
     "linear_cross_entropy": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }

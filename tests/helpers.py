@@ -30,8 +30,8 @@ _BACKENDS = {
     "rms_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
     "attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "attention_varlen": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
-    "decode_attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
-    "kv_cache_append": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
+    "decode_attention": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},
+    "kv_cache_append": {"cpu": ["cpu", "triton", "torch"], "cuda": ["triton", "torch"]},
     "qmatmul": {"cpu": ["cpu", "cpu-avx2", "cpu-scalar", "triton", "torch"], "cuda": ["cuda", "triton", "torch"]},
     "linear_cross_entropy": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
 }

@@ -113,6 +113,8 @@ def test_call_op_enters_the_implementation_only_when_nothing_changes():
     assert not _plain_eager((x.requires_grad_(),))
     with torch.no_grad():
         assert _plain_eager((x,))
+        assert _plain_eager((torch.nn.Parameter(torch.randn(2)),))  # a module's weight, autograd off
+    assert not _plain_eager((torch.nn.Parameter(torch.randn(2)),))  # autograd on: it must see the weight
     assert not _plain_eager((torch.empty(3, device="meta"),))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -124,3 +126,13 @@ def test_call_op_enters_the_implementation_only_when_nothing_changes():
 
     graph = make_fx(lambda a: fastllm.rms_norm(a, (8,)))(torch.randn(4, 8))  # a dispatch mode: the op is traced
     assert any("fastllm" in str(n.target) for n in graph.graph.nodes), graph.graph
+
+
+def test_call_op_bumps_the_versions_of_what_a_mutating_op_writes():
+    """kv_cache_append (which writes the cache in place) may skip the dispatcher too: the cache's version counter
+    still moves, so autograd would notice a tensor it saved being overwritten."""
+    k, v = torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8)
+    before = k._version, v._version
+    fastllm.kv_cache_append(k, v, torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1, 8), torch.zeros(1, dtype=torch.int32))
+    assert k._version > before[0] and v._version > before[1]
+    assert k[0, 0].eq(1).all() and k[0, 1:].eq(0).all()

@@ -141,12 +141,25 @@ def test_small_tiles_many_splits(device):
     assert_close("out", out, theirs, ref.decode_attention(q.double(), kc.double(), vc.double(), sl, table, scale=0.3))
 
 
-def test_cpu_default_path_is_batched_torch():
-    """Not forced: CPU tensors take the torch path (one masked SDPA call) and match the reference."""
+def test_cpu_default_path_is_the_cpp_kernel():
+    """Not forced: CPU tensors take the C++ kernel and match the reference."""
     case = CASES["paged-int8-bf16-lq2"]
     ours, theirs, expected = run_case(case, None, "cpu")
-    assert fastllm.dispatch_log()["decode_attention"]["backend"] == "torch"
+    assert fastllm.dispatch_log()["decode_attention"]["backend"] == "cpu"
     assert_close("out", ours, theirs, expected)
+
+
+def test_cpu_strided_rows_fall_back_to_torch():
+    """A cache whose head dim is strided is not for the C++ kernel (it reads rows with unit stride): the batched
+    torch path runs it, the dispatch log says why, and the answer is the same."""
+    kc, vc, sl, _, _, _ = make_cache([5, 19], 2, 16, torch.float32, "cpu", seed=13)
+    kc, vc = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (kc, vc))  # same values, head-dim stride 2
+    q = randn((2, 1, 4, 16), torch.float32, "cpu", seed=14)
+    out = fastllm.decode_attention(q, kc, vc, sl)
+    log = fastllm.dispatch_log()["decode_attention"]
+    assert log["backend"] == "torch" and "unit stride" in log["skipped"]["cpu"]
+    expected = ref.decode_attention(q.double(), kc.double(), vc.double(), sl, scale=0.25)
+    assert_close("out", out, torch_same_dtype(q, kc, vc, sl, None, None, None, 0.25, True), expected)
 
 
 def test_num_splits_heuristic(monkeypatch):

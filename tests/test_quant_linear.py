@@ -98,3 +98,36 @@ def test_from_linear_and_bad_input():
     sd["scales"] = torch.full_like(sd["scales"], float("inf"))
     with pytest.raises(ValueError, match="scales"):
         QuantLinear(64, 24, scheme="int8").load_state_dict(sd)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4_asym"])
+def test_fused_rows_equal_the_separate_layers(scheme):
+    """nn.quant_linear.fused: one layer over the concatenated rows gives exactly the separate outputs; the
+    layers' buffers become views of the fused ones (a load_state_dict reaches both); moved buffers rebuild it."""
+    from fastllm.nn.quant_linear import fused
+
+    torch.manual_seed(0)
+    mods = [QuantLinear.from_linear(torch.nn.Linear(256, n, bias=False), scheme) for n in (48, 16, 16)]
+    owner = torch.nn.Module()
+    x = torch.randn(3, 5, 256)
+    separate = torch.cat([m(x) for m in mods], -1)
+    f = fused(mods, owner, "_f")
+    assert torch.equal(f(x), separate)
+    assert fused(mods, owner, "_f") is f  # cached
+    assert mods[1].qweight.data_ptr() == f.qweight[48:].data_ptr()  # a view, no second copy
+    other = QuantLinear.from_linear(torch.nn.Linear(256, 16, bias=False), scheme)
+    mods[2].load_state_dict(other.state_dict())  # in place: the fused layer sees it
+    assert torch.equal(fused(mods, owner, "_f")(x)[..., 64:], other(x))
+    mods[0].qweight = mods[0].qweight.clone()  # another tensor (as after .to()): built again, same numbers
+    g = fused(mods, owner, "_f")
+    assert g is not f and torch.equal(g(x)[..., :48], mods[0](x))
+
+
+def test_fused_declines_what_it_cannot_join():
+    from fastllm.nn.quant_linear import fused
+
+    owner = torch.nn.Module()
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 8, bias=False), "int8")
+    assert fused([q, torch.nn.Linear(64, 8, bias=False)], owner, "_a") is None  # dense
+    assert fused([q, QuantLinear.from_linear(torch.nn.Linear(64, 8), "int8")], owner, "_b") is None  # a bias
+    assert fused([q, QuantLinear.from_linear(torch.nn.Linear(64, 8, bias=False), "int4", 32)], owner, "_c") is None

@@ -76,6 +76,7 @@ void rms_norm_bwd(const NormBwdArgs& a);
 void softmax_fwd(const SoftmaxArgs& a);
 void softmax_bwd(const SoftmaxArgs& a);
 void qmatmul(const QMatmulArgs& a);
+void decode_attention(const DecodeAttnArgs& a);
 }  // namespace avx2
 
 namespace avx512 {  // *_avx512.cpp, chosen by cpu_use_avx512()

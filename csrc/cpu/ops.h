@@ -61,4 +61,51 @@ void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales,
              const void* bias, void* y, int64_t y_stride, int64_t m, int64_t n, int64_t k, int64_t group,
              QFormat fmt, bool int8_act, DType dt);
 
+// ---- KV cache (generation): fastllm/reference/decode_attention.py has the math ----
+// Strides are in elements, three per tensor for its first three dims (the last dim is contiguous).
+// The cache is contiguous (block_table == nullptr: block = sequence, page unused) or paged (block_table
+// (B, *) int32 with row stride bt_stride, page = positions per block); int8 caches come with fp32 scales of
+// shape cache.shape[:3]; every other tensor has dtype dt.
+constexpr int64_t kMaxDecodeHeadDim = 256;
+
+// out (B, Lq, Hq, D) contiguous = attention of q (B, Lq, Hq, D) to the first seqlens[b] positions of
+// sequence b (query i at position seqlens[b] - Lq + i; causal: bottom-right aligned). Hkv divides Hq.
+struct DecodeAttnArgs {
+  const void* q; int64_t q_stride[3];
+  const void* k; int64_t k_stride[3];
+  const void* v; int64_t v_stride[3];
+  const float* k_scale; int64_t ks_stride[3];
+  const float* v_scale; int64_t vs_stride[3];
+  const int32_t* seqlens;
+  const int32_t* block_table; int64_t bt_stride; int64_t page;
+  void* out;
+  int64_t batch, lq, hq, hkv, d;
+  float scale;
+  bool causal, int8;
+  DType dt;
+};
+void decode_attention(const DecodeAttnArgs& a);
+
+// Writes k_new, v_new (B, Lnew, Hkv, D) at positions seqlens[b] + t of the cache; with cos/sin (max_pos, R)
+// fp32 tables (row stride cs_stride) the first R features of the keys are rotated first ("rotate half", fp32),
+// and q (B, Lnew, Hq, D), if given, is rotated likewise into q_out (contiguous). int8 caches: per (position,
+// kv head) scale = max|x| / 127, code = sign(x) floor(|x| / scale + 1/2).
+struct KVAppendArgs {
+  void* k; int64_t k_stride[3];
+  void* v; int64_t v_stride[3];
+  float* k_scale; int64_t ks_stride[3];
+  float* v_scale; int64_t vs_stride[3];
+  const void* k_new; int64_t kn_stride[3];
+  const void* v_new; int64_t vn_stride[3];
+  const int32_t* seqlens;
+  const int32_t* block_table; int64_t bt_stride; int64_t page;
+  const float* cos; const float* sin; int64_t cs_stride; int64_t rot;
+  const void* q; int64_t q_stride[3];
+  void* q_out;
+  int64_t batch, lnew, hq, hkv, d;
+  bool int8;
+  DType dt;
+};
+void kv_cache_append(const KVAppendArgs& a);
+
 }  // namespace fastllm::cpu

@@ -16,9 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import RMSNorm
+from ..ops import add_rms_norm
+from ..nn.quant_linear import fused
 from .config import ModelConfig
 from .decoder import DecoderLM
 from .rope import Rotary
+
+
+FUSED_MAX_ROWS = 8
+"""Quantised q/k/v (and gate/up) run as one qmatmul over their concatenated rows for at most this many rows of x
+(decode steps of up to 8 sequences), where the three calls' fixed costs outweigh the work. Above it (prefill)
+they stay separate: with the current CPU kernel the fused matrices were slower at many rows (SmolLM2 prefill of
+128 tokens, 2 threads: 323 tok/s fused against 351 separate; the cause, probably the larger matrix falling
+out of cache, is not pinned down)."""
 
 
 class Block(nn.Module):
@@ -40,13 +50,23 @@ class Block(nn.Module):
         """h: (..., dim) -> (..., dim). attend(layer, q, k, v) -> y: the attention of this call's mode (full,
         prefill or decode), given q (..., Hq, D) and k, v (..., Hkv, D) before rotary, returning (..., Hq, D)."""
         x = self.attn_norm(h)                                                        # (..., dim)
-        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))                  # (..., Hq, D)
-        k = self.wk(x).unflatten(-1, (self.n_kv, self.head_dim))                     # (..., Hkv, D)
-        v = self.wv(x).unflatten(-1, (self.n_kv, self.head_dim))                     # (..., Hkv, D)
+        small = x.numel() <= FUSED_MAX_ROWS * x.shape[-1]
+        qkv = fused([self.wq, self.wk, self.wv], self, "_wqkv") if small else None
+        if qkv is not None:  # quantised: one qmatmul for the three projections
+            q, k, v = qkv(x).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))                           # (..., Hq, D)
+        k = k.unflatten(-1, (self.n_kv, self.head_dim))                              # (..., Hkv, D)
+        v = v.unflatten(-1, (self.n_kv, self.head_dim))                              # (..., Hkv, D)
         y = attend(self.index, q, k, v)                                              # (..., Hq, D)
-        h = h + self.wo(y.flatten(-2))
-        x = self.mlp_norm(h)
-        return h + self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        x, h = add_rms_norm(self.wo(y.flatten(-2)), h, self.mlp_norm.weight, self.mlp_norm.eps)  # h += wo(y)
+        gate_up = fused([self.w_gate, self.w_up], self, "_w_gate_up") if small else None
+        if gate_up is not None:
+            gate, up = gate_up(x).split([self.w_gate.out_features, self.w_up.out_features], -1)
+        else:
+            gate, up = self.w_gate(x), self.w_up(x)
+        return h + self.w_down(F.silu(gate) * up)
 
 
 class Llama(DecoderLM):

@@ -11,7 +11,7 @@ import fnmatch
 
 import torch
 
-from ..ops.qmatmul import qmatmul
+from ..ops.qmatmul import qmatmul_prechecked
 from ..quant.formats import DEFAULT_GROUP_SIZE, Format
 from ..quant.quantize import QuantizedWeight, quantize
 from ..reference.qmatmul import ACT_MODES
@@ -77,7 +77,7 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return qmatmul(x, self._cached_weight(), bias, act=self.act)
+        return qmatmul_prechecked(x, self._cached_weight(), bias, self.act)
 
     def _cached_weight(self) -> QuantizedWeight:
         """quantized_weight(), built again only when the buffers are other tensors (after .to(), say): the
@@ -92,6 +92,41 @@ class QuantLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"scheme={self.format.scheme!r}, group_size={self.format.group_size}, act={self.act!r}")
+
+
+def fused(mods: "list[QuantLinear]", owner: torch.nn.Module, name: str) -> "QuantLinear | None":
+    """One QuantLinear whose output is torch.cat([m(x) for m in mods], -1), or None when the modules cannot be
+    fused (not all QuantLinear; different in_features, format or act; a bias).
+
+    Exact: row j of a packed weight holds output feature j alone (its packed values, scales, mins), so the
+    rows of the modules concatenated along N give the same numbers as the separate calls (one kernel call
+    instead of len(mods), each thread getting a larger share of rows). No second copy of the weights: the
+    modules' buffers become row views of the fused buffers, so a load_state_dict (in-place copies) updates both;
+    when a module's buffers are other tensors (after .to(), say) the fused module is built again. It is kept
+    in owner.__dict__[name], outside the module tree (not in state_dict, named_modules or .to())."""
+    key = [(m, m._buffers.get("qweight"), m._buffers.get("scales"), m._buffers.get("mins")) for m in mods]
+    cached = owner.__dict__.get(name)
+    if cached is not None and all(a is b for ka, kb in zip(key, cached[0]) for a, b in zip(ka, kb)):
+        return cached[1]
+    first = mods[0]
+    if (not all(type(m) is QuantLinear for m in mods) or any(m.bias is not None for m in mods)
+            or any((m.in_features, m.format, m.act) != (first.in_features, first.format, first.act) for m in mods)):
+        owner.__dict__[name] = (key, None)
+        return None
+    out = QuantLinear(first.in_features, sum(m.out_features for m in mods), False, scheme=first.format.scheme,
+                      group_size=first.format.group_size, act=first.act, device=first.qweight.device)
+    row = 0
+    for m in mods:
+        rows = slice(row, row + m.out_features)
+        for buf in ("qweight", "scales", "mins"):
+            part = getattr(m, buf)
+            if part is not None:
+                target = getattr(out, buf)[rows]
+                target.copy_(part)
+                setattr(m, buf, target)
+        row += m.out_features
+    owner.__dict__[name] = ([(m, m.qweight, m.scales, m.mins) for m in mods], out)
+    return out
 
 
 def _check_loaded(module: QuantLinear, incompatible_keys) -> None:

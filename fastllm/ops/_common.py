@@ -123,28 +123,37 @@ def kernels():
 
 
 # ---- calling the custom ops --------------------------------------------------------------------
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_eager(args) -> bool:
     """Whether going through the torch.library dispatcher would change nothing for this call: eager (not
-    traced or compiled, no functorch transform), no tensor that autograd must follow, only plain tensors (no
-    fake, meta or subclass tensors, which only the registered fake implementations may see)."""
+    traced or compiled, no functorch transform), no tensor that autograd must follow, only plain tensors and
+    parameters (a module's weight: nn.Parameter changes nothing below autograd), no fake, meta or other
+    subclass tensors, which only the registered fake implementations may see."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     if torch._C._len_torch_dispatch_stack() > 0:  # make_fx, FlopCounterMode, fake modes...: they must see the op
         return False
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.is_meta or (grad and a.requires_grad)):
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.is_meta or (grad and a.requires_grad)):
             return False
     return True
 
 
-def call_op(op, *args):
+def call_op(op, *args, mutated: tuple[int, ...] = ()):
     """op(*args) for a fastllm custom op, entering its implementation directly when the dispatcher would
     change nothing (_plain_eager): that saves some 15 us a call, which a decode step of a small model pays
     hundreds of times. Under autograd, torch.compile, dispatch modes, fake tensors or functorch, the custom op
-    runs as ever. Only for ops that mutate none of their arguments (the dispatcher bumps the version counters
-    of mutated tensors) and have one implementation for every device (no register_kernel)."""
+    runs as ever. For ops with one implementation for every device (no register_kernel). mutated: the
+    positions of the arguments the op writes in place (its mutates_args): on the direct path their version
+    counters are bumped here, as the dispatcher would (autograd then sees the writes)."""
     impl = getattr(op, "_init_fn", None)
     if impl is not None and _plain_eager(args):
-        return impl(*args)
+        out = impl(*args)
+        written = [args[i] for i in mutated if args[i] is not None]
+        if written:
+            torch.autograd.graph.increment_version(written)
+        return out
     return op(*args)

@@ -87,6 +87,21 @@ def check_cache(k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, 
     return CacheLayout(paged, page, capacity, k_cache.shape[2], k_cache.shape[3], int8)
 
 
+def strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """The strides of t's first three dims (elements), as the C++ CPU kernels take them; zeros for None."""
+    return (0, 0, 0) if t is None else tuple(t.stride()[:3])
+
+
+def cpu_cache_limit(x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor | None, *others: torch.Tensor | None) -> str | None:
+    """Why the C++ CPU kernels (which read rows with unit stride) cannot take these tensors, or None."""
+    for name, t in (("the input", x), ("k_cache", k_cache), ("v_cache", v_cache), ("block_table", block_table),
+                    *((f"tensor {i}", t) for i, t in enumerate(others))):
+        if t is not None and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            return f"{name}'s last dimension is strided ({t.stride(-1)}); the CPU kernel reads rows with unit stride"
+    return None
+
+
 _trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("fastllm_trusted_positions", default=False)
 
 

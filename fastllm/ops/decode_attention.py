@@ -1,7 +1,8 @@
 """fastllm.decode_attention: attention of a few new query tokens per sequence to a KV cache (generation).
 
-Backends: Triton split-KV flash-decoding (CUDA; CPU under TRITON_INTERPRET=1 when forced), torch (one masked
-SDPA call over the batch: the CPU path and the CUDA fallback). The custom op sees the arguments as given
+Backends: Triton split-KV flash-decoding (CUDA; CPU under TRITON_INTERPRET=1 when forced), the C++ CPU kernel
+(csrc/cpu/decode_attention*.cpp: OpenMP over (sequence, query, head), AVX2/FMA dot products), torch (one masked
+SDPA call over the batch: the CUDA fallback, and the CPU one for layouts the C++ kernel does not take). The custom op sees the arguments as given
 (fastllm::decode_attention) and returns out (B, Lq, Hq, D), contiguous, in q's dtype. Inference only: no
 autograd (the output does not require grad).
 """
@@ -15,8 +16,8 @@ import torch
 
 from .._dispatch import select
 from ..reference import decode_attention as _ref
-from ._common import call_op, check_same_device, check_tensor, kernels
-from ._kv_cache import check_cache, check_positions, values_checkable
+from ._common import call_op, check_same_device, check_tensor, code, kernels, ptr, run_c
+from ._kv_cache import check_cache, check_positions, cpu_cache_limit, strides3, values_checkable
 
 MAX_HEAD_DIM = 256
 """Largest head dim, on every backend alike (the Triton tiles hold a whole head)."""
@@ -32,9 +33,23 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_table: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
                       v_scale: Optional[torch.Tensor], scale: float, causal: bool, num_splits: int) -> torch.Tensor:
     args = (q, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
-    if select("decode_attention", q) == "triton":
+    backend = select("decode_attention", q, limits={"cpu": cpu_cache_limit(q, k_cache, v_cache, block_table)})
+    if backend == "triton":
         return _tk().decode_attention(*args, scale=scale, causal=causal, num_splits=num_splits or None)
+    if backend == "cpu":
+        return _cpu_decode_attention(*args, scale, causal)
     return _ref.decode_attention_batched(*args, scale=scale, causal=causal).contiguous()
+
+
+def _cpu_decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, scale, causal):
+    b, lq, hq, d = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    page = k_cache.shape[1]
+    run_c("cpu", "decode_attention", q.device, ptr(q), strides3(q), ptr(k_cache), strides3(k_cache), ptr(v_cache),
+          strides3(v_cache), ptr(k_scale), strides3(k_scale), ptr(v_scale), strides3(v_scale),
+          ptr(cache_seqlens.contiguous()), ptr(block_table), 0 if block_table is None else block_table.stride(0), page,
+          ptr(out), b, lq, hq, k_cache.shape[2], d, scale, causal, k_cache.dtype == torch.int8, code(q))
+    return out
 
 
 @_decode_attention.register_fake

@@ -1,7 +1,8 @@
 """fastllm.kv_cache_append: write new keys and values into a KV cache (contiguous or paged, fp or int8) at each
 sequence's current length, optionally applying rotary embeddings to the keys and the queries in the same pass.
 
-Backends: Triton (CUDA; CPU under TRITON_INTERPRET=1 when forced), torch (the reference, vectorised). The custom
+Backends: Triton (CUDA; CPU under TRITON_INTERPRET=1 when forced), the C++ CPU kernel (csrc/cpu/kv_cache_append.cpp),
+torch (the reference, vectorised). The custom
 op fastllm::kv_cache_append mutates k_cache, v_cache, k_scale, v_scale and q_out and returns nothing.
 """
 from __future__ import annotations
@@ -12,8 +13,8 @@ import torch
 
 from .._dispatch import select
 from ..reference import decode_attention as _ref
-from ._common import check_same_device, check_tensor, kernels
-from ._kv_cache import check_cache, check_positions, values_checkable
+from ._common import call_op, check_same_device, check_tensor, code, kernels, ptr, run_c
+from ._kv_cache import check_cache, check_positions, cpu_cache_limit, strides3, values_checkable
 
 
 @torch.library.custom_op("fastllm::kv_cache_append",
@@ -23,17 +24,37 @@ def _kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.
                      k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], cos: Optional[torch.Tensor],
                      sin: Optional[torch.Tensor], q: Optional[torch.Tensor], q_out: Optional[torch.Tensor]) -> None:
     args = (k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin, q)
-    if select("kv_cache_append", k_new) == "triton":
+    limit = cpu_cache_limit(k_new, k_cache, v_cache, block_table, v_new, q, cos, sin)
+    backend = select("kv_cache_append", k_new, limits={"cpu": limit})
+    if backend == "triton":
         kernels().kv_cache_append.kv_cache_append(*args, q_out)
+        return
+    if backend == "cpu":
+        _cpu_append(*args, q_out)
         return
     q_rot = _ref.kv_cache_append(*args)
     if q_out is not None:
         q_out.copy_(q_rot)
 
 
+def _cpu_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin, q, q_out):
+    if cos is not None:
+        cos, sin = cos.float(), sin.float()
+    b, lnew, hkv, d = k_new.shape
+    run_c("cpu", "kv_cache_append", k_new.device, ptr(k_cache), strides3(k_cache), ptr(v_cache), strides3(v_cache),
+          ptr(k_scale), strides3(k_scale), ptr(v_scale), strides3(v_scale), ptr(k_new), strides3(k_new), ptr(v_new),
+          strides3(v_new), ptr(cache_seqlens.contiguous()), ptr(block_table),
+          0 if block_table is None else block_table.stride(0), k_cache.shape[1], ptr(cos), ptr(sin),
+          0 if cos is None else cos.stride(0), 0 if cos is None else cos.shape[1], ptr(q), strides3(q), ptr(q_out),
+          b, lnew, 0 if q is None else q.shape[2], hkv, d, k_cache.dtype == torch.int8, code(k_new))
+
+
 @_kv_cache_append.register_fake
 def _(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin, q, q_out):
     return None
+
+
+_MUTATED = (0, 1, 6, 7, 11)  # k_cache, v_cache, k_scale, v_scale, q_out: the op's mutates_args
 
 
 def _check_rotary(cos, sin, q, k_new):
@@ -109,5 +130,6 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
             raise ValueError(f"cos and sin have {cos.shape[0]} positions, fewer than cache_seqlens.max() + Lnew = "
                              f"{int(cache_seqlens.max()) + k_new.shape[1]}")
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q is not None else None
-    _kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin, q, q_out)
+    call_op(_kv_cache_append, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin, q,
+            q_out, mutated=_MUTATED)
     return q_out

@@ -19,6 +19,7 @@ activation rounding), dbias = sum of dy; the packed weight gets no gradient.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -49,6 +50,7 @@ def _limits(m: int, act: str, data: torch.Tensor) -> dict[str, str | None]:
     return {"cuda": cuda, "triton": None}
 
 
+@functools.lru_cache(maxsize=None)
 def _format(scheme: str, group_size: int) -> Format:
     return Format(scheme, group_size or None)
 
@@ -113,9 +115,6 @@ def qmatmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
         raise TypeError(f"qweight must be a fastllm.QuantizedWeight (see fastllm.quantize), got {type(qweight).__name__}")
     qweight.validate(values=False)
     n, k = qweight.shape
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"x must have shape (..., {k}) (qweight.in_features), got {tuple(x.shape)}")
-    check_same_device("qweight", qweight.data, "x", x)
     if bias is not None:
         check_tensor("bias", bias)
         check_same_device("bias", bias, "x", x)
@@ -125,5 +124,18 @@ def qmatmul(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
     if act not in ACT_MODES:
         raise ValueError(f"act must be one of {ACT_MODES}, got {act!r}")
+    return qmatmul_prechecked(x, qweight, bias, act)
+
+
+def qmatmul_prechecked(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """qmatmul for a caller whose qweight, bias and act passed the checks already (fastllm.nn.QuantLinear, which
+    validated its weight when it built it): x alone is checked, once per call, cheaply."""
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    k = qweight.shape[1]
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape (..., {k}) (qweight.in_features), got {tuple(x.shape)}")
+    if x.device != qweight.data.device:
+        raise ValueError(f"qweight is on {qweight.data.device} but x is on {x.device}; they must be on the same device")
     return call_op(_qmatmul, x, qweight.data, qweight.scales, qweight.mins, bias, qweight.scheme,
                    qweight.group_size or 0, act)
