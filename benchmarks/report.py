@@ -42,6 +42,11 @@ def _fmt(rate: float) -> str:
     return f"{rate:.1f}" if rate >= 10 else f"{rate:.3g}"
 
 
+def _is_subject(impl: str) -> bool:
+    """fastllm, or one of its variants ("fastllm int4": bench_qmatmul times each format as its own case)."""
+    return impl == SUBJECT or impl.startswith(SUBJECT + " ")
+
+
 def summarise(run: dict) -> dict:
     """{"environment", "commit", "date", "suites": {suite: {"unit", "units", "impls", "cases": [row]}}};
     row = {"case", <case parameters>, "rates": {impl: rate}, "ratios": {peer: ratio}, "best_peer",
@@ -58,7 +63,7 @@ def summarise(run: dict) -> dict:
         impls = [info["impl"], *info["peers"]]
         suite["impls"] += [i for i in impls if i not in suite["impls"]]
         row["rates"].setdefault(info["impl"], _round(info["rate"]))
-        if info["impl"] != SUBJECT:
+        if not _is_subject(info["impl"]):
             continue
         # the peers timed inside the fastllm test, back to back with it, give the rates and the ratios
         row["ratios"], row["unsupported"] = {}, {}
@@ -75,7 +80,7 @@ def summarise(run: dict) -> dict:
         raise SystemExit("no fastllm cases with extra_info in this run (was it run with --benchmark-disable?)")
     for suite in suites.values():
         # impls: fastllm first, then the peers in the order the benchmarks name them
-        suite["impls"].sort(key=lambda impl: impl != SUBJECT)
+        suite["impls"].sort(key=lambda impl: not _is_subject(impl))
         suite["cases"] = sorted(suite["cases"].values(),
                                 key=lambda r: (r.get("op", ""), _DIRECTIONS.get(r.get("direction"), len(_DIRECTIONS))))
     return {"environment": env, "commit": _commit(), "date": datetime.date.today().isoformat(), "suites": suites}
