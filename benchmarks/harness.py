@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import warnings
 from typing import Callable, ContextManager
 
@@ -107,16 +108,66 @@ def compare(benchmark, fn: Callable[[], object], peers: dict[str, Peer], *, grou
 
 
 def peak_bytes(run: Callable[[], object]) -> int | None:
-    """Peak CUDA memory of one call of run above what was allocated before it (None on CPU: not measured, torch
-    keeps no CPU allocator statistics)."""
-    if DEVICE != "cuda":
+    """Peak memory of one call of run above what was in use before it. CUDA: the caching allocator's peak. CPU
+    (Linux with glibc): the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above its
+    resident set before the call, with glibc's mmap threshold pinned low during the call so that every large
+    tensor is mapped and unmapped on its own (malloc's heap caching would otherwise hide or inflate a peak);
+    None where neither applies. Call it after the timing: it runs `run` once more."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    libc = _glibc()
+    if libc is None:
         return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    gc.collect()
+    libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak resident set size to the current one
+    except OSError:
+        return None
+    if libc.mallopt(M_MMAP_THRESHOLD, PINNED_MMAP_THRESHOLD) != 1:  # mallopt returns 1 on success
+        return None
+    try:
+        base = _status_bytes("VmRSS")
+        run()
+        return _status_bytes("VmHWM") - base
+    finally:  # what glibc's dynamic thresholds settle at once large blocks have been freed: later timings as before
+        libc.mallopt(M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * SETTLED_MMAP_THRESHOLD)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+PINNED_MMAP_THRESHOLD = 1 << 17   # glibc's initial threshold: every block from 128 KiB has its own mapping
+SETTLED_MMAP_THRESHOLD = 1 << 25  # the most glibc's dynamic threshold rises to (32 MiB on 64-bit)
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc():
+    """glibc through ctypes, or None (not Linux, or no glibc)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (both must exist)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # "VmRSS:   123456 kB"
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 # ---- the row-wise ops (softmax, layer_norm, rms_norm) ------------------------------------------

@@ -73,6 +73,8 @@ def summarise(run: dict) -> dict:
             else:
                 row["rates"][peer] = _round(rec["rate"])
                 row["ratios"][peer] = round(rec["ratio"], 3)
+        if info.get("peak_bytes"):  # memory-recording suites (linear_cross_entropy, train)
+            row["peak_bytes"] = info["peak_bytes"]
         row["best_peer"] = info["best_peer"]
         row["ratio_vs_best_peer"] = None if info["best_peer"] is None else round(info["ratio_vs_best_peer"], 3)
         env = env or info["environment"]

@@ -30,13 +30,20 @@ def linear_cross_entropy_fwd(h: torch.Tensor, w: torch.Tensor, targets: torch.Te
     wa = w.to(a)
     loss = torch.zeros(h.shape[0], dtype=a, device=h.device)
     stats = torch.zeros((2, h.shape[0]), dtype=a, device=h.device)
-    for lo, hi in _chunks(h.shape[0], w.shape[0]):
+    v = w.shape[0]
+    for lo, hi in _chunks(h.shape[0], v):
+        t = targets[lo:hi]
+        keep = t != ignore_index
         z = F.linear(h[lo:hi].to(a), wa)                                              # (C, V)
-        m = z.max(-1).values
-        stats[0, lo:hi] = m
-        stats[1, lo:hi] = torch.log(torch.exp(z - m[:, None]).sum(-1))
-        loss[lo:hi] = F.cross_entropy(z, targets[lo:hi], ignore_index=ignore_index, reduction="none",
-                                      label_smoothing=smoothing)
+        m = z.amax(-1)
+        z_t = z.gather(1, torch.where(keep, t, 0)[:, None])[:, 0]
+        z_mean = z.mean(-1)
+        r = z.sub_(m[:, None]).exp_().sum(-1).log_()                                  # z is spent: one (C, V)
+        del z                                                                         # before the next chunk's
+        stats[0, lo:hi], stats[1, lo:hi] = m, r
+        lse = m + r
+        # cross-entropy with label smoothing eps: (1 - eps) (lse - z_t) + eps (lse - mean_v z)
+        loss[lo:hi] = torch.where(keep, (1.0 - smoothing) * (lse - z_t) + smoothing * (lse - z_mean), 0)
     return loss, stats
 
 
@@ -53,11 +60,12 @@ def linear_cross_entropy_bwd(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, 
         hc, t = h[lo:hi].to(a), targets[lo:hi]
         keep = t != ignore_index
         m, r = stats[0, lo:hi, None].to(a), stats[1, lo:hi, None].to(a)
-        dz = torch.exp((F.linear(hc, wa) - m) - r)                                   # softmax (C, V)
+        dz = F.linear(hc, wa).sub_(m).sub_(r).exp_()                                 # softmax (C, V), in place
         rows = torch.arange(hi - lo, device=h.device)[keep]
         dz[rows, t[keep]] -= 1.0 - smoothing
         dz -= smoothing / v
         dz *= torch.where(keep, g[lo:hi].to(a), 0)[:, None]
         dh[lo:hi] = (dz @ wa).to(h.dtype)
         dw.addmm_(dz.t(), hc)
+        del dz                                                                        # before the next chunk's
     return dh, dw.to(w.dtype)
