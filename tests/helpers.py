@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 
@@ -161,3 +162,10 @@ def sm90_resources(compiled) -> dict:
         raise RuntimeError(f"cuobjdump gave no resource usage: {usage[-500:]}")
     return {"shared": compiled.metadata.shared, "registers": int(found[1]), "stack": int(found[2]),
             "wgmma": "wgmma" in compiled.asm["ptx"]}
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for a multi-process test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

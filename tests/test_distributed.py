@@ -2,7 +2,6 @@
 under FSDP2 (fully_shard: parameters, gradients and AdamW state sharded), give the losses and the parameters of
 one process taking the whole batch; the FSDP run's checkpoint holds the whole trained model."""
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 
 import fastllm
 from fastllm.train import finetune
+from helpers import free_port
 from tiny_models import tiny_llama
 
 SETTINGS = dict(steps=3, batch_size=4, seq_len=16, accum=2, lr=3e-3, warmup=1, seed=0, progress=False, plot=False)
@@ -41,18 +41,12 @@ def _worker(rank: int, world: int, port: int, model_dir: str, result_dir: str) -
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_process_ddp_and_fsdp_equal_one_process(tmp_path):
     tiny_llama(tmp_path / "model")
     torch.set_num_threads(1)
     ref_losses, ref_state = _train(str(tmp_path / "model"))
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "model"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "model"), str(tmp_path)), nprocs=2, join=True)
     assert ref_losses[-1] != ref_losses[0]  # it trained
     for mode in MODES:
         results = [torch.load(tmp_path / f"{mode}{r}.pt") for r in range(2)]

@@ -120,6 +120,11 @@ def test_unknown_kind_and_bad_metadata(tmp_path):
     with pytest.raises(ValueError, match="bos_token_id 7 is outside"):
         tokenizer_from_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"],
                                  "tokenizer.ggml.scores": [0.0], "tokenizer.ggml.bos_token_id": 7}, "x.gguf")
+    for unk in (5, -1):  # read before the other special ids: an IndexError, or -1 naming the last token, before
+        with pytest.raises(ValueError, match=f"unknown_token_id {unk} is outside"):
+            tokenizer_from_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"],
+                                     "tokenizer.ggml.scores": [0.0, 0.0], "tokenizer.ggml.unknown_token_id": unk},
+                                    "x.gguf")
 
 
 def test_tiny_llama_gguf_generates_like_transformers(tmp_path):

@@ -138,3 +138,20 @@ def test_prefill_into_chosen_rows_leaves_the_others(tmp_path, kind):
         torch.testing.assert_close(step[1], _forward(model, torch.tensor([b + [15]]))[0, -1], rtol=1e-4, atol=1e-5)
         with pytest.raises(ValueError, match="rows must name 1 distinct cache rows"):
             model.prefill([b], cache, rows=[2])
+
+
+def test_paged_decode_past_the_reserved_blocks_is_refused(tmp_path):
+    """A row whose next position lies past its reserved blocks would write into the shared scratch block (and
+    read back another row's keys): decode refuses it instead, naming the row; after reserve it goes on."""
+    tiny_llama(tmp_path)
+    model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    with torch.inference_mode():
+        cache = model.new_cache(2, 16, block_size=4, num_blocks=8)
+        model.prefill([[5, 6, 7, 8], [9, 10]], cache)                # row 0 fills its one block
+        with pytest.raises(ValueError, match="row 0 .* 1 block"):
+            model.decode(torch.tensor([1, 2]), cache)
+        assert cache.lengths.tolist() == [4, 2]                      # nothing written
+        assert cache.reserve(0, 5)
+        step = model.decode(torch.tensor([1, 2]), cache)
+        torch.testing.assert_close(step[0], _forward(model, torch.tensor([[5, 6, 7, 8, 1]]))[0, -1], rtol=1e-4,
+                                   atol=1e-5)

@@ -3,7 +3,6 @@ each give the logits of one process (whole sequences, packed prefill, decode ste
 cache) and the same greedy tokens from LLM.generate_ids; float and quantised (int4 group-wise, int8
 per-channel) Llama with GQA, and GPT-2 (fused qkv, biases)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 import fastllm
 from fastllm.nn import QuantLinear
 from fastllm.parallel import shard_model, slice_linear
+from helpers import free_port
 from tiny_models import tiny_gpt2, tiny_llama
 
 MODELS = {  # name -> (builder, overrides, quantisation (scheme, group_size) or None)
@@ -64,12 +64,6 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_process_tensor_parallel_equals_one_process(tmp_path):
     torch.set_num_threads(1)
@@ -77,7 +71,7 @@ def test_two_process_tensor_parallel_equals_one_process(tmp_path):
         build(tmp_path / name, **overrides)
     tiny_llama(tmp_path / "mqa", num_key_value_heads=1)
     refs = {name: _outputs(_load(str(tmp_path / name), quant)) for name, (_, _, quant) in MODELS.items()}
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, ref in refs.items():
         n_kv = ref["cache_heads"]

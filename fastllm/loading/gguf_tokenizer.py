@@ -46,6 +46,14 @@ def merges_from_scores(tokens: list[str], scores: list[float], types: list[int])
     return [(m[-2], m[-1]) for m in merges]
 
 
+def _special(meta: dict, tokens: list[str], key: str, path: str) -> tuple[str, int] | None:
+    """(text, id) of the special token tokenizer.ggml.{key}_token_id, None when absent; ValueError out of range."""
+    i = meta.get(f"tokenizer.ggml.{key}_token_id")
+    if i is not None and not 0 <= int(i) < len(tokens):
+        raise ValueError(f"{path}: tokenizer.ggml.{key}_token_id {i} is outside the vocabulary of {len(tokens)}")
+    return None if i is None else (tokens[int(i)], int(i))
+
+
 def _byte_level(meta: dict, tokens: list[str], types: list[int], path: str):
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
@@ -80,9 +88,9 @@ def _sentencepiece(meta: dict, tokens: list[str], types: list[int], path: str):
     merges = meta.get("tokenizer.ggml.merges")
     merges = ([tuple(m.split(" ", 1)) for m in merges] if merges
               else merges_from_scores(tokens, list(scores), types))
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = _special(meta, tokens, "unknown", path)
     tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=True, byte_fallback=True,
-                                 unk_token=tokens[unk] if unk is not None else None))
+                                 unk_token=unk[0] if unk is not None else None))
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first" if prefix else "never",
                                                  split=False)
@@ -115,13 +123,7 @@ def tokenizer_from_metadata(meta: dict, path: str = "") -> Tokenizer:
                             if ty == TOKEN_CONTROL or (ty == TOKEN_UNKNOWN and kind == "llama")])
     tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])
 
-    def special(key):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and not 0 <= int(i) < len(tokens):
-            raise ValueError(f"{path}: tokenizer.ggml.{key}_token_id {i} is outside the vocabulary of {len(tokens)}")
-        return None if i is None else (tokens[int(i)], int(i))
-
-    bos, eos = special("bos"), special("eos")
+    bos, eos = _special(meta, tokens, "bos", path), _special(meta, tokens, "eos", path)
     add_bos = bos is not None and bool(meta.get("tokenizer.ggml.add_bos_token", bos_by_default))
     add_eos = eos is not None and bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if add_bos or add_eos:
@@ -129,5 +131,5 @@ def tokenizer_from_metadata(meta: dict, path: str = "") -> Tokenizer:
         tok.post_processor = processors.TemplateProcessing(
             single=single, special_tokens=[t for t, on in ((bos, add_bos), (eos, add_eos)) if on])
     names = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
-    specials = {name: (special(key) or (None,))[0] for name, key in names.items()}
+    specials = {name: (_special(meta, tokens, key, path) or (None,))[0] for name, key in names.items()}
     return Tokenizer(tok, meta.get("tokenizer.chat_template"), specials)

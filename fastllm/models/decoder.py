@@ -112,7 +112,7 @@ class DecoderLM(nn.Module):
     def decode(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """tokens (B,) appended at each row's length; no host synchronisation, no allocation by value. With a
         PagedKVCache every row must hold a block for its next position (cache.reserve: a server reserves a
-        request's prompt + max_tokens when it admits it)."""
+        request's prompt + max_tokens when it admits it; on the CPU check_room refuses a row past its blocks)."""
         cache.check_room(1)
         if self.rotary is not None and self.cfg.rope_type == "dynamic":
             cache.cos, cache.sin = self.rotary.table(cache.max_len, cache.longest + 1)

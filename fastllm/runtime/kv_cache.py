@@ -114,6 +114,20 @@ class PagedKVCache(StaticKVCache):
             self.block_table[row] = torch.tensor(table, dtype=torch.int32)
         return True
 
+    def check_room(self, new: int) -> None:
+        """As StaticKVCache.check_room, and on the CPU also per row: a row holding blocks must hold them for its
+        next `new` positions (past them its table points at the scratch block, shared by every row: the writes
+        would land there and the attention read other rows' keys). On CUDA reading the lengths would
+        synchronise, so there the caller vouches for its reservations (the server reserves up front)."""
+        super().check_room(new)
+        if self.lengths.device.type != "cpu":
+            return
+        for row, length in enumerate(self.lengths.tolist()):
+            held = len(self.owned[row])
+            if held and length + new > held * self.block_size:
+                raise ValueError(f"row {row} holds {length} positions in {held} block(s) of {self.block_size}: "
+                                 f"reserve room for {length + new} first (cache.reserve)")
+
     def write(self, layer, rows, positions, k, v) -> None:
         blocks = self.block_table[rows, positions // self.block_size].long()
         slots = positions % self.block_size
