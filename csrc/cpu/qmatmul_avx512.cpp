@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "kernels.h"
@@ -37,6 +38,7 @@ namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kUnitBytes = 64;  // one zmm of packed weights
 constexpr int64_t kRowTile = 16;
+constexpr int kM1Rows = 4;  // weight rows sharing the activation loads at m = 1 (divides kRowTile)
 constexpr int64_t kChunkBytes = 16 << 10;  // activations of one K chunk for all rows of x (L1)
 constexpr int64_t kScalePad = 16;          // float scale arrays are read 16 at a time
 
@@ -59,12 +61,34 @@ struct Acts {
 template <QFormat F>
 Acts prepare_acts(const QMatmulArgs& a) {
   constexpr int64_t U = kUnit<F>;
-  const int64_t k = a.k, nb = k / kBlock, units = (nb + U - 1) / U;
+  const int64_t k = a.k, nb = k / kBlock, units = (nb + U - 1) / U, full = nb / U;
   Acts p{std::vector<uint8_t>(a.m * units * U * kBlock), std::vector<int32_t>(kInt4<F> ? a.m * units * 16 : 0),
-         std::vector<float>(a.m * units * 16, 0.0f), units};
+         std::vector<float>(a.m * units * 16), units};
+  const __m512i ones = _mm512_set1_epi8(1), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i block_of_lane = _mm512_srli_epi32(iota, U == 4 ? 2 : 3);
   for (int64_t i = 0; i < a.m; ++i) {
     const int8_t* qx = a.qx + i * k;
-    for (int64_t t = 0; t < units; ++t) {
+    const float* dx = a.dx + i * nb;
+    for (int64_t t = 0; t < full; ++t) {  // whole units: 64-byte moves
+      const int64_t at = t * a.m + i;
+      uint8_t* xq = p.xq.data() + at * U * kBlock;
+      const __m512i v0 = _mm512_loadu_si512(qx + t * U * kBlock);
+      _mm512_storeu_ps(p.dxe.data() + at * 16,
+                       _mm512_permutexvar_ps(block_of_lane, _mm512_maskz_loadu_ps((1u << U) - 1, dx + t * U)));
+      if constexpr (kInt4<F>) {  // blocks 0-1 in v0, 2-3 in v1; 128-bit lanes [b lo16 | b hi16]
+        const __m512i v1 = _mm512_loadu_si512(qx + t * U * kBlock + 64);
+        const __m512i lo = _mm512_shuffle_i64x2(v0, v1, _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512i hi = _mm512_shuffle_i64x2(v0, v1, _MM_SHUFFLE(3, 1, 3, 1));
+        _mm512_storeu_si512(xq, lo);
+        _mm512_storeu_si512(xq + 64, hi);
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, lo), ones, hi);
+        _mm512_storeu_si512(p.nc.data() + at * 16, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s, 3)));
+      } else {
+        _mm512_storeu_si512(xq, _mm512_xor_si512(v0, c128));
+      }
+    }
+    for (int64_t t = full; t < units; ++t) {  // the last, partial unit: padded with zeros
       const int64_t at = t * a.m + i;
       uint8_t* xq = p.xq.data() + at * U * kBlock;
       float* dxe = p.dxe.data() + at * 16;
@@ -81,7 +105,7 @@ Acts prepare_acts(const QMatmulArgs& a) {
               s += lo + hi;
             }
             nc[4 * j + l] = -8 * s;
-            dxe[4 * j + l] = b < nb ? a.dx[i * nb + b] : 0.0f;
+            dxe[4 * j + l] = b < nb ? dx[b] : 0.0f;
           }
         }
       } else {
@@ -91,7 +115,7 @@ Acts prepare_acts(const QMatmulArgs& a) {
         }
         for (int l = 0; l < 16; ++l) {
           const int64_t b = t * U + l / 8;
-          dxe[l] = b < nb ? a.dx[i * nb + b] : 0.0f;
+          dxe[l] = b < nb ? dx[b] : 0.0f;
         }
       }
     }
@@ -183,6 +207,50 @@ void rows_int8(const QMatmulArgs& a, const Acts& p, const WRow& r, int64_t m0, i
     for (int u = 1; u < NA; ++u) s = _mm512_add_ps(s, acc[i][u]);
     out[i] = reduce_to_double(s);
   }
+}
+
+// int8 mode, one row of x (m = 1): out[r] = sum over units [t0, t1) of x . W row rows[r], for r < R.
+// The R weight rows share each unit's activation loads (the loads, not the arithmetic, bound the
+// single-row loop); per row the lanes add up exactly as in rows_int8<F, 1> (even and odd units in
+// two chains), so the result does not depend on R.
+template <QFormat F, int R>
+void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64_t t1, double* out) {
+  constexpr int64_t U = kUnit<F>, xbytes = U * kBlock;
+  __m512 acc[R][2];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  auto unit = [&](int64_t t, int u) {
+    const uint8_t* x = p.xq.data() + t * xbytes;
+    const __m512 dxe = _mm512_loadu_ps(p.dxe.data() + t * 16);
+    if constexpr (kInt4<F>) {
+      const __m512i xl = _mm512_loadu_si512(x), xh = _mm512_loadu_si512(x + 64);
+      const __m512i nc = _mm512_loadu_si512(p.nc.data() + t * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512i w = load_unit<F>(rows[r].q, t, nb);
+        const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nc, lo, xl), hi, xh);
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), dxe);
+        acc[r][u] = _mm512_fmadd_ps(f, unit_scales<F>(rows[r], t), acc[r][u]);
+      }
+    } else {
+      const __m512i xv = _mm512_loadu_si512(x);
+      for (int r = 0; r < R; ++r) {
+        const __m512i w = load_unit<F>(rows[r].q, t, nb);
+        const __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w));
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg, xv, w));
+        if constexpr (F == QFormat::I8Channel) acc[r][u] = _mm512_fmadd_ps(f, dxe, acc[r][u]);
+        else acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(f, dxe), unit_scales<F>(rows[r], t), acc[r][u]);
+      }
+    }
+  };
+  int64_t t = t0;
+  for (; t + 2 <= t1; t += 2) {
+    unit(t, 0);
+    unit(t + 1, 1);
+  }
+  if (t < t1) unit(t, 0);
+  for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
 // Float mode, int4: the dequantised value of every u in [0, 15] for group g (exact, as formats.py).
@@ -340,6 +408,21 @@ void run(const QMatmulArgs& a) {
       std::fill(part.begin(), part.begin() + jn * a.m, 0.0);
       for (int64_t s0 = 0; s0 < steps; s0 += cs) {
         const int64_t s1 = std::min(steps, s0 + cs);
+        if constexpr (Int8Act) {
+          if (a.m == 1) {  // kM1Rows weight rows at a time, then the rest one by one
+            int64_t jj = 0;
+            double out[kM1Rows];
+            for (; jj + kM1Rows <= jn; jj += kM1Rows) {
+              rows_int8_m1<F, kM1Rows>(p, rows + jj, nb, s0, s1, out);
+              for (int r = 0; r < kM1Rows; ++r) part[jj + r] += out[r];
+            }
+            for (; jj < jn; ++jj) {
+              rows_int8_m1<F, 1>(p, rows + jj, nb, s0, s1, out);
+              part[jj] += out[0];
+            }
+            continue;
+          }
+        }
         for (int64_t jj = 0; jj < jn; ++jj) {
           for (int64_t m0 = 0; m0 < a.m; m0 += kQRows) {
             const int mt = static_cast<int>(std::min<int64_t>(kQRows, a.m - m0));
@@ -368,6 +451,28 @@ void run(const QMatmulArgs& a) {
 }
 
 }  // namespace
+
+// qmatmul.cpp's quantize_block with the same IEEE operations on 2 x 16 lanes: |x| <= FLT_MAX for all
+// (else q = 0, d = NaN, sum = 0), amax = the largest |x|, q = round-half-even(x * (127 / amax)) (the
+// conversion rounds as MXCSR says, as nearbyint does), d = amax / 127.
+void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum) {
+  const __m512 a0 = _mm512_abs_ps(_mm512_loadu_ps(x)), a1 = _mm512_abs_ps(_mm512_loadu_ps(x + 16));
+  const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+  if ((_mm512_cmp_ps_mask(a0, big, _CMP_LE_OQ) & _mm512_cmp_ps_mask(a1, big, _CMP_LE_OQ)) != 0xFFFF) {
+    std::memset(q, 0, kBlock);
+    *d = std::numeric_limits<float>::quiet_NaN();
+    *sum = 0;
+    return;
+  }
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+  const __m512 inv = _mm512_set1_ps(amax == 0.0f ? 0.0f : 127.0f / amax);
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), inv));
+  const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16), inv));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(q0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(q1));
+  *d = amax / 127.0f;
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+}
 
 void qmatmul(const QMatmulArgs& a) {
   dispatch_qformat(a.fmt, [&](auto f) {
