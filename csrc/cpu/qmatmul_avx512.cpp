@@ -212,44 +212,65 @@ void rows_int8(const QMatmulArgs& a, const Acts& p, const WRow& r, int64_t m0, i
 // int8 mode, one row of x (m = 1): out[r] = sum over units [t0, t1) of x . W row rows[r], for r < R.
 // The R weight rows share each unit's activation loads (the loads, not the arithmetic, bound the
 // single-row loop); per row the lanes add up exactly as in rows_int8<F, 1> (even and odd units in
-// two chains), so the result does not depend on R.
-template <QFormat F, int R>
+// two chains), so the result does not depend on R. Wide: a group spans whole units (one scale per
+// unit, broadcast), else unit_scales' permutation with the index vector computed once here.
+template <QFormat F, int R, bool Wide>
 void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64_t t1, double* out) {
   constexpr int64_t U = kUnit<F>, xbytes = U * kBlock;
+  constexpr int kLogU = U == 4 ? 2 : 1;
+  const uint8_t* q[R];
+  const float* d[R];
+  for (int r = 0; r < R; ++r) q[r] = rows[r].q, d[r] = rows[r].d;
+  const int gshift = rows[0].gshift;
+  const int ushift = Wide ? gshift - kLogU : 0;  // unit t is in group t >> ushift
+  const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         (U == 4 ? 2 : 3) + gshift);
   __m512 acc[R][2];
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
   const __m512i mask = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  auto unit = [&](int64_t t, int u) {
+  const int64_t full = std::min(t1, nb / U);  // units [t0, full) are whole: plain loads
+  auto scales = [&](int r, int64_t t) {
+    if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
+    else return _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(d[r] + ((t * U) >> gshift)));
+  };
+  auto unit = [&](int64_t t, int u, auto masked) {
+    auto load = [&](int r) {
+      if constexpr (decltype(masked)::value) return load_unit<F>(q[r], t, nb);
+      else return _mm512_loadu_si512(q[r] + t * kUnitBytes);
+    };
     const uint8_t* x = p.xq.data() + t * xbytes;
     const __m512 dxe = _mm512_loadu_ps(p.dxe.data() + t * 16);
     if constexpr (kInt4<F>) {
       const __m512i xl = _mm512_loadu_si512(x), xh = _mm512_loadu_si512(x + 64);
       const __m512i nc = _mm512_loadu_si512(p.nc.data() + t * 16);
       for (int r = 0; r < R; ++r) {
-        const __m512i w = load_unit<F>(rows[r].q, t, nb);
+        const __m512i w = load(r);
         const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
         const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nc, lo, xl), hi, xh);
         const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), dxe);
-        acc[r][u] = _mm512_fmadd_ps(f, unit_scales<F>(rows[r], t), acc[r][u]);
+        acc[r][u] = _mm512_fmadd_ps(f, scales(r, t), acc[r][u]);
       }
     } else {
       const __m512i xv = _mm512_loadu_si512(x);
       for (int r = 0; r < R; ++r) {
-        const __m512i w = load_unit<F>(rows[r].q, t, nb);
+        const __m512i w = load(r);
         const __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w));
         const __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg, xv, w));
         if constexpr (F == QFormat::I8Channel) acc[r][u] = _mm512_fmadd_ps(f, dxe, acc[r][u]);
-        else acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(f, dxe), unit_scales<F>(rows[r], t), acc[r][u]);
+        else acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(f, dxe), scales(r, t), acc[r][u]);
       }
     }
   };
+  const std::false_type whole;
+  const std::true_type masked;
   int64_t t = t0;
-  for (; t + 2 <= t1; t += 2) {
-    unit(t, 0);
-    unit(t + 1, 1);
+  for (; t + 2 <= full; t += 2) {
+    unit(t, 0, whole);
+    unit(t + 1, 1, whole);
   }
-  if (t < t1) unit(t, 0);
+  int u = 0;  // the chain the next unit goes to
+  for (; t < t1; ++t, u ^= 1) unit(t, u, masked);
   for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
@@ -410,14 +431,19 @@ void run(const QMatmulArgs& a) {
         const int64_t s1 = std::min(steps, s0 + cs);
         if constexpr (Int8Act) {
           if (a.m == 1) {  // kM1Rows weight rows at a time, then the rest one by one
+            const bool wide = (int64_t(1) << gshift) >= kUnit<F>;
+            auto rows_m1 = [&](auto r, int64_t jj, double* out) {
+              if (wide) rows_int8_m1<F, decltype(r)::value, true>(p, rows + jj, nb, s0, s1, out);
+              else rows_int8_m1<F, decltype(r)::value, false>(p, rows + jj, nb, s0, s1, out);
+            };
             int64_t jj = 0;
             double out[kM1Rows];
             for (; jj + kM1Rows <= jn; jj += kM1Rows) {
-              rows_int8_m1<F, kM1Rows>(p, rows + jj, nb, s0, s1, out);
+              rows_m1(std::integral_constant<int, kM1Rows>{}, jj, out);
               for (int r = 0; r < kM1Rows; ++r) part[jj + r] += out[r];
             }
             for (; jj < jn; ++jj) {
-              rows_int8_m1<F, 1>(p, rows + jj, nb, s0, s1, out);
+              rows_m1(std::integral_constant<int, 1>{}, jj, out);
               part[jj] += out[0];
             }
             continue;
