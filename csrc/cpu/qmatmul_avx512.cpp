@@ -215,7 +215,8 @@ void rows_int8(const QMatmulArgs& a, const Acts& p, const WRow& r, int64_t m0, i
 // two chains), so the result does not depend on R. Wide: a group spans whole units (one scale per
 // unit, broadcast), else unit_scales' permutation with the index vector computed once here.
 template <QFormat F, int R, bool Wide>
-void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64_t t1, double* out) {
+void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64_t t1, const float* sx, int64_t ng,
+                  double* out) {
   constexpr int64_t U = kUnit<F>, xbytes = U * kBlock;
   constexpr int kLogU = U == 4 ? 2 : 1;
   const uint8_t* q[R];
@@ -271,6 +272,16 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
   }
   int u = 0;  // the chain the next unit goes to
   for (; t < t1; ++t, u ^= 1) unit(t, u, masked);
+  if constexpr (F == QFormat::I4Asym) {  // the min term joins the lanes (once: sx is null in later chunks)
+    for (int64_t g = 0; sx && g < ng; g += 16) {
+      const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (ng - g)) - 1);
+      const __m512 sv = _mm512_maskz_loadu_ps(k, sx + g), eight = _mm512_set1_ps(8.0f);
+      for (int r = 0; r < R; ++r) {
+        const __m512 c = _mm512_fmadd_ps(eight, _mm512_maskz_loadu_ps(k, d[r] + g), _mm512_maskz_loadu_ps(k, rows[r].m + g));
+        acc[r][1] = _mm512_fmadd_ps(c, sv, acc[r][1]);
+      }
+    }
+  }
   for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
@@ -433,8 +444,9 @@ void run(const QMatmulArgs& a) {
           if (a.m == 1) {  // kM1Rows weight rows at a time, then the rest one by one
             const bool wide = (int64_t(1) << gshift) >= kUnit<F>;
             auto rows_m1 = [&](auto r, int64_t jj, double* out) {
-              if (wide) rows_int8_m1<F, decltype(r)::value, true>(p, rows + jj, nb, s0, s1, out);
-              else rows_int8_m1<F, decltype(r)::value, false>(p, rows + jj, nb, s0, s1, out);
+              const float* sx = s0 == 0 ? a.sx : nullptr;  // int4_asym: the min term, in the first chunk
+              if (wide) rows_int8_m1<F, decltype(r)::value, true>(p, rows + jj, nb, s0, s1, sx, ng, out);
+              else rows_int8_m1<F, decltype(r)::value, false>(p, rows + jj, nb, s0, s1, sx, ng, out);
             };
             int64_t jj = 0;
             double out[kM1Rows];
@@ -466,7 +478,8 @@ void run(const QMatmulArgs& a) {
         for (int64_t i = 0; i < a.m; ++i) {
           double dv = part[jj * a.m + i];
           if constexpr (F == QFormat::I8Channel) dv *= rows[jj].s32;
-          if constexpr (Int8Act && F == QFormat::I4Asym) dv += min_term(rows[jj], a.sx + i * ng, ng);
+          if constexpr (Int8Act && F == QFormat::I4Asym)
+            if (a.m > 1) dv += min_term(rows[jj], a.sx + i * ng, ng);  // (m = 1: rows_int8_m1 added it)
           if (a.bias) dv += load_as_float(a.bias, j0 + jj, a.dt);
           store_from_float(static_cast<char*>(a.y) + i * a.y_stride * dtype_size(a.dt), j0 + jj,
                            static_cast<float>(dv), a.dt);
