@@ -96,6 +96,18 @@ def test_qmatmul_k_chunks_and_row_tiles(device, backend, act, scheme, group):
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme,group", FORMATS, ids=str)
+def test_qmatmul_single_row_long_k(device, backend, scheme, group):
+    """M = 1 (the AVX-512 int8 mode takes 4 weight rows at a time: N = 21 leaves one alone) with a K
+    long enough for several K chunks there (64 units each), ending in a partial unit where the group
+    allows it (K = 8224: 257 blocks)."""
+    k = 8224 if (group or 32) == 32 else 8320
+    for act in ("float", "int8"):
+        if _takes(backend, 1, act):
+            _check(*_case(1, 21, k, torch.float32, device, 5, scheme, group, True), act, backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("act", ["float", "int8"])
 def test_non_finite_activations_give_non_finite_outputs(device, backend, act):
     if not _takes(backend, 3, act):

@@ -81,6 +81,8 @@ void decode_attention(const DecodeAttnArgs& a);
 
 namespace avx512 {  // *_avx512.cpp, chosen by cpu_use_avx512()
 void qmatmul(const QMatmulArgs& a);
+// qmatmul.cpp's int8-mode block quantisation (32 floats -> q, d, sum of q), bit-identical to it
+void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum);
 }  // namespace avx512
 
 namespace {

@@ -81,10 +81,11 @@ void prepare(const void* x, int64_t x_stride, QMatmulArgs& a, Prepared& p) {
   p.dx.resize(a.m * nb);
   const int64_t ng = k / a.group;
   if (a.fmt == QFormat::I4Asym) p.sx.assign(a.m * ng, 0.0f);
+  const auto quantize = cpu_use_avx512() ? avx512::quantize_block : quantize_block;
   for (int64_t i = 0; i < a.m; ++i) {
     for (int64_t b = 0; b < nb; ++b) {
       int32_t s;
-      quantize_block(a.xf + i * a.xf_stride + b * kBlock, p.qx.data() + i * k + b * kBlock, &p.dx[i * nb + b], &s);
+      quantize(a.xf + i * a.xf_stride + b * kBlock, p.qx.data() + i * k + b * kBlock, &p.dx[i * nb + b], &s);
       if (a.fmt == QFormat::I4Asym) p.sx[i * ng + b * kBlock / a.group] += p.dx[i * nb + b] * static_cast<float>(s);
     }
   }

@@ -56,7 +56,10 @@ def check_param(name: str, t, x: torch.Tensor, shape: Sequence[int]) -> None:
 def as_rows(t: torch.Tensor, k: int = 1) -> torch.Tensor:
     """(rows, cols) view of t, cols = prod of the last k dims, with inner stride 1 and a row stride
     >= cols; copies only when the strides do not allow such a view (e.g. a transposed or broadcast
-    input). Empty tensors keep their row and column counts."""
+    input). Empty tensors keep their row and column counts. A contiguous 2-D t with k = 1 is returned
+    as it is (the common case: no view to build)."""
+    if k == 1 and t.dim() == 2 and t.is_contiguous():
+        return t
     rows, cols = math.prod(t.shape[:t.dim() - k]), math.prod(t.shape[t.dim() - k:])
     try:
         v = t.view(rows, cols)

@@ -63,17 +63,19 @@ def _qmatmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, mins: Op
     x2 = as_rows(x)
     m, k = x2.shape
     n = data.shape[0]
+    out_shape = None if x.dim() == 2 else (*x.shape[:-1], n)  # None: y is the answer as it is
     backend = select("qmatmul", x, bias, limits=_limits(m, act, data)) if m else "torch"
     if backend == "torch":
-        return reference.qmatmul_fwd(x2, data, scales, mins, bias, fmt, act).view(*x.shape[:-1], n)
+        y = reference.qmatmul_fwd(x2, data, scales, mins, bias, fmt, act)
+        return y if out_shape is None else y.view(out_shape)
     y = new_output((m, n), x.dtype, x.device)
     if backend == "triton":
         kernels().qmatmul.qmatmul(x2, data, scales, mins, bias, fmt.code, fmt.group(k), y)
-        return y.view(*x.shape[:-1], n)
+        return y if out_shape is None else y.view(out_shape)
     mode = (act == "int8",) if backend == "cpu" else ()  # the CUDA kernel has the float mode only
     run_c(backend, "qmatmul", x.device, ptr(x2), x2.stride(0), ptr(data), ptr(scales), ptr(mins), ptr(bias), ptr(y),
           y.stride(0), m, n, k, fmt.group(k), fmt.code, *mode, code(x))
-    return y.view(*x.shape[:-1], n)
+    return y if out_shape is None else y.view(out_shape)
 
 
 @_qmatmul.register_fake
