@@ -30,18 +30,11 @@
 
 #include "common/dtype.h"
 #include "cuda/ops.h"
+#include "standalone.cuh"
 
 using fastllm::DType;
 namespace fc = fastllm::cuda;
 
-#define CK(call)                                                                                   \
-  do {                                                                                             \
-    cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess) {                                                                       \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                                \
-    }                                                                                              \
-  } while (0)
 
 static const char* dname(DType t) { return fastllm::dtype_name(t); }
 
@@ -330,22 +323,6 @@ static void* dev_fill(size_t n, int esz, unsigned seed) {
   return p;
 }
 
-template <typename F>
-static double time_ms(F f, int iters) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) f();
-  CK(cudaEventRecord(a));
-  for (int i = 0; i < iters; ++i) f();
-  CK(cudaEventRecord(b));
-  CK(cudaEventSynchronize(b));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, a, b));
-  CK(cudaEventDestroy(a));
-  CK(cudaEventDestroy(b));
-  return ms / iters;
-}
 
 static void bench() {
   const Case shapes[] = {{4096, 4096}, {16384, 8192}, {8192, 32768}};

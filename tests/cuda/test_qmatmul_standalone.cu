@@ -33,18 +33,11 @@
 #include "common/dtype.h"
 #include "common/qformat.h"
 #include "cuda/ops.h"
+#include "standalone.cuh"
 
 using fastllm::DType;
 using fastllm::QFormat;
 
-#define CK(call)                                                                                   \
-  do {                                                                                             \
-    cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess) {                                                                       \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                                \
-    }                                                                                              \
-  } while (0)
 
 // A device buffer mirrored by a host vector of bytes.
 struct Buf {
@@ -197,23 +190,6 @@ void test_all() {
 }
 
 // ------------------------------------------- benchmark -------------------------------------------
-template <typename F>
-float time_ms(F&& f, int iters) {
-  f();
-  CK(cudaDeviceSynchronize());
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  CK(cudaEventRecord(a));
-  for (int i = 0; i < iters; ++i) f();
-  CK(cudaEventRecord(b));
-  CK(cudaEventSynchronize(b));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, a, b));
-  CK(cudaEventDestroy(a));
-  CK(cudaEventDestroy(b));
-  return ms / iters;
-}
 
 void bench() {
   std::mt19937_64 rng(7);
