@@ -23,7 +23,7 @@ from ._dispatch import dispatch_log, use_backend
 from .llm import LLM
 from .nn import quantize_model
 from .ops import (add_rms_norm, attention, attention_varlen, decode_attention, kv_cache_append, layer_norm,
-                  linear_cross_entropy, qmatmul, rms_norm, softmax)
+                  linear_cross_entropy, qmatmul, rms_norm, silu_mul, softmax)
 from .patch import patch_sdpa, sdpa_is_patched, unpatch_sdpa
 from .quant import QuantizedWeight, quantize
 
@@ -31,4 +31,4 @@ __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "decode_attention", "kv_cache_append", "softmax", "layer_norm",
            "rms_norm", "add_rms_norm", "nn", "reference", "backends", "dispatch_log", "use_backend", "quantize",
            "QuantizedWeight", "qmatmul", "quantize_model", "patch_sdpa", "unpatch_sdpa", "sdpa_is_patched", "LLM",
-           "linear_cross_entropy", "__version__"]
+           "linear_cross_entropy", "silu_mul", "__version__"]

@@ -21,6 +21,7 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "softmax": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "layer_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "rms_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
+    "silu_mul": {"cpu": ("cpu", "torch")},
     "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "attention_varlen": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "decode_attention": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},

@@ -46,8 +46,9 @@ struct NormBwdArgs {
   DType dt;
 };
 
-// softmax_fwd: a = x, out = y.  softmax_bwd: a = y, b = dy, out = dx.
-struct SoftmaxArgs {
+// Two inputs and one output, row by row. softmax_fwd: a = x, out = y.  softmax_bwd: a = y, b = dy,
+// out = dx.  silu_mul: a = gate, b = up, out = y.
+struct RowArgs {
   const void* a; int64_t a_stride;
   const void* b; int64_t b_stride;
   void* out; int64_t out_stride;
@@ -73,8 +74,9 @@ void layer_norm_fwd(const NormFwdArgs& a);
 void layer_norm_bwd(const NormBwdArgs& a);
 void rms_norm_fwd(const NormFwdArgs& a);  // add_rms_norm when a.r != nullptr
 void rms_norm_bwd(const NormBwdArgs& a);
-void softmax_fwd(const SoftmaxArgs& a);
-void softmax_bwd(const SoftmaxArgs& a);
+void softmax_fwd(const RowArgs& a);
+void softmax_bwd(const RowArgs& a);
+void silu_mul(const RowArgs& a);
 void qmatmul(const QMatmulArgs& a);
 void decode_attention(const DecodeAttnArgs& a);
 }  // namespace avx2

@@ -49,6 +49,10 @@ void softmax_fwd(const void* x, int64_t x_stride, void* y, int64_t y_stride, int
 void softmax_bwd(const void* y, int64_t y_stride, const void* dy, int64_t dy_stride, void* dx,
                  int64_t dx_stride, int64_t rows, int64_t cols, DType dt);
 
+// SwiGLU's gate: y = silu(g) * u = g / (1 + exp(-g)) * u, elementwise, fp32 arithmetic, rounded once.
+void silu_mul(const void* g, int64_t g_stride, const void* u, int64_t u_stride, void* y, int64_t y_stride,
+              int64_t rows, int64_t cols, DType dt);
+
 // Packed weight formats of qmatmul: common/qformat.h.
 using fastllm::QFormat;
 

@@ -13,7 +13,7 @@ namespace fastllm::cpu {
 namespace {
 
 template <DType D>
-void fwd_rows(const SoftmaxArgs& a) {
+void fwd_rows(const RowArgs& a) {
   using S = storage_t<D>;
   const int64_t n = a.cols;
 #pragma omp parallel for schedule(static) if (a.rows * n >= kParallelMinElems)
@@ -31,7 +31,7 @@ void fwd_rows(const SoftmaxArgs& a) {
 }
 
 template <DType D>
-void bwd_rows(const SoftmaxArgs& a) {
+void bwd_rows(const RowArgs& a) {
   using S = storage_t<D>;
   const int64_t n = a.cols;
 #pragma omp parallel for schedule(static) if (a.rows * n >= kParallelMinElems)
@@ -51,7 +51,7 @@ void bwd_rows(const SoftmaxArgs& a) {
 void softmax_fwd(const void* x, int64_t x_stride, void* y, int64_t y_stride, int64_t rows,
                  int64_t cols, DType dt) {
   if (rows == 0) return;
-  const SoftmaxArgs a{x, x_stride, nullptr, 0, y, y_stride, rows, cols, dt};
+  const RowArgs a{x, x_stride, nullptr, 0, y, y_stride, rows, cols, dt};
   if (cpu_use_avx2()) return avx2::softmax_fwd(a);
   dispatch_dtype(dt, [&](auto d) { fwd_rows<decltype(d)::value>(a); });
 }
@@ -59,7 +59,7 @@ void softmax_fwd(const void* x, int64_t x_stride, void* y, int64_t y_stride, int
 void softmax_bwd(const void* y, int64_t y_stride, const void* dy, int64_t dy_stride, void* dx,
                  int64_t dx_stride, int64_t rows, int64_t cols, DType dt) {
   if (rows == 0) return;
-  const SoftmaxArgs a{y, y_stride, dy, dy_stride, dx, dx_stride, rows, cols, dt};
+  const RowArgs a{y, y_stride, dy, dy_stride, dx, dx_stride, rows, cols, dt};
   if (cpu_use_avx2()) return avx2::softmax_bwd(a);
   dispatch_dtype(dt, [&](auto d) { bwd_rows<decltype(d)::value>(a); });
 }

@@ -125,7 +125,7 @@ void bwd_row(const storage_t<D>* y, const storage_t<D>* dy, storage_t<D>* dx, in
 }
 
 template <DType D>
-void fwd_rows(const SoftmaxArgs& a) {
+void fwd_rows(const RowArgs& a) {
 #pragma omp parallel for schedule(static) if (a.rows * a.cols >= kParallelMinElems)
   for (int64_t i = 0; i < a.rows; ++i) {
     const storage_t<D>* x = row_ptr<D>(a.a, a.a_stride, i);
@@ -138,7 +138,7 @@ void fwd_rows(const SoftmaxArgs& a) {
 }
 
 template <DType D>
-void bwd_rows(const SoftmaxArgs& a) {
+void bwd_rows(const RowArgs& a) {
 #pragma omp parallel for schedule(static) if (a.rows * a.cols >= kParallelMinElems)
   for (int64_t i = 0; i < a.rows; ++i)
     bwd_row<D>(row_ptr<D>(a.a, a.a_stride, i), row_ptr<D>(a.b, a.b_stride, i),
@@ -147,11 +147,11 @@ void bwd_rows(const SoftmaxArgs& a) {
 
 }  // namespace
 
-void softmax_fwd(const SoftmaxArgs& a) {
+void softmax_fwd(const RowArgs& a) {
   dispatch_dtype(a.dt, [&](auto d) { fwd_rows<decltype(d)::value>(a); });
 }
 
-void softmax_bwd(const SoftmaxArgs& a) {
+void softmax_bwd(const RowArgs& a) {
   dispatch_dtype(a.dt, [&](auto d) { bwd_rows<decltype(d)::value>(a); });
 }
 

@@ -7,8 +7,9 @@ from .attention import attention_bwd, attention_fwd, attention_varlen_bwd, atten
 from .layer_norm import layer_norm_bwd, layer_norm_fwd
 from .qmatmul import dequantize_activations, qmatmul_fwd, quantize_activations
 from .rms_norm import add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
+from .silu_mul import silu_mul_bwd, silu_mul_fwd
 from .softmax import softmax_bwd, softmax_fwd
 
 __all__ = ["attention_fwd", "attention_bwd", "attention_varlen_fwd", "attention_varlen_bwd", "dropout_keep", "softmax_fwd", "softmax_bwd", "layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd",
            "rms_norm_bwd", "add_rms_norm_fwd", "qmatmul_fwd", "quantize_activations",
-           "dequantize_activations"]
+           "dequantize_activations", "silu_mul_fwd", "silu_mul_bwd"]
