@@ -7,7 +7,9 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "common/check.h"
 #include "common/cpu_features.h"
@@ -58,7 +60,6 @@ void cpu_layer_norm_fwd(ptr_t x, int64_t xs, ptr_t w, ptr_t b, ptr_t y, int64_t 
   check_row("x", x, xs, rows, cols);
   check_row("y", y, ys, rows, cols);
   FASTLLM_CHECK(eps >= 0, "eps must be >= 0");
-  py::gil_scoped_release nogil;
   fastllm::cpu::layer_norm_fwd(P(x), xs, P(w), P(b), P(y), ys, P<float>(mean), P<float>(rstd), rows, cols, float(eps), t);
 }
 
@@ -71,7 +72,6 @@ void cpu_layer_norm_bwd(ptr_t dy, int64_t dys, ptr_t x, int64_t xs, ptr_t w, ptr
   check_ptr("mean", mean, rows);
   check_ptr("rstd", rstd, rows);
   if (dx) check_row("dx", dx, dxs, rows, cols);
-  py::gil_scoped_release nogil;
   fastllm::cpu::layer_norm_bwd(P(dy), dys, P(x), xs, P(w), P<float>(mean), P<float>(rstd), P(dx), dxs, P<float>(dw),
                                P<float>(db), rows, cols, t);
 }
@@ -83,7 +83,6 @@ void cpu_rms_norm_fwd(ptr_t x, int64_t xs, ptr_t w, ptr_t y, int64_t ys, ptr_t r
   check_row("x", x, xs, rows, cols);
   check_row("y", y, ys, rows, cols);
   FASTLLM_CHECK(eps >= 0, "eps must be >= 0");
-  py::gil_scoped_release nogil;
   fastllm::cpu::rms_norm_fwd(P(x), xs, P(w), P(y), ys, P<float>(rstd), rows, cols, float(eps), t);
 }
 
@@ -96,7 +95,6 @@ void cpu_add_rms_norm_fwd(ptr_t x, int64_t xs, ptr_t r, int64_t rs, ptr_t s, int
   check_row("sum", s, ss, rows, cols);
   check_row("y", y, ys, rows, cols);
   FASTLLM_CHECK(eps >= 0, "eps must be >= 0");
-  py::gil_scoped_release nogil;
   fastllm::cpu::add_rms_norm_fwd(P(x), xs, P(r), rs, P(s), ss, P(w), P(y), ys, P<float>(rstd), rows, cols, float(eps), t);
 }
 
@@ -109,7 +107,6 @@ void cpu_rms_norm_bwd(ptr_t dy, int64_t dys, ptr_t x, int64_t xs, ptr_t w, ptr_t
   check_ptr("rstd", rstd, rows);
   if (de) check_row("dextra", de, des, rows, cols);
   if (dx) check_row("dx", dx, dxs, rows, cols);
-  py::gil_scoped_release nogil;
   fastllm::cpu::rms_norm_bwd(P(dy), dys, P(x), xs, P(w), P<float>(rstd), P(de), des, P(dx), dxs, P<float>(dw), rows,
                              cols, t);
 }
@@ -119,7 +116,6 @@ void cpu_softmax_fwd(ptr_t x, int64_t xs, ptr_t y, int64_t ys, int64_t rows, int
   check_shape(rows, cols);
   check_row("x", x, xs, rows, cols);
   check_row("y", y, ys, rows, cols);
-  py::gil_scoped_release nogil;
   fastllm::cpu::softmax_fwd(P(x), xs, P(y), ys, rows, cols, t);
 }
 
@@ -130,8 +126,16 @@ void cpu_softmax_bwd(ptr_t y, int64_t ys, ptr_t dy, int64_t dys, ptr_t dx, int64
   check_row("y", y, ys, rows, cols);
   check_row("dy", dy, dys, rows, cols);
   check_row("dx", dx, dxs, rows, cols);
-  py::gil_scoped_release nogil;
   fastllm::cpu::softmax_bwd(P(y), ys, P(dy), dys, P(dx), dxs, rows, cols, t);
+}
+
+void cpu_silu_mul(ptr_t g, int64_t gs, ptr_t u, int64_t us, ptr_t y, int64_t ys, int64_t rows, int64_t cols, int dt) {
+  DType t = check_dtype(dt);
+  check_shape(rows, cols);
+  check_row("gate", g, gs, rows, cols);
+  check_row("up", u, us, rows, cols);
+  check_row("y", y, ys, rows, cols);
+  fastllm::cpu::silu_mul(P(g), gs, P(u), us, P(y), ys, rows, cols, t);
 }
 
 // Checks shared by the CPU and CUDA qmatmul entry points; returns the format.
@@ -162,7 +166,6 @@ void cpu_qmatmul(ptr_t x, int64_t xs, ptr_t w, ptr_t scales, ptr_t mins, ptr_t b
                  int64_t m, int64_t n, int64_t k, int64_t group, int fmt, bool int8_act, int dt) {
   DType t = check_dtype(dt);
   const auto f = check_qmatmul(x, xs, w, scales, mins, y, ys, m, n, k, group, fmt);
-  py::gil_scoped_release nogil;
   fastllm::cpu::qmatmul(P(x), xs, P(w), P(scales), P<uint16_t>(mins), P(bias), P(y), ys, m, n, k, group, f, int8_act, t);
 }
 
@@ -198,7 +201,6 @@ void cpu_decode_attention(ptr_t q, strides3 qs, ptr_t k, strides3 ks, ptr_t v, s
   a.seqlens = P<int32_t>(seqlens), a.block_table = P<int32_t>(block_table), a.bt_stride = bt_stride, a.page = page;
   a.out = P(out), a.batch = batch, a.lq = lq, a.hq = hq, a.hkv = hkv, a.d = d;
   a.scale = float(scale), a.causal = causal, a.int8 = int8;
-  py::gil_scoped_release nogil;
   fastllm::cpu::decode_attention(a);
 }
 
@@ -222,8 +224,27 @@ void cpu_kv_cache_append(ptr_t k, strides3 ks, ptr_t v, strides3 vs, ptr_t k_sca
   a.seqlens = P<int32_t>(seqlens), a.block_table = P<int32_t>(block_table), a.bt_stride = bt_stride, a.page = page;
   a.cos = P<float>(cos), a.sin = P<float>(sin), a.cs_stride = cs_stride, a.rot = rot;
   a.batch = batch, a.lnew = lnew, a.hq = hq, a.hkv = hkv, a.d = d, a.int8 = int8;
-  py::gil_scoped_release nogil;
   fastllm::cpu::kv_cache_append(a);
+}
+
+// ---- CPU graphs ------------------------------------------------------------------------------
+// A CpuGraph holds CPU kernel calls recorded with their argument values (pointers included) and replays them
+// in order from C++, with the GIL released once: what a CUDA graph does for launches, for the Python that
+// issues a decode step's few hundred calls (fastllm/runtime/cpu_graph.py records them and keeps every tensor
+// they point to alive). Each replayed call runs its argument checks again; one that fails stops the replay
+// with the ValueError.
+struct CpuGraph {
+  std::vector<std::function<void()>> calls;
+};
+
+// Binds fn as cpu_<name>, and as record_cpu_<name>(graph, ...), which runs it and appends the call to graph.
+template <typename... A>
+void def_cpu(py::module_& m, const std::string& name, void (*fn)(A...)) {
+  m.def(("cpu_" + name).c_str(), fn, py::call_guard<py::gil_scoped_release>());
+  m.def(("record_cpu_" + name).c_str(), [fn](CpuGraph& g, A... a) {
+          fn(a...);
+          g.calls.emplace_back([fn, a...] { fn(a...); });
+        }, py::call_guard<py::gil_scoped_release>());
 }
 
 #if FASTLLM_WITH_CUDA
@@ -324,16 +345,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("advise_huge_pages", &fastllm::advise_huge_pages, py::arg("ptr"), py::arg("nbytes"),
         "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of a fresh CPU buffer, before it is written");
 
-  m.def("cpu_layer_norm_fwd", &cpu_layer_norm_fwd);
-  m.def("cpu_layer_norm_bwd", &cpu_layer_norm_bwd);
-  m.def("cpu_rms_norm_fwd", &cpu_rms_norm_fwd);
-  m.def("cpu_add_rms_norm_fwd", &cpu_add_rms_norm_fwd);
-  m.def("cpu_rms_norm_bwd", &cpu_rms_norm_bwd);
-  m.def("cpu_softmax_fwd", &cpu_softmax_fwd);
-  m.def("cpu_softmax_bwd", &cpu_softmax_bwd);
-  m.def("cpu_qmatmul", &cpu_qmatmul);
-  m.def("cpu_decode_attention", &cpu_decode_attention);
-  m.def("cpu_kv_cache_append", &cpu_kv_cache_append);
+  py::class_<CpuGraph>(m, "CpuGraph", "CPU kernel calls recorded by record_cpu_<op>, replayed in order")
+      .def(py::init<>())
+      .def("__len__", [](const CpuGraph& g) { return g.calls.size(); })
+      .def("replay", [](CpuGraph& g) { for (auto& call : g.calls) call(); }, py::call_guard<py::gil_scoped_release>());
+  def_cpu(m, "layer_norm_fwd", &cpu_layer_norm_fwd);
+  def_cpu(m, "layer_norm_bwd", &cpu_layer_norm_bwd);
+  def_cpu(m, "rms_norm_fwd", &cpu_rms_norm_fwd);
+  def_cpu(m, "add_rms_norm_fwd", &cpu_add_rms_norm_fwd);
+  def_cpu(m, "rms_norm_bwd", &cpu_rms_norm_bwd);
+  def_cpu(m, "softmax_fwd", &cpu_softmax_fwd);
+  def_cpu(m, "softmax_bwd", &cpu_softmax_bwd);
+  def_cpu(m, "silu_mul", &cpu_silu_mul);
+  def_cpu(m, "qmatmul", &cpu_qmatmul);
+  def_cpu(m, "decode_attention", &cpu_decode_attention);
+  def_cpu(m, "kv_cache_append", &cpu_kv_cache_append);
 #if FASTLLM_WITH_CUDA
   m.def("cuda_norm_bwd_workspace_floats", &fastllm::cuda::norm_bwd_workspace_floats);
   m.def("cuda_layer_norm_fwd", &cuda_layer_norm_fwd);

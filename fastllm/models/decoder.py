@@ -49,11 +49,20 @@ class DecoderLM(nn.Module):
             return q, k
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
+    def final_norm(self, h: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """The final norm of the hidden state h + pending (pending None: h alone); Llama fuses the add."""
+        return self.norm(h if pending is None else h + pending)
+
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        h = self.embed(tokens, positions)                                            # (..., dim)
+        return self._layers(self.embed(tokens, positions), attend)
+
+    def _layers(self, h: torch.Tensor, attend) -> torch.Tensor:
+        """The blocks and the final norm over the embedded h (..., dim). A block maps the hidden state h + pending
+        to a pair whose sum is its output, so the next norm can fuse the residual add."""
+        pending = None
         for layer in self.layers:
-            h = layer(h, attend)
-        return self.norm(h)
+            h, pending = layer(h, pending, attend)
+        return self.final_norm(h, pending)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.hidden(tokens))                                     # (B, L, vocab)
@@ -117,15 +126,23 @@ class DecoderLM(nn.Module):
         if self.rotary is not None and self.cfg.rope_type == "dynamic":
             cache.cos, cache.sin = self.rotary.table(cache.max_len, cache.longest + 1)
         after = cache.lengths + 1                                                    # (B,) int32
+        h = self.embed(tokens[:, None], cache.lengths[:, None].long())               # (B, 1, dim)
+        h = self.decode_hidden(h, cache, after)                                      # (B, 1, dim)
+        cache.lengths.copy_(after)
+        cache.longest += 1
+        return self.lm_head(h)[:, 0]
 
+    def decode_hidden(self, h: torch.Tensor, cache: StaticKVCache, after: torch.Tensor) -> torch.Tensor:
+        """The blocks of a decode step: h (B, 1, dim) embedded at positions cache.lengths, whose rows will hold
+        `after` (B,) positions -> the final normed hidden states (B, 1, dim), before lm_head; appends to the
+        cache but leaves cache.lengths to the caller. For a Llama-family model with quantised linears on the CPU
+        it calls only fastllm._C kernels, in an order that depends on no value: fastllm/runtime/cpu_graph.py
+        records it once and replays it."""
         def attend(i, q, k, v):                                                      # (B, 1, H, D)
             q_rot = fastllm.kv_cache_append(cache.k[i], cache.v[i], k, v, cache.lengths, block_table=cache.block_table,
                                             cos=cache.cos, sin=cache.sin, q=q if cache.cos is not None else None)
             return fastllm.decode_attention(q if q_rot is None else q_rot, cache.k[i], cache.v[i], after,
                                             block_table=cache.block_table)
 
-        with trusted_positions():  # cache.check_room above guarantees every row's next slot
-            h = self._run(tokens[:, None], cache.lengths[:, None].long(), attend)    # (B, 1, dim)
-        cache.lengths.copy_(after)
-        cache.longest += 1
-        return self.lm_head(h)[:, 0]
+        with trusted_positions():  # the caller checked every row's next slot (cache.check_room)
+            return self._layers(h, attend)                                           # (B, 1, dim)

@@ -29,11 +29,13 @@ class Block(nn.Module):
         self.c_fc = nn.Linear(cfg.dim, cfg.intermediate_size)
         self.mlp_proj = nn.Linear(cfg.intermediate_size, cfg.dim)
 
-    def forward(self, h: torch.Tensor, attend) -> torch.Tensor:
-        """h: (..., dim) -> (..., dim); attend as in decoder.py."""
+    def forward(self, h: torch.Tensor, pending: torch.Tensor | None, attend) -> tuple[torch.Tensor, torch.Tensor]:
+        """h + pending (..., dim) -> (h', pending') whose sum is the block's output; attend as in decoder.py."""
+        if pending is not None:
+            h = h + pending
         q, k, v = self.c_attn(self.ln_1(h)).unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(-3)  # (..., H, D)
         h = h + self.c_proj(attend(self.index, q, k, v).flatten(-2))
-        return h + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(h)), approximate="tanh"))
+        return h, self.mlp_proj(F.gelu(self.c_fc(self.ln_2(h)), approximate="tanh"))
 
 
 class GPT2(DecoderLM):

@@ -2,9 +2,10 @@
 
     h = tok_embeddings[tokens]                                  (B, L, dim)
     per layer:  h = h + wo(attn(rope(wq(rms(h))), rope(wk(rms(h))), wv(rms(h))))
-                h = h + w_down(silu(w_gate(rms(h))) * w_up(rms(h)))
+                h = h + w_down(silu(w_gate(rms(h))) * w_up(rms(h)))          (fastllm.silu_mul)
     logits = lm_head(rms(h))                                    (B, L, vocab)
-RMSNorm runs on fastllm.rms_norm; attention in the three modes of decoder.py (whole sequences, packed
+RMSNorm runs on fastllm.rms_norm, fused with the residual add before it (add_rms_norm: a block hands the
+MLP's output on unadded, see DecoderLM._run); attention in the three modes of decoder.py (whole sequences, packed
 prefill, decode steps over the static KV cache).
 Parameter names are fastllm's own (short, gpt-fast style); fastllm/loading/names.py maps the Hugging Face
 and GGUF names onto them. Tied embeddings: lm_head.weight is tok_embeddings.weight.
@@ -12,11 +13,10 @@ and GGUF names onto them. Tied embeddings: lm_head.weight is tok_embeddings.weig
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..nn import RMSNorm
-from ..ops import add_rms_norm
+from ..ops import add_rms_norm, silu_mul
 from ..nn.quant_linear import fused
 from .config import ModelConfig
 from .decoder import DecoderLM
@@ -46,10 +46,15 @@ class Block(nn.Module):
         self.w_up = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)
 
-    def forward(self, h: torch.Tensor, attend) -> torch.Tensor:
-        """h: (..., dim) -> (..., dim). attend(layer, q, k, v) -> y: the attention of this call's mode (full,
-        prefill or decode), given q (..., Hq, D) and k, v (..., Hkv, D) before rotary, returning (..., Hq, D)."""
-        x = self.attn_norm(h)                                                        # (..., dim)
+    def forward(self, h: torch.Tensor, pending: torch.Tensor | None, attend) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the hidden state h + pending (..., dim) (pending None: h alone) -> (h', pending') whose sum
+        is its output: the MLP's residual add is left to the next norm, which fuses it (add_rms_norm).
+        attend(layer, q, k, v) -> y: the attention of this call's mode (full, prefill or decode), given q
+        (..., Hq, D) and k, v (..., Hkv, D) before rotary, returning (..., Hq, D)."""
+        if pending is None:
+            x = self.attn_norm(h)                                                    # (..., dim)
+        else:
+            x, h = add_rms_norm(pending, h, self.attn_norm.weight, self.attn_norm.eps)   # h += pending
         small = x.numel() <= FUSED_MAX_ROWS * x.shape[-1]
         qkv = fused([self.wq, self.wk, self.wv], self, "_wqkv") if small else None
         if qkv is not None:  # quantised: one qmatmul for the three projections
@@ -66,7 +71,7 @@ class Block(nn.Module):
             gate, up = gate_up(x).split([self.w_gate.out_features, self.w_up.out_features], -1)
         else:
             gate, up = self.w_gate(x), self.w_up(x)
-        return h + self.w_down(F.silu(gate) * up)
+        return h, self.w_down(silu_mul(gate, up))                                    # (..., dim) twice
 
 
 class Llama(DecoderLM):
@@ -83,3 +88,8 @@ class Llama(DecoderLM):
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(tokens)                                           # positions: via rotary
+
+    def final_norm(self, h: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        if pending is None:
+            return self.norm(h)
+        return add_rms_norm(pending, h, self.norm.weight, self.norm.eps)[0]

@@ -3,6 +3,7 @@ kernels, and the calls into fastllm._C (CPU directly; CUDA on the tensor's devic
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import torch
@@ -104,11 +105,23 @@ def code(t: torch.Tensor) -> int:
     return _backend.DTYPE_CODES[t.dtype]
 
 
+_recording = threading.local()  # .graph: the fastllm._C.CpuGraph this thread records into (recording_into)
+
+
+def recording_into(graph) -> None:
+    """From now on this thread's CPU kernel calls are also recorded into graph (a fastllm._C.CpuGraph), or no
+    longer with None: see fastllm/runtime/cpu_graph.py."""
+    _recording.graph = graph
+
+
 def run_c(backend: str, name: str, device: torch.device, *args):
     """Call fastllm._C.<backend>_<name>(*args); CUDA calls get the current stream of `device`
-    appended and run with that device current."""
+    appended and run with that device current. A CPU call is also recorded while recording_into a graph."""
     ext = _backend.extension()
     if backend == "cpu":
+        graph = getattr(_recording, "graph", None)
+        if graph is not None:
+            return getattr(ext, "record_cpu_" + name)(graph, *args)
         return getattr(ext, "cpu_" + name)(*args)
     with torch.cuda.device(device):
         return getattr(ext, "cuda_" + name)(*args, torch.cuda.current_stream(device).cuda_stream)

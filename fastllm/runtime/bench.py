@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .graphs import decode_stepper
+
 
 @dataclass
 class GenTiming:
@@ -63,8 +65,9 @@ def time_fastllm(model, batch: int = 1, prompt_len: int = 128, new_tokens: int =
 
     def run():
         cache = model.new_cache(batch, prompt_len + new_tokens + 1)
+        step = decode_stepper(model, cache)  # as generation runs it: CUDA or CPU graph replays where they apply
         return _time_loop(lambda: model.prefill(ids, cache).argmax(-1),
-                          lambda nxt: model.decode(nxt, cache).argmax(-1), device, batch, prompt_len, new_tokens)
+                          lambda nxt: step(nxt).argmax(-1), device, batch, prompt_len, new_tokens)
 
     if warmup:
         run()

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from .cuda_graph import decode_stepper
+from .graphs import decode_stepper
 from .sampling import SamplingParams, sample
 
 
@@ -55,7 +55,7 @@ def token_steps(model, prompts: list[list[int]], max_new_tokens: int, params: Sa
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     generator = params.generator(device)
     logits = model.prefill(prompts, cache)                                                   # (B, V)
-    decode = decode_stepper(model, cache) if max_new_tokens > 1 else None                    # CUDA graph on GPU
+    decode = decode_stepper(model, cache) if max_new_tokens > 1 else None                    # CUDA or CPU graph
     for step in range(max_new_tokens):
         nxt = sample(logits.float(), params, seen, generator, counts)                        # (B,)
         yield nxt

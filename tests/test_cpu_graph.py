@@ -1,0 +1,159 @@
+"""The decode step replayed from a CPU graph (fastllm/runtime/cpu_graph.py): replayed logits equal eager ones bit
+for bit, steps that need torch ops are refused and decode eagerly, and the recording rules hold."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastllm
+from fastllm import _backend
+from fastllm.loading.safetensors import load_hf_dir
+from fastllm.runtime import cpu_graph
+from fastllm.runtime.graphs import decode_stepper
+from tiny_models import tiny_gpt2, tiny_llama
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+
+
+def _model(path, quantize="int4", act="float", **cfg):
+    tiny_llama(path, **cfg)
+    model, _ = load_hf_dir(str(path), "cpu", torch.float32)
+    if quantize is not None:
+        fastllm.quantize_model(model, scheme=quantize, group_size=32, act=act)
+    return model
+
+
+def _decode_both(model, steps=8, batch=3):
+    """Logits of `steps` decode steps: eager, and through decode_stepper (CPU graph), from the same prompts."""
+    toks = torch.randint(3, model.cfg.vocab_size, (steps, batch), generator=torch.Generator().manual_seed(0))
+    out = []
+    with torch.inference_mode():
+        for graphed in (False, True):
+            cache = model.new_cache(batch, 32)
+            model.prefill(PROMPTS[:batch], cache)
+            step = decode_stepper(model, cache) if graphed else (lambda t, c=cache: model.decode(t, c))
+            out.append(([step(t).clone() for t in toks], cache))
+    return out, step
+
+
+@pytest.mark.parametrize("quantize,act", [("int4", "float"), ("int4_asym", "int8"), ("int8", "float")])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_replay_equals_eager(tmp_path, quantize, act, batch):
+    model = _model(tmp_path, quantize, act)
+    ((eager, ec), (graphed, gc)), step = _decode_both(model, batch=batch)
+    assert step.reason is None and step.graph is not None and len(step.graph) > 0
+    for i, (e, g) in enumerate(zip(eager, graphed)):
+        assert torch.equal(e, g), f"step {i}"
+    assert torch.equal(ec.lengths, gc.lengths) and ec.longest == gc.longest
+    assert torch.equal(ec.k, gc.k) and torch.equal(ec.v, gc.v)
+
+
+@pytest.mark.parametrize("kind", ["float-llama", "gpt2"])
+def test_steps_with_torch_ops_decode_eagerly(tmp_path, kind):
+    """Float nn.Linear weights and GPT-2's GELU are torch ops: recording is refused, the step runs eagerly."""
+    if kind == "gpt2":
+        tiny_gpt2(tmp_path)
+        model, _ = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    else:
+        model = _model(tmp_path, quantize=None)
+    ((eager, _), (graphed, _)), step = _decode_both(model, steps=4)
+    assert step.graph is None and "cannot be recorded: torch." in step.reason
+    for e, g in zip(eager, graphed):
+        assert torch.equal(e, g)
+
+
+def test_generation_is_the_same_with_and_without_graphs(tmp_path, monkeypatch):
+    model = _model(tmp_path)
+    llm = fastllm.LLM(model, None, model.cfg)
+    with_graphs = llm.generate_ids(PROMPTS, max_new_tokens=12)
+    monkeypatch.setenv("FASTLLM_CPU_GRAPHS", "0")
+    assert cpu_graph.cpu_graphs_enabled(model) == "switched off by FASTLLM_CPU_GRAPHS=0"
+    assert llm.generate_ids(PROMPTS, max_new_tokens=12) == with_graphs
+
+
+def test_a_replay_that_disagrees_falls_back_to_eager(tmp_path):
+    model = _model(tmp_path)
+
+    class Stale:  # a graph whose replay does nothing: the logits stay those of the recorded step
+        def replay(self):
+            pass
+
+    toks = torch.tensor([[20], [21], [22], [23]])
+    with torch.inference_mode():
+        eager_cache, cache = model.new_cache(1, 16), model.new_cache(1, 16)
+        for c in (eager_cache, cache):
+            model.prefill(PROMPTS[:1], c)
+        step = cpu_graph.CpuGraphStep(model, cache)
+        step(toks[0])
+        step(toks[1])
+        step.graph = Stale()
+        with pytest.warns(UserWarning, match="differed from the eager one"):
+            got = step(toks[2])
+        got_next = step(toks[3]).clone()
+        expected = [model.decode(t, eager_cache) for t in toks]
+    assert step.reason and step.graph is None
+    assert torch.equal(got, expected[2]) and torch.equal(got_next, expected[3])
+    assert torch.equal(cache.lengths, eager_cache.lengths) and torch.equal(cache.k, eager_cache.k)
+
+
+def test_recording_reads_values_at_replay():
+    """A recorded call reads its inputs when replayed, writes the same outputs, and the graph keeps them alive."""
+    ext = _backend.extension()
+    g, u = torch.randn(3, 40), torch.randn(3, 40)
+    graph = ext.CpuGraph()
+    with torch.inference_mode(), cpu_graph.recording(graph) as kept:
+        y = fastllm.silu_mul(g, u)
+    assert len(graph) == 1 and any(t.data_ptr() == y.data_ptr() for t in kept)
+    torch.testing.assert_close(y, F.silu(g) * u)
+    g.mul_(-2.0)
+    graph.replay()
+    torch.testing.assert_close(y, F.silu(g) * u)
+    fastllm.silu_mul(g, u)  # outside the block nothing is recorded
+    assert len(graph) == 1
+
+
+def test_recording_refuses_ops_through_the_dispatcher():
+    """Under autograd a fastllm op goes through the torch dispatcher, whose insides the recording cannot see."""
+    g = torch.randn(3, 40, requires_grad=True)
+    with pytest.raises(cpu_graph.RecordingRefused, match="silu_mul"):
+        with cpu_graph.recording(_backend.extension().CpuGraph()):
+            fastllm.silu_mul(g, g)
+
+
+@pytest.mark.parametrize("op", ["compute", "in_place", "out", "item", "bool"])
+def test_recording_refuses_torch_compute_and_value_reads(op):
+    x = torch.randn(4, 8)
+    bad = {"compute": lambda: x + 1, "in_place": lambda: x.add_(1), "out": lambda: torch.add(x, 1, out=x),
+           "item": lambda: x[0, 0].item(), "bool": lambda: bool(x[0, 0] > 0)}[op]
+    before = x.clone()
+    with pytest.raises(cpu_graph.RecordingRefused):
+        with cpu_graph.recording(_backend.extension().CpuGraph()):
+            bad()
+    assert torch.equal(x, before)
+
+
+def test_recording_allows_views_and_allocations():
+    x = torch.randn(4, 8)
+    with cpu_graph.recording(_backend.extension().CpuGraph()) as kept:
+        a, b = x.split([3, 5], -1)
+        v = x.view(2, 16)[:, 1:].unflatten(-1, (3, 5))
+        e = torch.empty(5)
+        n = x.shape[0] + x.stride(0) + x.numel() + x.dim()
+    assert a.data_ptr() == x.data_ptr() and v.shape == (2, 3, 5) and n == 4 + 8 + 32 + 2
+    assert len(kept) == 1 and kept[0] is e
+
+
+def test_replay_raises_what_a_failing_call_raises():
+    """Each replayed call checks its arguments again; one that fails stops the replay with its ValueError."""
+    ext = _backend.extension()
+    graph = ext.CpuGraph()
+    x, y = torch.randn(2, 8), torch.empty(2, 8)
+    ext.record_cpu_softmax_fwd(graph, x.data_ptr(), 8, y.data_ptr(), 8, 2, 8, 0)
+    ext.record_cpu_softmax_fwd(graph, x.data_ptr(), 8, y.data_ptr(), 8, 2, 8, 0)
+    assert len(graph) == 2
+    bad = ext.CpuGraph()
+    with pytest.raises(ValueError, match="dtype code"):
+        ext.record_cpu_softmax_fwd(bad, x.data_ptr(), 8, y.data_ptr(), 8, 2, 8, 7)
+    assert len(bad) == 0  # a call that failed is not recorded
+    graph.replay()
+    torch.testing.assert_close(y, torch.softmax(x, -1))
