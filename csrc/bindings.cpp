@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -235,15 +236,28 @@ void cpu_kv_cache_append(ptr_t k, strides3 ks, ptr_t v, strides3 vs, ptr_t k_sca
 // with the ValueError.
 struct CpuGraph {
   std::vector<std::function<void()>> calls;
+  std::vector<std::string> names;  // the op of each call
+
+  // Replays the calls, returning each one's wall time in seconds (where a step's time goes).
+  std::vector<double> replay_timed() {
+    std::vector<double> t(calls.size());
+    for (size_t i = 0; i < calls.size(); ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      calls[i]();
+      t[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    return t;
+  }
 };
 
 // Binds fn as cpu_<name>, and as record_cpu_<name>(graph, ...), which runs it and appends the call to graph.
 template <typename... A>
 void def_cpu(py::module_& m, const std::string& name, void (*fn)(A...)) {
   m.def(("cpu_" + name).c_str(), fn, py::call_guard<py::gil_scoped_release>());
-  m.def(("record_cpu_" + name).c_str(), [fn](CpuGraph& g, A... a) {
+  m.def(("record_cpu_" + name).c_str(), [fn, name](CpuGraph& g, A... a) {
           fn(a...);
           g.calls.emplace_back([fn, a...] { fn(a...); });
+          g.names.push_back(name);
         }, py::call_guard<py::gil_scoped_release>());
 }
 
@@ -348,7 +362,10 @@ PYBIND11_MODULE(_C, m) {
   py::class_<CpuGraph>(m, "CpuGraph", "CPU kernel calls recorded by record_cpu_<op>, replayed in order")
       .def(py::init<>())
       .def("__len__", [](const CpuGraph& g) { return g.calls.size(); })
-      .def("replay", [](CpuGraph& g) { for (auto& call : g.calls) call(); }, py::call_guard<py::gil_scoped_release>());
+      .def("replay", [](CpuGraph& g) { for (auto& call : g.calls) call(); }, py::call_guard<py::gil_scoped_release>())
+      .def("replay_timed", &CpuGraph::replay_timed, py::call_guard<py::gil_scoped_release>(),
+           "replay, returning each call's wall time in seconds")
+      .def_readonly("names", &CpuGraph::names, "the op of each recorded call");
   def_cpu(m, "layer_norm_fwd", &cpu_layer_norm_fwd);
   def_cpu(m, "layer_norm_bwd", &cpu_layer_norm_bwd);
   def_cpu(m, "rms_norm_fwd", &cpu_rms_norm_fwd);

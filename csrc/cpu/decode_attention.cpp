@@ -3,6 +3,8 @@
 // the same loop over (sequence, query, head) items (decode_attention.h), fp32 accumulation.
 #include "decode_attention.h"
 
+#include <cmath>
+
 #include "../common/cpu_features.h"
 
 namespace fastllm::cpu {
@@ -22,6 +24,14 @@ struct ScalarOps {
   }
   static void axpy_i8(float* acc, float p, const int8_t* v, int64_t n) {
     for (int64_t j = 0; j < n; ++j) acc[j] += p * static_cast<float>(v[j]);
+  }
+  static float exp_sum(float* s, int64_t n, float m) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] - m);
+      sum += s[j];
+    }
+    return sum;
   }
 };
 

@@ -2,6 +2,7 @@
 // AVX2 (decode_attention_avx2.cpp) paths. Each path supplies an `Ops` policy with the two inner loops
 //   Ops::dot<D>(q, k, n)       = sum_j q[j] * k[j]      (q fp32, k a cache row of dtype D)
 //   Ops::axpy<D>(acc, p, v, n):  acc[j] += p * v[j]
+//   Ops::exp_sum(s, n, m)       : s[j] = exp(s[j] - m) in place (s[j] <= m), returns sum_j s[j]
 // and dot_i8 / axpy_i8 for int8 rows (the row's scale is applied by the driver).
 // Math (fastllm/reference/decode_attention.py): query i of sequence b sits at position L_b - Lq + i and sees
 // the keys j < n_i, n_i = min(L_b, L_b - Lq + i + 1) when causal, else L_b; with s_j = scale * q . k_j,
@@ -68,11 +69,7 @@ void decode_attention_items(const DecodeAttnArgs& a) {
         s[j] = dot * a.scale;
         m = std::max(m, s[j]);
       }
-      float sum = 0.0f;
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = std::exp(s[j] - m);
-        sum += s[j];
-      }
+      const float sum = Ops::exp_sum(s.data(), n, m);
       std::fill(acc, acc + d, 0.0f);
       for (int64_t j = 0; j < n; ++j) {
         int64_t blk, off;

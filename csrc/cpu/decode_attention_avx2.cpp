@@ -1,5 +1,6 @@
 // AVX2/FMA inner loops of decode attention (see decode_attention.h for the driver and the math): dot products
-// and axpy over a head's D features, 8 lanes at a time (four independent accumulators for the dot product).
+// and axpy over a head's D features, 8 lanes at a time (four independent accumulators for the dot product), and
+// the softmax exponentials 8 at a time.
 #include "decode_attention.h"
 
 #include "vec_avx2.h"
@@ -44,6 +45,16 @@ struct Avx2Ops {
     for_blocks(n, [&](int64_t j, auto len, int) {
       store<DType::F32>(acc + j, _mm256_fmadd_ps(pv, load_i8(v + j, len), load<DType::F32>(acc + j, len)), len);
     });
+  }
+  // exp8 (vec_avx2.h, ~1 ulp) of the non-positive s[j] - m; the lanes past n add nothing.
+  static float exp_sum(float* s, int64_t n, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for_blocks(n, [&](int64_t j, auto len, int) {
+      const __m256 e = store<DType::F32>(s + j, exp8(_mm256_sub_ps(load<DType::F32>(s + j, len), mv)), len);
+      acc = _mm256_add_ps(acc, keep(e, len));
+    });
+    return hsum(acc);
   }
 };
 
