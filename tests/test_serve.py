@@ -93,7 +93,15 @@ def test_openai_client_gets_library_text(llm):
         assert chunks[-1].usage.completion_tokens == 10
 
 
-def test_32_concurrent_clients(llm):
+@pytest.fixture(scope="module")
+def qllm(tiny_path):
+    """The tiny model with int8 linears: its decode steps are replayed from CPU graphs, one per row count."""
+    return fastllm.LLM.load(tiny_path, device="cpu", quantize="int8")
+
+
+@pytest.mark.parametrize("which", ["llm", "qllm"])
+def test_32_concurrent_clients(request, which):
+    llm = request.getfixturevalue(which)
     jobs = [(PROMPTS[i % len(PROMPTS)], 4 + i % 9) for i in range(32)]  # rows finish at different steps
     want = [llm.generate(p, n) for p, n in jobs]
     with serving(llm, max_seqs=8, max_queue=32) as (url, engine):
@@ -112,6 +120,8 @@ def test_32_concurrent_clients(llm):
         assert got == want
         stats = engine.stats()
         assert stats["peak_running"] > 1 and stats["running"] == stats["waiting"] == 0
+        replayed = [n for n, step in engine.steps.items() if step.graph is not None and step.calls > 3]
+        assert bool(replayed) == (which == "qllm"), {n: (s.calls, s.reason) for n, s in engine.steps.items()}
 
 
 def test_disconnect_frees_the_row(llm):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..runtime.cpu_graph import CpuGraphStep, cpu_graphs_enabled
 from ..runtime.generate import TextStream
 from ..runtime.kv_cache import SCRATCH_BLOCK
 from ..runtime.sampling import SamplingParams, sample_rows, token_logprobs
@@ -119,6 +120,8 @@ class Engine:
         self.dead: str | None = None                  # why the engine thread stopped on an unexpected error
         self.seen: torch.Tensor | None = None         # (max_seqs, V) bool, rows with a repetition penalty
         self.counts: torch.Tensor | None = None       # (max_seqs, V) int32, rows with presence/frequency
+        self.graphs = cpu_graphs_enabled(self.model) is None
+        self.steps: dict[int, CpuGraphStep] = {}      # CPU: the decode step of the first n rows, per n
 
     # ---- the event-loop side -----------------------------------------------------------------------
     def check(self, n_prompt: int, max_tokens: int) -> None:
@@ -256,8 +259,20 @@ class Engine:
         view.longest = max(len(r.prompt) + r.generated - 1 for r in live)
         tokens = torch.zeros(n, dtype=torch.long, device=self.device)
         tokens[[r.row for r in live]] = torch.tensor([r.last for r in live], device=self.device)
-        logits = self.model.decode(tokens, view)                                       # (n, V)
+        logits = self._decode(tokens, view)                                            # (n, V)
         self._take(live, logits[[r.row for r in live]])
+
+    def _decode(self, tokens: torch.Tensor, view) -> torch.Tensor:
+        """model.decode(tokens, view); on the CPU replayed from a CPU graph per row count n (fastllm/runtime/
+        cpu_graph.py): the view of the first n rows has the same lengths, block table and pool from step to
+        step, so the graph recorded on one view replays on the next."""
+        if not self.graphs:
+            return self.model.decode(tokens, view)
+        step = self.steps.get(view.batch)
+        if step is None:
+            step = self.steps[view.batch] = CpuGraphStep(self.model, view)
+        step.cache = view
+        return step(tokens)
 
     def _state(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The per-row penalty state `name` ("seen" or "counts"), (max_seqs, V), allocated on first use."""
