@@ -8,7 +8,7 @@ fastllm's weights by fastllm.runtime.bench.transformers_model, run eagerly with 
 its StaticCache under torch.compile (both cropped back to L after every call; the compiled peer only in
 timed runs); llama.cpp through llama-cpp-python on the same GGUF when that
 package is installed (CPU, the default model only).
-CPU: the bundled SmolLM2-135M-Instruct GGUF in fp32. GPU: random-weight models with the shapes of
+CPU: the bundled SmolLM2-135M-Instruct GGUF in fp32 (suffix -act8: with int8 activations). GPU: random-weight models with the shapes of
 SmolLM2-135M, TinyLlama-1.1B and Llama-3-8B in bf16, and the same with int4 linear layers (name suffix -int4;
 transformers runs their dequantised bf16 weights); decode cases also record the bandwidth bound (copy
 bandwidth measured in the same run / the weight bytes a step reads: _bytes_per_step) and the fraction of it
@@ -24,6 +24,7 @@ import torch
 
 from fastllm import _bench
 from fastllm.runtime import bench as gen_bench
+from fastllm.runtime.graphs import decode_stepper
 from harness import DEVICE, Unsupported, compare
 
 GPU_MODELS = {  # name -> ModelConfig fields (vocab, dim, layers, heads, kv heads, head dim, intermediate)
@@ -35,21 +36,22 @@ GPU_MODELS = {  # name -> ModelConfig fields (vocab, dim, layers, heads, kv head
                       intermediate_size=14336, rope_theta=500000.0),
 }
 INT4 = "-int4"  # a GPU model name with this suffix: its linear layers quantised to int4, group 128 (lm_head kept)
+ACT8 = "-act8"  # the GGUF model with int8 activations (LLM.load(act="int8")), as llama.cpp computes
 if DEVICE == "cuda":
     CASES = [(m + q, d, b, n) for m in GPU_MODELS for q in ("", INT4)
              for d, b, n in (("prefill", 1, 512), ("decode", 1, 512), ("decode", 16, 512))]
 else:
     CASES = [("smollm2-135m-gguf", "prefill", 1, 128), ("smollm2-135m-gguf", "decode", 1, 128),
-             ("smollm2-135m-gguf", "decode", 4, 128)]
+             ("smollm2-135m-gguf", "decode", 4, 128), ("smollm2-135m-gguf" + ACT8, "decode", 1, 128)]
 
 
 @functools.lru_cache(maxsize=None)
 def _model(name: str):
     """(fastllm model, transformers model or the reason there is none)."""
-    if name.endswith("-gguf"):
+    if "-gguf" in name:
         from fastllm import LLM
 
-        model = LLM.load(device=DEVICE, dtype=torch.float32).model
+        model = LLM.load(device=DEVICE, dtype=torch.float32, act="int8" if name.endswith(ACT8) else "float").model
     else:
         from fastllm.models import Llama, ModelConfig, build_model
 
@@ -97,10 +99,11 @@ def _fastllm_fn(model, direction: str, b: int, n: int):
     with torch.inference_mode():
         model.prefill(prompts, cache)
     lengths, tok = cache.lengths.clone(), torch.full((b,), 5, device=cache.lengths.device)
+    decode = decode_stepper(model, cache)  # as generation runs it: replayed from a CUDA or CPU graph
 
     @torch.inference_mode()
     def step():
-        model.decode(tok, cache)
+        decode(tok)
         cache.lengths.copy_(lengths)
         cache.longest = n
     return step
@@ -127,7 +130,7 @@ def _transformers_peer(hf, direction: str, b: int, n: int):
     return make
 
 
-def _transformers_compiled_peer(hf, direction: str, b: int, n: int, disabled: bool):
+def _transformers_compiled_peer(hf, direction: str, b: int, n: int, disabled: bool, again: bool):
     """transformers with its StaticCache and torch.compile(model.forward) (mode "reduce-overhead", CUDA graphs,
     on a GPU), its recommended fast path: the cache is rewound with crop() after every call, so every call
     repeats the same prefill of n tokens or the same decode step at length n."""
@@ -137,6 +140,8 @@ def _transformers_compiled_peer(hf, direction: str, b: int, n: int, disabled: bo
             raise Unsupported(hf)
         if disabled:
             raise Unsupported("torch.compile takes minutes here: timed runs only")
+        if again:
+            raise Unsupported("the same dequantised weights as the float-activation case, measured there")
         from transformers import StaticCache
 
         ids = gen_bench.prompts(hf.config.vocab_size, b, n).to(DEVICE)
@@ -196,8 +201,9 @@ def _llama_cpp_peer(direction: str, b: int, n: int):
 def test_generate(benchmark, name, direction, b, n):
     model, hf = _model(name)
     peers = {"transformers": _transformers_peer(hf, direction, b, n),
-             "transformers static+compile": _transformers_compiled_peer(hf, direction, b, n, benchmark.disabled)}
-    if name.endswith("-gguf"):
+             "transformers static+compile": _transformers_compiled_peer(hf, direction, b, n, benchmark.disabled,
+                                                                        again=name.endswith(ACT8))}
+    if "-gguf" in name:
         peers["llama.cpp"] = _llama_cpp_peer(direction, b, n)
     tokens = b * n if direction == "prefill" else b
     case = {"model": name, "direction": direction, "batch": b, "context": n,
