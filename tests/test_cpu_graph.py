@@ -109,7 +109,11 @@ def test_recording_reads_values_at_replay():
     graph.replay()
     torch.testing.assert_close(y, F.silu(g) * u)
     fastllm.silu_mul(g, u)  # outside the block nothing is recorded
-    assert len(graph) == 1
+    assert len(graph) == 1 and graph.names == ["silu_mul"]
+    g.neg_()
+    times = graph.replay_timed()  # where a step's time goes: one wall time per call
+    assert len(times) == 1 and times[0] >= 0
+    torch.testing.assert_close(y, F.silu(g) * u)
 
 
 def test_recording_refuses_ops_through_the_dispatcher():
