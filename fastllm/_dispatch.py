@@ -21,7 +21,7 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "softmax": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "layer_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "rms_norm": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
-    "silu_mul": {"cpu": ("cpu", "torch")},
+    "silu_mul": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "attention_varlen": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "decode_attention": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
@@ -30,8 +30,8 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "linear_cross_entropy": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }
 # Backends that can be forced for an op beyond its preference list (Triton on CPU, for tests).
-FORCIBLE: dict[str, tuple[str, ...]] = {op: ("triton",) for op in ("softmax", "attention", "attention_varlen",
-                                                             "decode_attention", "kv_cache_append",
+FORCIBLE: dict[str, tuple[str, ...]] = {op: ("triton",) for op in ("softmax", "silu_mul", "attention",
+                                                             "attention_varlen", "decode_attention", "kv_cache_append",
                                                              "linear_cross_entropy", "qmatmul")}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastllm_forced_backend", default=None)

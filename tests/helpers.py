@@ -29,7 +29,7 @@ _BACKENDS = {
     "softmax": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},
     "layer_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
     "rms_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
-    "silu_mul": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["torch"]},
+    "silu_mul": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},
     "attention": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "attention_varlen": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "decode_attention": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},

@@ -3,7 +3,7 @@
 The Llama MLP computes w_down(silu(w_gate(x)) * w_up(x)); torch takes two elementwise kernels (and a
 temporary) for the middle, fastllm one, which also makes it a C++ call that a CPU graph can record
 (fastllm/runtime/cpu_graph.py). fp32 arithmetic, rounded once to the inputs' dtype.
-Backends: C++ (CPU), torch reference (elsewhere; on CUDA inside a CUDA graph the two kernels cost little).
+Backends: Triton (CUDA), C++ (CPU), torch reference.
 gate and up may be views with a row stride, such as the two halves of a fused gate/up projection.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ._common import as_rows, call_op, check_same_device, check_tensor, code, new_output, ptr, run_c
+from ._common import as_rows, call_op, check_same_device, check_tensor, code, kernels, new_output, ptr, run_c
 
 
 @torch.library.custom_op("fastllm::silu_mul", mutates_args=())
@@ -21,6 +21,8 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     backend = select("silu_mul", gate, up) if gate.numel() else "torch"
     if backend == "torch":
         return reference.silu_mul_fwd(g2, u2).view(gate.shape)
+    if backend == "triton":
+        return kernels().silu_mul.silu_mul(g2, u2).view(gate.shape)
     rows, cols = g2.shape
     y = new_output((rows, cols), gate.dtype, gate.device)
     run_c(backend, "silu_mul", gate.device, ptr(g2), g2.stride(0), ptr(u2), u2.stride(0), ptr(y), y.stride(0), rows,
