@@ -6,10 +6,12 @@
     model.prefill(prompts, c)   ragged prompts packed back to back into rows of the static KV cache c ->
                                 logits of each prompt's last token (B, V): fastllm.attention_varlen
     model.decode(tokens, c)     one new token per row at the row's length -> logits (B, V):
-                                fastllm.kv_cache_append (rotary fused, written in place) + decode_attention
-A block calls attend(layer, q, k, v) with q (..., Hq, D), k, v (..., Hkv, D) before any rotary; the mode
-decides what attention runs. A model gives `embed(tokens, positions)` and, for rotary models, `rotary`
-(None for learned positions).
+                                fastllm.kv_cache_append (rotary fused, written in place) + decode_attention;
+                                its blocks (decode_hidden) are what a CPU graph records (runtime/cpu_graph.py)
+A block maps (h, pending), whose sum is the hidden state, to the next such pair (so that a norm can fuse the
+residual add), and calls attend(layer, q, k, v) with q (..., Hq, D), k, v (..., Hkv, D) before any rotary; the
+mode decides what attention runs. A model gives `embed(tokens, positions)`, `final_norm(h, pending)` and, for
+rotary models, `rotary` (None for learned positions).
 """
 from __future__ import annotations
 
