@@ -108,6 +108,24 @@ def test_qmatmul_single_row_long_k(device, backend, scheme, group):
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme,group", FORMATS, ids=str)
+def test_qmatmul_one_and_two_rows_small_k(device, backend, scheme, group):
+    """M = 1 (the AVX-512 decode kernels: 4 int4 weight rows per pass, int4 units of 4 blocks, one
+    contiguous range of 16-row tiles per thread) and M = 2 (the general path) on SmolLM2-like shapes:
+    K from one block (a single group, one partial unit) to several units ending in a partial one,
+    N below a pass, not a multiple of 4, over several tiles, and large enough to run on all threads."""
+    g = group or 32
+    cases = [(7, 32), (37, 96), (21, 160), (600, 64), (45, 576), (19, 1536)]  # (N, K)
+    for i, (n, k) in enumerate(cases):
+        if k % g:
+            continue
+        for m in (1, 2):
+            for act in ("float", "int8"):
+                if _takes(backend, m, act):
+                    _check(*_case(m, n, k, torch.float32, device, 11 * i + m, scheme, group, i % 2 == 1), act, backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("act", ["float", "int8"])
 def test_non_finite_activations_give_non_finite_outputs(device, backend, act):
     if not _takes(backend, 3, act):

@@ -17,49 +17,32 @@
 //     then FMAs with x. Per-channel int8 applies its row scale to the final sum.
 // Each unit of a weight row is decoded once and used for up to kQRows rows of x; the driver walks a
 // tile of kRowTile weight rows one chunk of K at a time so that the chunk of every row of x stays in
-// L1 (as the AVX2 path does). A single row of x (int8 mode, decode) walks kM1Rows weight rows at a
-// time instead (rows_int8_m1), sharing each unit's activation loads. The lanes' partial sums are added in double (once per output and
+// L1 (as the AVX2 path does). A single row of x (decode; int8 mode, and float mode with int4 weights)
+// walks kM1Rows weight rows at a time instead (qmatmul_m1_avx512.cpp), sharing each unit's activation
+// loads. The lanes' partial sums are added in double (once per output and
 // chunk: the final sums are where the cancellation happens) and the result, bias included, is
 // rounded to fp32 once.
-// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_* (a known
+// GCC 12's avx512fintrin.h trips -W(maybe-)uninitialized on its own _mm512_undefined_* (a known
 // false positive), once per intrinsic use.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <memory>
 #include <vector>
 
-#include "kernels.h"
+#include "qmatmul_avx512.h"
 
 namespace fastllm::cpu::avx512 {
 namespace {
 
-constexpr int64_t kBlock = 32;
-constexpr int64_t kUnitBytes = 64;  // one zmm of packed weights
 constexpr int64_t kRowTile = 16;
 constexpr int64_t kChunkBytes = 16 << 10;  // activations of one K chunk for all rows of x (L1)
-constexpr int64_t kScalePad = 16;          // float scale arrays are read 16 at a time
 
-template <QFormat F>
-constexpr bool kInt4 = F == QFormat::I4 || F == QFormat::I4Asym;
-template <QFormat F>
-constexpr int64_t kUnit = kInt4<F> ? 4 : 2;  // blocks per unit
-// weight rows sharing the activation loads at m = 1 (divides kRowTile); int8 weights: one, the rows
-// interleaved then slow down streaming them from DRAM more than the shared loads gain
-template <QFormat F>
-constexpr int kM1Rows = kInt4<F> ? 4 : 1;
 
-// Activations of the int8 mode, re-laid once per call per unit t and row i of x (see the top), at
-// index t * m + i (the rows of a unit are adjacent: rows m * K apart would share L1 sets):
-// xq: kUnit * 32 bytes (int4: low-nibble half then high-nibble half; int8: qx + 128 in order),
-// nc: 16 int32 (int4 only), dxe: 16 floats (lane l: dx of the unit's block l / (16 / U)).
-struct Acts {
-  std::vector<uint8_t> xq;
-  std::vector<int32_t> nc;
-  std::vector<float> dxe;
-  int64_t units;
-};
 
 template <QFormat F>
 Acts prepare_acts(const QMatmulArgs& a) {
@@ -126,31 +109,8 @@ Acts prepare_acts(const QMatmulArgs& a) {
   return p;
 }
 
-// The 16 lanes of v added in double.
-inline double reduce_to_double(__m512 v) {
-  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
-}
 
-// One weight row: packed values, per-group scales and mins as floats (kScalePad past the end), the
-// per-channel scale, and the group of block b: b >> gshift.
-struct WRow {
-  const uint8_t* q;
-  const float* d;
-  const float* m;
-  float s32;
-  int gshift;
-};
 
-// The 64 bytes of unit t of a row with nb blocks (the last unit masked to the row's end).
-template <QFormat F>
-inline __m512i load_unit(const uint8_t* q, int64_t t, int64_t nb) {
-  constexpr int64_t U = kUnit<F>, block_bytes = kUnitBytes / U;
-  const int64_t left = (nb - t * U) * block_bytes;
-  if (left >= kUnitBytes) return _mm512_loadu_si512(q + t * kUnitBytes);
-  return _mm512_maskz_loadu_epi8(_cvtu64_mask64((uint64_t(1) << left) - 1), q + t * kUnitBytes);
-}
 
 // The unit's weight scales as 16 lanes (lane l: d of block t * U + l / (16 / U)).
 template <QFormat F>
@@ -212,90 +172,6 @@ void rows_int8(const QMatmulArgs& a, const Acts& p, const WRow& r, int64_t m0, i
   }
 }
 
-// int8 mode, one row of x (m = 1): out[r] = sum over units [t0, t1) of x . W row rows[r], for r < R.
-// The R weight rows share each unit's activation loads; whole units skip load_unit's mask and the
-// scale indexing is fixed per call (measured on a 2-core Zen 4, 4096 x 4096 int4: 0.18 -> 0.12 ms
-// with both against one row at a time through rows_int8<F, 1>). Per row the lanes add up in two
-// chains, even and odd units, so the result does not depend on R. Wide: a group spans whole units
-// (one scale per unit, broadcast), else unit_scales' permutation with its index vector made once.
-// int4_asym: sx non-null adds the min term sum_g (m_g + 8 d_g) sx_g into the lanes.
-template <QFormat F, int R, bool Wide>
-void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64_t t1, const float* sx, int64_t ng,
-                  double* out) {
-  constexpr int64_t U = kUnit<F>, xbytes = U * kBlock;
-  constexpr int kLogU = U == 4 ? 2 : 1;
-  const uint8_t* q[R];
-  const float* d[R];
-  for (int r = 0; r < R; ++r) q[r] = rows[r].q, d[r] = rows[r].d;
-  const int gshift = rows[0].gshift;
-  const int ushift = Wide ? gshift - kLogU : 0;  // unit t is in group t >> ushift
-  const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         (U == 4 ? 2 : 3) + gshift);
-  __m512 acc[R][2];
-  for (auto& row : acc)
-    for (auto& v : row) v = _mm512_setzero_ps();
-  const __m512i mask = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int64_t full = std::min(t1, nb / U);  // units [t0, full) are whole: plain loads
-  auto scales = [&](int r, int64_t t) {
-    if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
-    else return _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(d[r] + ((t * U) >> gshift)));
-  };
-  auto unit = [&](int64_t t, int u, auto masked) {
-    auto load = [&](int r) {
-      if constexpr (decltype(masked)::value) return load_unit<F>(q[r], t, nb);
-      else return _mm512_loadu_si512(q[r] + t * kUnitBytes);
-    };
-    const uint8_t* x = p.xq.data() + t * xbytes;
-    const __m512 dxe = _mm512_loadu_ps(p.dxe.data() + t * 16);
-    if constexpr (kInt4<F>) {
-      const __m512i xl = _mm512_loadu_si512(x), xh = _mm512_loadu_si512(x + 64);
-      const __m512i nc = _mm512_loadu_si512(p.nc.data() + t * 16);
-      for (int r = 0; r < R; ++r) {
-        const __m512i w = load(r);
-        const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
-        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nc, lo, xl), hi, xh);
-        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), dxe);
-        acc[r][u] = _mm512_fmadd_ps(f, scales(r, t), acc[r][u]);
-      }
-    } else {
-      const __m512i xv = _mm512_loadu_si512(x);
-      for (int r = 0; r < R; ++r) {
-        const __m512i w = load(r);
-        const __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w));
-        const __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg, xv, w));
-        if constexpr (F == QFormat::I8Channel) acc[r][u] = _mm512_fmadd_ps(f, dxe, acc[r][u]);
-        else acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(f, dxe), scales(r, t), acc[r][u]);
-      }
-    }
-  };
-  const std::false_type whole;
-  const std::true_type masked;
-  int64_t t = t0;
-  // int4: the next R rows at the same units are fetched ahead (interleaved rows defeat the hardware
-  // prefetcher: 4096 x 11008 from DRAM on a 2-core Zen 4, 1 thread, 1.30 -> 0.8-0.9 ms)
-  const int64_t ahead = R * nb * 16;
-  for (; t + 2 <= full; t += 2) {
-    if constexpr (kInt4<F>)
-      for (int r = 0; r < R; ++r)
-        for (int64_t o = 0; o < 2 * kUnitBytes; o += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(q[r] + ahead + t * kUnitBytes + o), _MM_HINT_T0);
-    unit(t, 0, whole);
-    unit(t + 1, 1, whole);
-  }
-  int u = 0;  // the chain the next unit goes to
-  for (; t < t1; ++t, u ^= 1) unit(t, u, masked);
-  if constexpr (F == QFormat::I4Asym) {  // the min term joins the lanes (once: sx is null in later chunks)
-    for (int64_t g = 0; sx && g < ng; g += 16) {
-      const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (ng - g)) - 1);
-      const __m512 sv = _mm512_maskz_loadu_ps(k, sx + g), eight = _mm512_set1_ps(8.0f);
-      for (int r = 0; r < R; ++r) {
-        const __m512 c = _mm512_fmadd_ps(eight, _mm512_maskz_loadu_ps(k, d[r] + g), _mm512_maskz_loadu_ps(k, rows[r].m + g));
-        acc[r][1] = _mm512_fmadd_ps(c, sv, acc[r][1]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
-}
 
 // Float mode, int4: the dequantised value of every u in [0, 15] for group g (exact, as formats.py).
 template <QFormat F>
@@ -379,6 +255,7 @@ void rows_float(const FloatActs& p, const WRow& r, int64_t m0, int64_t b0, int64
   }
 }
 
+
 // n halves -> floats (dst has room for n rounded up to 16).
 inline void halves_to_floats(const uint16_t* src, int64_t n, float* dst) {
   int64_t i = 0;
@@ -402,6 +279,16 @@ inline float min_term(const WRow& r, const float* sx, int64_t ng) {
   return s;
 }
 
+// The row tiles of a call are cut into one contiguous range per thread, walked in order by its owner
+// (one sequential stream per thread, which the prefetchers follow: SmolLM2's 3072 x 576 at m = 1
+// from DRAM on a 2-core Zen 4, 105 -> 62 us with dynamic scheduling of single tiles before); a thread
+// done with its range takes tiles from the others' (a thread preempted on a shared machine then
+// delays only the tile it holds, as with dynamic scheduling).
+struct alignas(64) TileQueue {
+  std::atomic<int64_t> next;
+  int64_t end;
+};
+
 // Steps (units in int8 mode, blocks in float mode) per K chunk: the chunk of all rows of x fits
 // kChunkBytes (int8 mode: about 2 bytes per element with nc and dxe; float: 4), at least 4 units.
 template <QFormat F, bool Int8Act>
@@ -417,59 +304,51 @@ void run(const QMatmulArgs& a) {
   const int64_t steps = Int8Act ? (nb + kUnit<F> - 1) / kUnit<F> : nb, cs = chunk_steps<F, Int8Act>(a);
   Acts p{};
   FloatActs pf{};
+  FloatM1Acts p1{};
+  constexpr bool kFloatM1 = !Int8Act && kInt4<F>;  // rows_float_m1 when m = 1
   if constexpr (Int8Act) p = prepare_acts<F>(a);
+  else if (kFloatM1 && a.m == 1) p1 = prepare_float_m1(a);
   else pf = prepare_float(a);
   const int gshift = F == QFormat::I8Channel ? 0 : __builtin_ctzll(static_cast<uint64_t>(a.group / kBlock));
   const auto* w = static_cast<const uint8_t*>(a.w);
-  const int64_t row_bytes = kInt4<F> ? k / 2 : k, fstride = ng + kScalePad;
+  const int64_t row_bytes = kInt4<F> ? k / 2 : k;
+  const int64_t ntiles = (a.n + kRowTile - 1) / kRowTile;
+  std::unique_ptr<TileQueue[]> queues(new TileQueue[omp_get_max_threads()]);
 #pragma omp parallel if (a.n * k >= kParallelMinElems)
   {
     // the tile's scales (and mins) as floats, and its partial sums per (weight row, row of x)
-    std::vector<float> fs(F == QFormat::I8Channel ? 0 : kRowTile * fstride * (F == QFormat::I4Asym ? 2 : 1), 0.0f);
+    std::vector<float> fs(F == QFormat::I8Channel ? 0 : kRowTile * ng * (F == QFormat::I4Asym ? 2 : 1) + 2 * kScalePad, 0.0f);
     std::vector<double> part(kRowTile * a.m);
-    // dynamic: on a shared machine a preempted thread then delays only the tile it holds
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t j0 = 0; j0 < a.n; j0 += kRowTile) {
+    auto tile = [&](int64_t j0) {
       const int64_t jn = std::min(kRowTile, a.n - j0);
+      {  // the next tile's scales and mins (the next tile of the range, see TileQueue)
+        const int64_t nx = std::min(kRowTile, a.n - j0 - kRowTile);
+        for (int64_t o = 0; o < nx * ng * 2; o += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(static_cast<const uint16_t*>(a.scales) + (j0 + kRowTile) * ng) + o, _MM_HINT_T0);
+          if (F == QFormat::I4Asym) _mm_prefetch(reinterpret_cast<const char*>(a.mins + (j0 + kRowTile) * ng) + o, _MM_HINT_T0);
+        }
+      }
       WRow rows[kRowTile];
+      float* fd = fs.data();
+      float* fm = fs.data() + kRowTile * ng + kScalePad;
+      if constexpr (F != QFormat::I8Channel) {
+        halves_to_floats(static_cast<const uint16_t*>(a.scales) + j0 * ng, jn * ng, fd);
+        if constexpr (F == QFormat::I4Asym) halves_to_floats(a.mins + j0 * ng, jn * ng, fm);
+      }
       for (int64_t jj = 0; jj < jn; ++jj) {
         const int64_t j = j0 + jj;
         WRow& r = rows[jj];
-        r = {w + j * row_bytes, nullptr, nullptr, 0.0f, gshift};
-        if constexpr (F == QFormat::I8Channel) {
-          r.s32 = static_cast<const float*>(a.scales)[j];
-        } else {
-          float* d = fs.data() + jj * fstride;
-          halves_to_floats(static_cast<const uint16_t*>(a.scales) + j * ng, ng, d);
-          r.d = d;
-          if constexpr (F == QFormat::I4Asym) {
-            float* m = fs.data() + (kRowTile + jj) * fstride;
-            halves_to_floats(a.mins + j * ng, ng, m);
-            r.m = m;
-          }
-        }
+        r = {w + j * row_bytes, fd + jj * ng, fm + jj * ng, 0.0f, gshift};
+        if constexpr (F == QFormat::I8Channel) r.s32 = static_cast<const float*>(a.scales)[j];
       }
       std::fill(part.begin(), part.begin() + jn * a.m, 0.0);
-      for (int64_t s0 = 0; s0 < steps; s0 += cs) {
+      if constexpr (kFloatM1)
+        if (a.m == 1) tile_float_m1<F>(p1, rows, jn, nb, ng, part.data());  // all of K at once
+      for (int64_t s0 = 0; s0 < (kFloatM1 && a.m == 1 ? 0 : steps); s0 += cs) {
         const int64_t s1 = std::min(steps, s0 + cs);
         if constexpr (Int8Act) {
-          if (a.m == 1) {  // kM1Rows weight rows at a time, then the rest one by one
-            const bool wide = (int64_t(1) << gshift) >= kUnit<F>;
-            auto rows_m1 = [&](auto r, int64_t jj, double* out) {
-              const float* sx = s0 == 0 ? a.sx : nullptr;  // int4_asym: the min term, in the first chunk
-              if (wide) rows_int8_m1<F, decltype(r)::value, true>(p, rows + jj, nb, s0, s1, sx, ng, out);
-              else rows_int8_m1<F, decltype(r)::value, false>(p, rows + jj, nb, s0, s1, sx, ng, out);
-            };
-            int64_t jj = 0;
-            double out[kM1Rows<F>];
-            for (; jj + kM1Rows<F> <= jn; jj += kM1Rows<F>) {
-              rows_m1(std::integral_constant<int, kM1Rows<F>>{}, jj, out);
-              for (int r = 0; r < kM1Rows<F>; ++r) part[jj + r] += out[r];
-            }
-            for (; jj < jn; ++jj) {
-              rows_m1(std::integral_constant<int, 1>{}, jj, out);
-              part[jj] += out[0];
-            }
+          if (a.m == 1) {  // int4_asym: the min term joins in the first chunk
+            tile_int8_m1<F>(p, rows, jn, nb, s0, s1, s0 == 0 ? a.sx : nullptr, ng, part.data());
             continue;
           }
         }
@@ -497,6 +376,13 @@ void run(const QMatmulArgs& a) {
                            static_cast<float>(dv), a.dt);
         }
       }
+    };
+    const int nt = omp_get_num_threads(), me = omp_get_thread_num();
+    queues[me].next = (ntiles * me / nt), queues[me].end = ntiles * (me + 1) / nt;
+#pragma omp barrier
+    for (int o = 0; o < nt; ++o) {  // its own range, then what the others have left
+      TileQueue& q = queues[(me + o) % nt];
+      for (int64_t t; (t = q.next.fetch_add(1)) < q.end;) tile(t * kRowTile);
     }
   }
 }

@@ -1,0 +1,227 @@
+// AVX-512 qmatmul kernels for a single row of x (m = 1, decode), int8 and float mode: several weight
+// rows per pass share the activation loads (qmatmul_avx512.h; the driver is qmatmul_avx512.cpp).
+// GCC 12's avx512fintrin.h trips -W(maybe-)uninitialized on its own _mm512_undefined_* (a known
+// false positive), once per intrinsic use.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <algorithm>
+#include <type_traits>
+
+#include "qmatmul_avx512.h"
+
+namespace fastllm::cpu::avx512 {
+namespace {
+
+// m = 1: weight rows fetched ahead of the ones being read, in kernel passes (R rows each); int4
+// weights interleave R rows, which defeats the hardware prefetcher (4096 x 11008 from DRAM on a 2-core
+// Zen 4, 1 thread, 1.30 -> 0.8-0.9 ms). Float mode spends longer per row: 2 passes ahead (SmolLM2's
+// 3072 x 576 from DRAM, 61.6 -> 57.0 us), int8 mode 1.
+constexpr int64_t kAheadPassesInt8 = 1, kAheadPassesFloat = 2;
+
+// int8 mode, one row of x (m = 1): out[r] = sum over units [t0, t1) of x . W row rows[r], for r < R.
+// The R weight rows share each unit's activation loads; whole units skip load_unit's mask and the
+// scale indexing is fixed per call (measured on a 2-core Zen 4, 4096 x 4096 int4: 0.18 -> 0.12 ms
+// with both against one row at a time through rows_int8<F, 1>). Per row the lanes add up in two
+// chains, even and odd units, so the result does not depend on R. Wide: a group spans whole units
+// (one scale per unit, broadcast), else unit_scales' permutation with its index vector made once.
+// int4_asym: sx non-null adds the min term sum_g (m_g + 8 d_g) sx_g into the lanes.
+template <QFormat F, int R, bool Wide>
+void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64_t t1, const float* sx, int64_t ng,
+                  double* out) {
+  constexpr int64_t U = kUnit<F>, xbytes = U * kBlock;
+  constexpr int kLogU = U == 4 ? 2 : 1;
+  const uint8_t* q[R];
+  const float* d[R];
+  for (int r = 0; r < R; ++r) q[r] = rows[r].q, d[r] = rows[r].d;
+  const int gshift = rows[0].gshift;
+  const int ushift = Wide ? gshift - kLogU : 0;  // unit t is in group t >> ushift
+  const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         (U == 4 ? 2 : 3) + gshift);
+  __m512 acc[R][2];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t full = std::min(t1, nb / U);  // units [t0, full) are whole: plain loads
+  auto scales = [&](int r, int64_t t) {
+    if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
+    else return _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(d[r] + ((t * U) >> gshift)));
+  };
+  auto unit = [&](int64_t t, int u, auto masked) {
+    auto load = [&](int r) {
+      if constexpr (decltype(masked)::value) return load_unit<F>(q[r], t, nb);
+      else return _mm512_loadu_si512(q[r] + t * kUnitBytes);
+    };
+    const uint8_t* x = p.xq.data() + t * xbytes;
+    const __m512 dxe = _mm512_loadu_ps(p.dxe.data() + t * 16);
+    if constexpr (kInt4<F>) {
+      const __m512i xl = _mm512_loadu_si512(x), xh = _mm512_loadu_si512(x + 64);
+      const __m512i nc = _mm512_loadu_si512(p.nc.data() + t * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512i w = load(r);
+        const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nc, lo, xl), hi, xh);
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), dxe);
+        acc[r][u] = _mm512_fmadd_ps(f, scales(r, t), acc[r][u]);
+      }
+    } else {
+      const __m512i xv = _mm512_loadu_si512(x);
+      for (int r = 0; r < R; ++r) {
+        const __m512i w = load(r);
+        const __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w));
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg, xv, w));
+        if constexpr (F == QFormat::I8Channel) acc[r][u] = _mm512_fmadd_ps(f, dxe, acc[r][u]);
+        else acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(f, dxe), scales(r, t), acc[r][u]);
+      }
+    }
+  };
+  const std::false_type whole;
+  const std::true_type masked;
+  int64_t t = t0;
+  const int64_t ahead = kAheadPassesInt8 * R * nb * 16;  // int4 (see kAheadPassesInt8)
+  for (; t + 2 <= full; t += 2) {
+    if constexpr (kInt4<F>)
+      for (int r = 0; r < R; ++r)
+        for (int64_t o = 0; o < 2 * kUnitBytes; o += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(q[r] + ahead + t * kUnitBytes + o), _MM_HINT_T0);
+    unit(t, 0, whole);
+    unit(t + 1, 1, whole);
+  }
+  int u = 0;  // the chain the next unit goes to
+  for (; t < t1; ++t, u ^= 1) unit(t, u, masked);
+  if constexpr (F == QFormat::I4Asym) {  // the min term joins the lanes (once: sx is null in later chunks)
+    for (int64_t g = 0; sx && g < ng; g += 16) {
+      const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (ng - g)) - 1);
+      const __m512 sv = _mm512_maskz_loadu_ps(k, sx + g), eight = _mm512_set1_ps(8.0f);
+      for (int r = 0; r < R; ++r) {
+        const __m512 c = _mm512_fmadd_ps(eight, _mm512_maskz_loadu_ps(k, d[r] + g), _mm512_maskz_loadu_ps(k, rows[r].m + g));
+        acc[r][1] = _mm512_fmadd_ps(c, sv, acc[r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+
+// Float mode, int4, one row of x (m = 1): out[r] = x . W row rows[r] over all of K, for r < R. Unit t
+// (64 bytes, blocks 4t .. 4t + 3) is read as 16 dwords; dword l holds bytes 4l .. 4l + 3 of the unit:
+// block l / 4, bytes 4 (l % 4) .. + 3. Its nibble k (k = 0..7) is element 4 (l % 4) + k / 2 (+ 16 for
+// odd k) of that block, so w >> 4k indexes (vpermps reads the low 4 bits) a table of u - 8 (int4) or u
+// (int4_asym), and the activations are re-laid once per call to match (prepare_float_m1). The weights
+// are formats.py's exact values, (u - 8) d or u d + m rounded once, with d and m as vectors spanning
+// the unit's 4 blocks (per lane), then FMAs with x. (Factoring d out of each block and adding
+// sum_g (m_g + 8 d_g) sum(x_g) apart was 18% faster on SmolLM2's 3072 x 576 but its error reached
+// 1.8x torch's on random int4_asym cases against 1.15x for this.)
+template <QFormat F, int R, bool Wide>
+void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t ng, double* out) {
+  const uint8_t* q[R];
+  const float* d[R];
+  for (int r = 0; r < R; ++r) q[r] = rows[r].q, d[r] = rows[r].d;
+  const int gshift = rows[0].gshift;
+  const int ushift = Wide ? gshift - 2 : 0;  // unit t is in group t >> ushift
+  const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         2 + gshift);
+  const __m512 table = F == QFormat::I4Asym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                                            : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512 acc[R][2];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  const int64_t units = (nb + 3) / 4, full = nb / 4;
+  auto scales = [&](int r, int64_t t) {
+    if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
+    else return _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(d[r] + ((t * 4) >> gshift)));
+  };
+  auto mins = [&](int r, int64_t t) {
+    if constexpr (Wide) return _mm512_set1_ps(rows[r].m[t >> ushift]);
+    else return _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(rows[r].m + ((t * 4) >> gshift)));
+  };
+  auto unit = [&](int64_t t, int u, bool masked) {
+    const float* x = p.xk.data() + t * 128;
+    __m512 xv[8];
+    for (int k = 0; k < 8; ++k) xv[k] = _mm512_loadu_ps(x + 16 * k);
+    for (int r = 0; r < R; ++r) {
+      const __m512i w = masked ? load_unit<F>(q[r], t, nb) : _mm512_loadu_si512(q[r] + t * kUnitBytes);
+      const __m512 dv = scales(r, t), mv = F == QFormat::I4Asym ? mins(r, t) : _mm512_setzero_ps();
+      __m512 s = acc[r][u];
+      for (int k = 0; k < 8; ++k) {  // w exactly as formats.py: (u - 8) d, or u d + m rounded once
+        const __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4 * k), table);
+        const __m512 wk = F == QFormat::I4Asym ? _mm512_fmadd_ps(v, dv, mv) : _mm512_mul_ps(v, dv);
+        s = _mm512_fmadd_ps(wk, xv[k], s);
+      }
+      acc[r][u] = s;
+    }
+  };
+  const int64_t ahead = kAheadPassesFloat * R * nb * 16;
+  int64_t t = 0;
+  for (; t + 2 <= full; t += 2) {
+    for (int r = 0; r < R; ++r)
+      for (int64_t o = 0; o < 2 * kUnitBytes; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(q[r] + ahead + t * kUnitBytes + o), _MM_HINT_T0);
+    unit(t, 0, false);
+    unit(t + 1, 1, false);
+  }
+  int u = 0;
+  for (; t < units; ++t, u ^= 1) unit(t, u, t >= full);
+  for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+// f(std::integral_constant<int, R>) for the tile's rows R = kM1Rows at a time, then the rest one by
+// one; f writes R sums to its out argument, added to part.
+template <QFormat F, typename Fn>
+void for_row_groups(int64_t jn, double* part, Fn&& f) {
+  constexpr int R = kM1Rows<F>;
+  double out[R];
+  int64_t jj = 0;
+  for (; jj + R <= jn; jj += R) {
+    f(std::integral_constant<int, R>{}, jj, out);
+    for (int r = 0; r < R; ++r) part[jj + r] += out[r];
+  }
+  for (; jj < jn; ++jj) {
+    f(std::integral_constant<int, 1>{}, jj, out);
+    part[jj] += out[0];
+  }
+}
+
+}  // namespace
+
+FloatM1Acts prepare_float_m1(const QMatmulArgs& a) {
+  const int64_t nb = a.k / kBlock, units = (nb + 3) / 4;
+  FloatM1Acts p{std::vector<float>(units * 128, 0.0f)};
+  const float* x = a.xf;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t t = b / 4, lb = (b % 4) * 4;  // lanes lb .. lb + 3 hold this block
+    float* dst = p.xk.data() + t * 128;
+    for (int64_t i = 0; i < 16; ++i)  // byte i of the block: lane lb + i / 4, nibbles k = 2 (i % 4) (+ 1)
+      for (int h = 0; h < 2; ++h) dst[(2 * (i % 4) + h) * 16 + lb + i / 4] = x[b * kBlock + i + 16 * h];
+  }
+  return p;
+}
+
+template <QFormat F>
+void tile_int8_m1(const Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64_t t0, int64_t t1, const float* sx,
+                  int64_t ng, double* part) {
+  const bool wide = (int64_t(1) << rows[0].gshift) >= kUnit<F>;
+  for_row_groups<F>(jn, part, [&](auto r, int64_t jj, double* out) {
+    if (wide) rows_int8_m1<F, decltype(r)::value, true>(p, rows + jj, nb, t0, t1, sx, ng, out);
+    else rows_int8_m1<F, decltype(r)::value, false>(p, rows + jj, nb, t0, t1, sx, ng, out);
+  });
+}
+
+template <QFormat F>
+void tile_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64_t ng, double* part) {
+  if constexpr (kInt4<F>) {
+    const bool wide = (int64_t(1) << rows[0].gshift) >= 4;
+    for_row_groups<F>(jn, part, [&](auto r, int64_t jj, double* out) {
+      if (wide) rows_float_m1<F, decltype(r)::value, true>(p, rows + jj, nb, ng, out);
+      else rows_float_m1<F, decltype(r)::value, false>(p, rows + jj, nb, ng, out);
+    });
+  }
+}
+
+template void tile_int8_m1<QFormat::I8Channel>(const Acts&, const WRow*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, double*);
+template void tile_int8_m1<QFormat::I8Group>(const Acts&, const WRow*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, double*);
+template void tile_int8_m1<QFormat::I4>(const Acts&, const WRow*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, double*);
+template void tile_int8_m1<QFormat::I4Asym>(const Acts&, const WRow*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, double*);
+template void tile_float_m1<QFormat::I4>(const FloatM1Acts&, const WRow*, int64_t, int64_t, int64_t, double*);
+template void tile_float_m1<QFormat::I4Asym>(const FloatM1Acts&, const WRow*, int64_t, int64_t, int64_t, double*);
+
+}  // namespace fastllm::cpu::avx512
