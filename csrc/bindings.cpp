@@ -232,8 +232,7 @@ void cpu_kv_cache_append(ptr_t k, strides3 ks, ptr_t v, strides3 vs, ptr_t k_sca
 // A CpuGraph holds CPU kernel calls recorded with their argument values (pointers included) and replays them
 // in order from C++, with the GIL released once: what a CUDA graph does for launches, for the Python that
 // issues a decode step's few hundred calls (fastllm/runtime/cpu_graph.py records them and keeps every tensor
-// they point to alive). Each replayed call runs its argument checks again; one that fails stops the replay
-// with the ValueError.
+// they point to alive). A call whose argument checks fail raises when it is recorded and is not recorded.
 struct CpuGraph {
   std::vector<std::function<void()>> calls;
   std::vector<std::string> names;  // the op of each call

@@ -124,16 +124,55 @@ def test_recording_refuses_ops_through_the_dispatcher():
             fastllm.silu_mul(g, g)
 
 
-@pytest.mark.parametrize("op", ["compute", "in_place", "out", "item", "bool"])
+@pytest.mark.parametrize("op", ["compute", "in_place", "out", "item", "bool", "inplace_kwarg", "inplace_arg"])
 def test_recording_refuses_torch_compute_and_value_reads(op):
     x = torch.randn(4, 8)
     bad = {"compute": lambda: x + 1, "in_place": lambda: x.add_(1), "out": lambda: torch.add(x, 1, out=x),
-           "item": lambda: x[0, 0].item(), "bool": lambda: bool(x[0, 0] > 0)}[op]
+           "item": lambda: x[0, 0].item(), "bool": lambda: bool(x[0, 0] > 0),
+           "inplace_kwarg": lambda: F.relu(x, inplace=True), "inplace_arg": lambda: F.relu(x, True)}[op]
     before = x.clone()
     with pytest.raises(cpu_graph.RecordingRefused):
         with cpu_graph.recording(_backend.extension().CpuGraph()):
             bad()
-    assert torch.equal(x, before)
+    if op != "inplace_arg":  # (found out only from what relu returned: x itself, written)
+        assert torch.equal(x, before)
+
+
+def test_recordings_do_not_nest():
+    ext = _backend.extension()
+    with cpu_graph.recording(ext.CpuGraph()):
+        with pytest.raises(RuntimeError, match="recording into a CPU graph already"):
+            with cpu_graph.recording(ext.CpuGraph()):
+                pass
+
+
+def test_a_late_recording_is_still_checked(tmp_path, monkeypatch):
+    """A step that failed while recording (an error, not a refusal) is recorded on a later call, and that
+    graph is checked against an eager step before it is trusted, whatever the call count."""
+    model = _model(tmp_path)
+    real, calls = model.decode_hidden, []
+
+    def flaky(*args):  # the second call (the first recording) fails once
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("one-off")
+        return real(*args)
+
+    monkeypatch.setattr(model, "decode_hidden", flaky)
+    toks = torch.tensor([[20], [21], [22], [23], [24]])
+    with torch.inference_mode():
+        cache, eager_cache = model.new_cache(1, 16), model.new_cache(1, 16)
+        for c in (cache, eager_cache):
+            model.prefill(PROMPTS[:1], c)
+        step = cpu_graph.CpuGraphStep(model, cache)
+        step(toks[0])
+        with pytest.raises(RuntimeError, match="one-off"):
+            step(toks[1])
+        expected = [model.decode(t, eager_cache) for t in toks[[0, 2, 3, 4]]]
+        got = [step(t) for t in toks[2:]]  # recorded, then checked, then replayed
+    assert step.graph is not None and step.checked
+    for e, g in zip(expected[1:], got):
+        assert torch.equal(e, g)
 
 
 def test_recording_allows_views_and_allocations():
@@ -147,8 +186,8 @@ def test_recording_allows_views_and_allocations():
     assert len(kept) == 1 and kept[0] is e
 
 
-def test_replay_raises_what_a_failing_call_raises():
-    """Each replayed call checks its arguments again; one that fails stops the replay with its ValueError."""
+def test_a_call_that_fails_is_not_recorded():
+    """A recorded call ran its argument checks when it was recorded; one that fails raises and is left out."""
     ext = _backend.extension()
     graph = ext.CpuGraph()
     x, y = torch.randn(2, 8), torch.empty(2, 8)

@@ -108,6 +108,11 @@ def code(t: torch.Tensor) -> int:
 _recording = threading.local()  # .graph: the fastllm._C.CpuGraph this thread records into (recording_into)
 
 
+def recording_graph():
+    """The fastllm._C.CpuGraph this thread records into, or None."""
+    return getattr(_recording, "graph", None)
+
+
 def recording_into(graph) -> None:
     """From now on this thread's CPU kernel calls are also recorded into graph (a fastllm._C.CpuGraph), or no
     longer with None: see fastllm/runtime/cpu_graph.py."""

@@ -23,9 +23,9 @@ A model whose blocks need torch ops (float nn.Linear weights, GPT-2's GELU) is r
 decodes eagerly; so is dynamic ("NTK") rotary scaling, which rebuilds its tables on the host every step.
 
 Checked on use, as cuda_graph.py does: the first step runs eagerly (it also builds the fused q/k/v and gate/up
-weights), the second is recorded (its kernels run as they are recorded), and the third runs both eagerly and
-replayed; the graph is kept only if the two agree bit for bit, otherwise a warning says so and decoding goes on
-eagerly. FASTLLM_CPU_GRAPHS=0 switches CPU graphs off.
+weights, which the graph then holds), the next one is recorded (its kernels run as they are recorded), and the
+one after runs both eagerly and replayed; the graph is kept only if the two agree bit for bit, otherwise a
+warning says so and decoding goes on eagerly. FASTLLM_CPU_GRAPHS=0 switches CPU graphs off.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ from ..ops import _common
 _ALLOCATORS = {"empty", "empty_like", "empty_strided", "new_empty"}
 _VALUE_READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__complex__",
                 "__array__"}
+_RETURN_SELF = {"to", "contiguous", "type_as", "float", "double", "half", "bfloat16", "cpu", "reshape", "view_as",
+                "expand_as", "detach"}  # return their input itself when there is nothing to change
 _IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
                      "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
 
@@ -77,13 +79,16 @@ class _NoCompute(TorchFunctionMode):
             self.kept.append(out)
             return out
         in_place = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
-        if in_place or name in _VALUE_READS or kwargs.get("out") is not None:
+        if in_place or name in _VALUE_READS or kwargs.get("out") is not None or kwargs.get("inplace"):
             raise RecordingRefused(f"torch.{name} writes or reads tensor values")
+        inputs = list(_tensors((args, kwargs)))
         out = func(*args, **kwargs)
-        storages = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        storages = {t.untyped_storage().data_ptr() for t in inputs}
         for t in _tensors(out):
             if t.untyped_storage().data_ptr() not in storages:
                 raise RecordingRefused(f"torch.{name} computes a new tensor")
+            if name not in _RETURN_SELF and any(t is i for i in inputs):  # e.g. F.relu(x, True): computed in place
+                raise RecordingRefused(f"torch.{name} returned its input, written in place")
         return out
 
 
@@ -92,6 +97,8 @@ def recording(graph):
     """Within this block, the fastllm._C CPU calls are recorded into graph (fastllm._C.CpuGraph) as they run, and
     any torch op that computes raises RecordingRefused. Yields the list of the tensors allocated meanwhile, which
     the recorded calls may point to: keep it as long as the graph."""
+    if _common.recording_graph() is not None:
+        raise RuntimeError("this thread is recording into a CPU graph already")
     mode = _NoCompute()
     _common.recording_into(graph)
     try:
@@ -123,16 +130,17 @@ class CpuGraphStep:
 
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
-        self.calls, self.reason = 0, None
+        self.calls, self.reason, self.checked = 0, None, False
         self.graph = self.kept = self.h = self.after = self.hidden = None
 
+    @torch.no_grad()  # (under autograd the ops would go through the dispatcher, which recording refuses)
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.reason is not None or self.calls == 1:
             return self.model.decode(tokens, self.cache)
         if self.graph is None:
             return self._record(tokens)
-        if self.calls == 3:
+        if not self.checked:
             return self._checked(tokens)
         return self._replay(tokens)
 
@@ -155,7 +163,8 @@ class CpuGraphStep:
         except RecordingRefused as e:  # a step torch ops take part in: it ran up to here, run it whole again
             self.reason = f"the decode step cannot be recorded: {e}"
             return self.model.decode(tokens, self.cache)
-        self.graph, self.kept, self.hidden = graph, kept, hidden
+        fused = [v for m in self.model.modules() for k, v in vars(m).items() if k.startswith("_w") and isinstance(v, tuple)]
+        self.graph, self.kept, self.hidden = graph, kept + fused, hidden  # + the fused q/k/v and gate/up weights
         self._advance()
         return self.model.lm_head(hidden)[:, 0]
 
@@ -174,6 +183,7 @@ class CpuGraphStep:
         cache.longest = longest
         got = self._replay(tokens)  # rewrites the step's cache slots with the same values
         if torch.equal(got, expected):
+            self.checked = True
             return got
         self.reason = "the replayed decode step differed from the eager one"
         warnings.warn(f"fastllm: {self.reason}; decoding eagerly")

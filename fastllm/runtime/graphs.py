@@ -6,8 +6,8 @@ from . import cpu_graph, cuda_graph
 
 
 def decode_stepper(model, cache):
-    """step(tokens (B,)) -> logits (B, vocab) for each decode step of `cache`, as model.decode(tokens, cache). A
-    replayed step's logits are overwritten by the next step: use them before calling again."""
+    """step(tokens (B,)) -> logits (B, vocab) for each decode step of `cache`, as model.decode(tokens, cache). On
+    CUDA a replayed step's logits are overwritten by the next step: use them before calling again."""
     if model.tok_embeddings.weight.device.type == "cpu":
         if cpu_graph.cpu_graphs_enabled(model) is None:
             return cpu_graph.CpuGraphStep(model, cache)

@@ -321,9 +321,9 @@ class Engine:
                 tail = r.stream.finish()
                 if tail or r.pending:
                     self._send_text(r, tail)
-                r.send("done", reason)
-                with self.cv:
+                with self.cv:  # the blocks are back in the pool before the client hears it is done
                     self._release(r)
+                r.send("done", reason)
 
     @staticmethod
     def _send_text(r: Request, piece: str) -> None:
