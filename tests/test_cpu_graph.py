@@ -23,6 +23,13 @@ def _model(path, quantize="int4", act="float", **cfg):
     return model
 
 
+def _prefilled(model):
+    """A one-row cache holding the first prompt."""
+    cache = model.new_cache(1, 16)
+    model.prefill(PROMPTS[:1], cache)
+    return cache
+
+
 def _decode_both(model, steps=8, batch=3):
     """Logits of `steps` decode steps: eager, and through decode_stepper (CPU graph), from the same prompts."""
     toks = torch.randint(3, model.cfg.vocab_size, (steps, batch), generator=torch.Generator().manual_seed(0))
@@ -80,9 +87,7 @@ def test_a_replay_that_disagrees_falls_back_to_eager(tmp_path):
 
     toks = torch.tensor([[20], [21], [22], [23]])
     with torch.inference_mode():
-        eager_cache, cache = model.new_cache(1, 16), model.new_cache(1, 16)
-        for c in (eager_cache, cache):
-            model.prefill(PROMPTS[:1], c)
+        eager_cache, cache = _prefilled(model), _prefilled(model)
         step = cpu_graph.CpuGraphStep(model, cache)
         step(toks[0])
         step(toks[1])
@@ -161,9 +166,7 @@ def test_a_late_recording_is_still_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(model, "decode_hidden", flaky)
     toks = torch.tensor([[20], [21], [22], [23], [24]])
     with torch.inference_mode():
-        cache, eager_cache = model.new_cache(1, 16), model.new_cache(1, 16)
-        for c in (cache, eager_cache):
-            model.prefill(PROMPTS[:1], c)
+        cache, eager_cache = _prefilled(model), _prefilled(model)
         step = cpu_graph.CpuGraphStep(model, cache)
         step(toks[0])
         with pytest.raises(RuntimeError, match="one-off"):

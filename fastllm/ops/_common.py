@@ -24,6 +24,16 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on the same device")
 
 
+def check_like(name: str, t, ref_name: str, ref: torch.Tensor) -> None:
+    """t must be a floating tensor of ref's shape, dtype and device (the second input of an elementwise op)."""
+    check_tensor(name, t)
+    check_same_device(name, t, ref_name, ref)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+
+
 def check_normalized_shape(normalized_shape, x: torch.Tensor) -> list[int]:
     """normalized_shape as a list of ints; x's trailing dimensions must equal it."""
     if isinstance(normalized_shape, (int, torch.SymInt)):

@@ -14,7 +14,7 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ._common import (as_rows, call_op, check_normalized_shape, check_param, check_same_device, check_tensor, code,
+from ._common import (as_rows, call_op, check_like, check_normalized_shape, check_param, check_tensor, code,
                       cuda_workspace, new_output, ptr, run_c, stat_dtype)
 
 
@@ -171,12 +171,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
     Both outputs are differentiable (the gradient of s flows to x and residual).
     """
     check_tensor("x", x)
-    check_tensor("residual", residual)
-    check_same_device("residual", residual, "x", x)
-    if residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if residual.dtype != x.dtype:
-        raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    check_like("residual", residual, "x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalised one)")
     check_param("weight", weight, x, [x.shape[-1]])

@@ -12,7 +12,7 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ._common import as_rows, call_op, check_same_device, check_tensor, code, kernels, new_output, ptr, run_c
+from ._common import as_rows, call_op, check_like, check_tensor, code, kernels, new_output, ptr, run_c
 
 
 @torch.library.custom_op("fastllm::silu_mul", mutates_args=())
@@ -52,12 +52,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up. gate, up: (..., N) of the same shape, floating dtype and device -> (..., N), differentiable
     (the backward runs the torch reference)."""
     check_tensor("gate", gate)
-    check_tensor("up", up)
-    check_same_device("up", up, "gate", gate)
-    if up.shape != gate.shape:
-        raise ValueError(f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
-    if up.dtype != gate.dtype:
-        raise TypeError(f"up must have gate's dtype {gate.dtype}, got {up.dtype}")
+    check_like("up", up, "gate", gate)
     if gate.dim() == 0:
         return call_op(_silu_mul, gate.reshape(1), up.reshape(1)).reshape(())
     return call_op(_silu_mul, gate, up)
