@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import fastllm
 from fastllm import _backend
 from fastllm.loading.safetensors import load_hf_dir
+from fastllm.nn.quant_linear import fused_modules
 from fastllm.runtime import cpu_graph
 from fastllm.runtime.graphs import decode_stepper
 from tiny_models import tiny_gpt2, tiny_llama
@@ -49,6 +50,8 @@ def test_replay_equals_eager(tmp_path, quantize, act, batch):
     model = _model(tmp_path, quantize, act)
     ((eager, ec), (graphed, gc)), step = _decode_both(model, batch=batch)
     assert step.reason is None and step.graph is not None and len(step.graph) > 0
+    fused = fused_modules(model)  # the fused q/k/v and gate/up weights the recorded calls read
+    assert len(fused) == 2 * model.cfg.n_layers and all(any(f is k for k in step.kept) for f in fused)
     for i, (e, g) in enumerate(zip(eager, graphed)):
         assert torch.equal(e, g), f"step {i}"
     assert torch.equal(ec.lengths, gc.lengths) and ec.longest == gc.longest

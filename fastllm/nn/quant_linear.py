@@ -103,15 +103,16 @@ def fused(mods: "list[QuantLinear]", owner: torch.nn.Module, name: str) -> "Quan
     instead of len(mods), each thread getting a larger share of rows). No second copy of the weights: the
     modules' buffers become row views of the fused buffers, so a load_state_dict (in-place copies) updates both;
     when a module's buffers are other tensors (after .to(), say) the fused module is built again. It is kept
-    in owner.__dict__[name], outside the module tree (not in state_dict, named_modules or .to())."""
+    in owner.__dict__["_fused"][name], outside the module tree (not in state_dict, named_modules or .to())."""
     key = [(m, m._buffers.get("qweight"), m._buffers.get("scales"), m._buffers.get("mins")) for m in mods]
-    cached = owner.__dict__.get(name)
+    cache = owner.__dict__.setdefault("_fused", {})
+    cached = cache.get(name)
     if cached is not None and all(a is b for ka, kb in zip(key, cached[0]) for a, b in zip(ka, kb)):
         return cached[1]
     first = mods[0]
     if (not all(type(m) is QuantLinear for m in mods) or any(m.bias is not None for m in mods)
             or any((m.in_features, m.format, m.act) != (first.in_features, first.format, first.act) for m in mods)):
-        owner.__dict__[name] = (key, None)
+        cache[name] = (key, None)
         return None
     out = QuantLinear(first.in_features, sum(m.out_features for m in mods), False, scheme=first.format.scheme,
                       group_size=first.format.group_size, act=first.act, device=first.qweight.device)
@@ -125,7 +126,7 @@ def fused(mods: "list[QuantLinear]", owner: torch.nn.Module, name: str) -> "Quan
                 target.copy_(part)
                 setattr(m, buf, target)
         row += m.out_features
-    owner.__dict__[name] = ([(m, m.qweight, m.scales, m.mins) for m in mods], out)
+    cache[name] = ([(m, m.qweight, m.scales, m.mins) for m in mods], out)
     return out
 
 
@@ -156,3 +157,9 @@ def quantize_model(model: torch.nn.Module, scheme: str = "int4", group_size: int
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
     return model
+
+
+def fused_modules(root: torch.nn.Module) -> "list[QuantLinear]":
+    """The fused modules fused() built and keeps for root and its submodules (a CPU graph holds them: its
+    recorded calls point into their buffers)."""
+    return [out for m in root.modules() for _, out in m.__dict__.get("_fused", {}).values() if out is not None]

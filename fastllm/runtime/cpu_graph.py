@@ -37,6 +37,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .. import _backend
+from ..nn.quant_linear import fused_modules
 from ..ops import _common
 
 _ALLOCATORS = {"empty", "empty_like", "empty_strided", "new_empty"}
@@ -163,8 +164,7 @@ class CpuGraphStep:
         except RecordingRefused as e:  # a step torch ops take part in: it ran up to here, run it whole again
             self.reason = f"the decode step cannot be recorded: {e}"
             return self.model.decode(tokens, self.cache)
-        fused = [v for m in self.model.modules() for k, v in vars(m).items() if k.startswith("_w") and isinstance(v, tuple)]
-        self.graph, self.kept, self.hidden = graph, kept + fused, hidden  # + the fused q/k/v and gate/up weights
+        self.graph, self.kept, self.hidden = graph, kept + fused_modules(self.model), hidden
         self._advance()
         return self.model.lm_head(hidden)[:, 0]
 
