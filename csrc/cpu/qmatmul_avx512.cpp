@@ -173,35 +173,6 @@ void rows_int8(const QMatmulArgs& a, const Acts& p, const WRow& r, int64_t m0, i
 }
 
 
-// Float mode, int4: the dequantised value of every u in [0, 15] for group g (exact, as formats.py).
-template <QFormat F>
-inline __m512 int4_table(const WRow& r, int64_t g) {
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 d = _mm512_set1_ps(r.d[g]);
-  if constexpr (F == QFormat::I4) return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0f)), d);
-  else return _mm512_fmadd_ps(iota, d, _mm512_set1_ps(r.m[g]));  // u d exact, + m rounded once
-}
-
-// Float mode: the 32 values of block b as two vectors of 16 floats, formats.py's dequantisation
-// (per-channel int8: q); int4 reads the block's group table.
-template <QFormat F>
-inline void dequant_block(const WRow& r, int64_t b, __m512 table, __m512& w0, __m512& w1) {
-  if constexpr (kInt4<F>) {
-    const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.q + b * 16)));
-    w0 = _mm512_permutexvar_ps(u, table);  // vpermps reads the low 4 bits: the low nibble
-    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table);
-  } else {
-    const __m128i* q = reinterpret_cast<const __m128i*>(r.q + b * kBlock);
-    w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
-    w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)));
-    if constexpr (F == QFormat::I8Group) {
-      const __m512 d = _mm512_set1_ps(r.d[b >> r.gshift]);
-      w0 = _mm512_mul_ps(w0, d);  // exact
-      w1 = _mm512_mul_ps(w1, d);
-    }
-  }
-}
-
 // Float-mode activations: element c of row i at x[i * rs + (c / 32) * bs + c % 32]. Several rows are
 // copied once per call block-major (rs = 32, bs = 32 m: the rows of a block are adjacent, as above);
 // a single row is read in place.
@@ -256,17 +227,6 @@ void rows_float(const FloatActs& p, const WRow& r, int64_t m0, int64_t b0, int64
 }
 
 
-// n halves -> floats (dst has room for n rounded up to 16).
-inline void halves_to_floats(const uint16_t* src, int64_t n, float* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-  if (i < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + i)));
-  }
-}
-
 // sum_g (m_g + 8 d_g) * sx_g (int4_asym, int8 mode; see qmatmul.cpp).
 inline float min_term(const WRow& r, const float* sx, int64_t ng) {
   __m512 acc = _mm512_setzero_ps();
@@ -302,6 +262,8 @@ template <QFormat F, bool Int8Act>
 void run(const QMatmulArgs& a) {
   const int64_t k = a.k, nb = k / kBlock, ng = k / a.group;
   const int64_t steps = Int8Act ? (nb + kUnit<F> - 1) / kUnit<F> : nb, cs = chunk_steps<F, Int8Act>(a);
+  if constexpr (!Int8Act)
+    if (a.m >= kGemmMinM) return gemm_float<F>(a);
   Acts p{};
   FloatActs pf{};
   FloatM1Acts p1{};
@@ -309,15 +271,12 @@ void run(const QMatmulArgs& a) {
   if constexpr (Int8Act) p = prepare_acts<F>(a);
   else if (kFloatM1 && a.m == 1) p1 = prepare_float_m1(a);
   else pf = prepare_float(a);
-  const int gshift = F == QFormat::I8Channel ? 0 : __builtin_ctzll(static_cast<uint64_t>(a.group / kBlock));
-  const auto* w = static_cast<const uint8_t*>(a.w);
-  const int64_t row_bytes = kInt4<F> ? k / 2 : k;
   const int64_t ntiles = (a.n + kRowTile - 1) / kRowTile;
   std::unique_ptr<TileQueue[]> queues(new TileQueue[omp_get_max_threads()]);
 #pragma omp parallel if (a.n * k >= kParallelMinElems)
   {
     // the tile's scales (and mins) as floats, and its partial sums per (weight row, row of x)
-    std::vector<float> fs(F == QFormat::I8Channel ? 0 : kRowTile * ng * (F == QFormat::I4Asym ? 2 : 1) + 2 * kScalePad, 0.0f);
+    std::vector<float> fs(tile_scale_floats<F>(kRowTile, ng), 0.0f);
     std::vector<double> part(kRowTile * a.m);
     auto tile = [&](int64_t j0) {
       const int64_t jn = std::min(kRowTile, a.n - j0);
@@ -329,18 +288,7 @@ void run(const QMatmulArgs& a) {
         }
       }
       WRow rows[kRowTile];
-      float* fd = fs.data();
-      float* fm = fs.data() + kRowTile * ng + kScalePad;
-      if constexpr (F != QFormat::I8Channel) {
-        halves_to_floats(static_cast<const uint16_t*>(a.scales) + j0 * ng, jn * ng, fd);
-        if constexpr (F == QFormat::I4Asym) halves_to_floats(a.mins + j0 * ng, jn * ng, fm);
-      }
-      for (int64_t jj = 0; jj < jn; ++jj) {
-        const int64_t j = j0 + jj;
-        WRow& r = rows[jj];
-        r = {w + j * row_bytes, fd + jj * ng, fm + jj * ng, 0.0f, gshift};
-        if constexpr (F == QFormat::I8Channel) r.s32 = static_cast<const float*>(a.scales)[j];
-      }
+      tile_rows<F>(a, j0, jn, kRowTile, fs.data(), rows);
       std::fill(part.begin(), part.begin() + jn * a.m, 0.0);
       if constexpr (kFloatM1)
         if (a.m == 1) tile_float_m1<F>(p1, rows, jn, nb, ng, part.data());  // all of K at once

@@ -58,6 +58,42 @@ struct WRow {
   int gshift;
 };
 
+// n halves -> floats (dst has room for n rounded up to 16).
+inline void halves_to_floats(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + i)));
+  }
+}
+
+// Floats tile_rows needs for a tile of up to `cap` weight rows with ng groups each.
+template <QFormat F>
+inline int64_t tile_scale_floats(int64_t cap, int64_t ng) {
+  return F == QFormat::I8Channel ? 0 : cap * ng * (F == QFormat::I4Asym ? 2 : 1) + 2 * kScalePad;
+}
+
+// The weight rows [j0, j0 + jn) as WRows (jn <= cap), their f16 scales and mins converted into fs
+// (tile_scale_floats<F>(cap, ng) floats).
+template <QFormat F>
+inline void tile_rows(const QMatmulArgs& a, int64_t j0, int64_t jn, int64_t cap, float* fs, WRow* rows) {
+  const int64_t ng = a.k / a.group, row_bytes = kInt4<F> ? a.k / 2 : a.k;
+  const int gshift = F == QFormat::I8Channel ? 0 : __builtin_ctzll(static_cast<uint64_t>(a.group / kBlock));
+  float* fd = fs;
+  float* fm = fs + cap * ng + kScalePad;
+  if constexpr (F != QFormat::I8Channel) {
+    halves_to_floats(static_cast<const uint16_t*>(a.scales) + j0 * ng, jn * ng, fd);
+    if constexpr (F == QFormat::I4Asym) halves_to_floats(a.mins + j0 * ng, jn * ng, fm);
+  }
+  for (int64_t jj = 0; jj < jn; ++jj) {
+    const int64_t j = j0 + jj;
+    rows[jj] = {static_cast<const uint8_t*>(a.w) + j * row_bytes, fd + jj * ng, fm + jj * ng, 0.0f, gshift};
+    if constexpr (F == QFormat::I8Channel) rows[jj].s32 = static_cast<const float*>(a.scales)[j];
+  }
+}
+
 // The 64 bytes of unit t of a row with nb blocks (the last unit masked to the row's end).
 template <QFormat F>
 inline __m512i load_unit(const uint8_t* q, int64_t t, int64_t nb) {
@@ -65,6 +101,35 @@ inline __m512i load_unit(const uint8_t* q, int64_t t, int64_t nb) {
   const int64_t left = (nb - t * U) * block_bytes;
   if (left >= kUnitBytes) return _mm512_loadu_si512(q + t * kUnitBytes);
   return _mm512_maskz_loadu_epi8(_cvtu64_mask64((uint64_t(1) << left) - 1), q + t * kUnitBytes);
+}
+
+// Float mode, int4: the dequantised value of every u in [0, 15] for group g (exact, as formats.py).
+template <QFormat F>
+inline __m512 int4_table(const WRow& r, int64_t g) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 d = _mm512_set1_ps(r.d[g]);
+  if constexpr (F == QFormat::I4) return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0f)), d);
+  else return _mm512_fmadd_ps(iota, d, _mm512_set1_ps(r.m[g]));  // u d exact, + m rounded once
+}
+
+// Float mode: the 32 values of block b as two vectors of 16 floats, formats.py's dequantisation
+// (per-channel int8: q); int4 reads the block's group table.
+template <QFormat F>
+inline void dequant_block(const WRow& r, int64_t b, __m512 table, __m512& w0, __m512& w1) {
+  if constexpr (kInt4<F>) {
+    const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.q + b * 16)));
+    w0 = _mm512_permutexvar_ps(u, table);  // vpermps reads the low 4 bits: the low nibble
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table);
+  } else {
+    const __m128i* q = reinterpret_cast<const __m128i*>(r.q + b * kBlock);
+    w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
+    w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)));
+    if constexpr (F == QFormat::I8Group) {
+      const __m512 d = _mm512_set1_ps(r.d[b >> r.gshift]);
+      w0 = _mm512_mul_ps(w0, d);  // exact
+      w1 = _mm512_mul_ps(w1, d);
+    }
+  }
 }
 
 // m = 1, the rows [0, jn) of a tile: part[j] += x . W row rows[j] over the units [t0, t1) of K (int8
@@ -75,5 +140,9 @@ void tile_int8_m1(const Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64
 // The same in float mode over all of K, int4 weights.
 template <QFormat F>
 void tile_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64_t ng, double* part);
+
+// Float mode, many rows of x (prefill): the register-blocked GEMM of qmatmul_gemm_avx512.cpp.
+template <QFormat F>
+void gemm_float(const QMatmulArgs& a);
 
 }  // namespace fastllm::cpu::avx512
