@@ -128,9 +128,10 @@ def test_qmatmul_one_and_two_rows_small_k(device, backend, scheme, group):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int8", 32), ("int4", 64), ("int4_asym", 32)], ids=str)
 def test_qmatmul_many_rows(device, backend, dtype, scheme, group):
-    """Prefill-sized M (the AVX-512 float GEMM from 12 rows: one-vector panels up to 16 rows, two-vector
-    panels of 32 above, the last one partial) with N = 53 (a tile of 48 weight rows and one of 5, its
-    micro-tiles padded with zero rows) and K = 832 (26 blocks: four K chunks of 7, 7, 7 and 5 blocks),
+    """Prefill-sized M (the AVX-512 GEMMs from 12 rows, both modes: one-vector panels up to 16 rows,
+    two-vector panels of 32 above, the last one partial) with N = 53 (a tile of 48 weight rows and one of
+    5, its micro-tiles padded with zero rows) and K = 832 (26 blocks: float mode's four K chunks of 7, 7,
+    7 and 5 blocks; one chunk in int8 mode, whose int4_asym groups of one block each add a min term),
     with and without bias."""
     for i, m in enumerate((12, 16, 33, 70)):
         for act in ("float", "int8"):

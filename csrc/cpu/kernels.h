@@ -87,6 +87,9 @@ void qmatmul(const QMatmulArgs& a);
 // on a 2-core Zen 4 (SmolLM2's 576 x 3072 and 4096 x 4096) it is 0.6-0.8x the row-pass paths at 9
 // rows (its panels are 16 rows), 0.85-1.6x at 12, 1.0-1.5x at 16 and 1.8-2.3x at 128.
 constexpr int64_t kGemmMinM = 12;
+// Int8 activations from this many rows of x on run the VNNI GEMM (qmatmul_gemm_int8_avx512.cpp): on
+// one Zen 4 core 0.6-1.1x the row-pass path at 8 rows, 1.2-1.4x at 12, 1.5-2.2x at 16, 3.4-4.8x at 128.
+constexpr int64_t kGemmInt8MinM = 12;
 // qmatmul.cpp's int8-mode block quantisation (32 floats -> q, d, sum of q), bit-identical to it
 void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum);
 }  // namespace avx512

@@ -144,5 +144,8 @@ void tile_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t jn, int64_t n
 // Float mode, many rows of x (prefill): the register-blocked GEMM of qmatmul_gemm_avx512.cpp.
 template <QFormat F>
 void gemm_float(const QMatmulArgs& a);
+// The same in int8 mode (qmatmul_gemm_int8_avx512.cpp, VNNI).
+template <QFormat F>
+void gemm_int8(const QMatmulArgs& a);
 
 }  // namespace fastllm::cpu::avx512
