@@ -22,6 +22,7 @@ from .._dispatch import select
 from ..reference.attention import attention_bwd as _ref_bwd
 from ..reference.attention import attention_fwd as _ref_fwd
 from ..reference.attention import dropout_keep as _ref_keep
+from ._attention_cpu import flash_fwd
 from ._common import check_same_device, check_tensor, kernels
 
 MAX_HEAD_DIM = 256
@@ -77,8 +78,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional
     if select("attention", q, k, v) == "triton":
         return _tk().attention_fwd(q, k, v, mask, scale=scale, is_causal=is_causal, bottom_right=bottom_right,
                                    dropout_p=dropout_p, seed=seed, out=out)
-    ref_out, ref_lse2 = _ref_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p,
-                                 _keep(q, k, dropout_p, seed))
+    ref_out, ref_lse2 = (flash_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p)
+                         or _ref_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p,
+                                     _keep(q, k, dropout_p, seed)))
     out.copy_(ref_out)
     lse2.copy_(ref_lse2)
     return out, lse2

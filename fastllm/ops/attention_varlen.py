@@ -18,6 +18,9 @@ from .._dispatch import select
 from ..reference.attention import attention_varlen_bwd as _ref_bwd
 from ..reference.attention import attention_varlen_fwd as _ref_fwd
 from ..reference.attention import dropout_keep as _ref_keep
+from ..reference.attention import _bhld, _sequences
+from ._attention_cpu import applies as flash_applies
+from ._attention_cpu import flash_fwd
 from ._common import check_same_device, check_tensor, kernels
 from .attention import MAX_HEAD_DIM, _check_flags, _draw_seed
 
@@ -48,7 +51,23 @@ def _attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
         return kernels().attention.attention_fwd(q, k, v, None, scale=scale, is_causal=is_causal,
                                                  bottom_right=bottom_right, dropout_p=dropout_p, seed=seed, out=out,
                                                  varlen=_varlen(cu_q, cu_k, max_q, max_k))
-    return _ref_fwd(q, k, v, cu_q, cu_k, scale, is_causal, bottom_right, dropout_p, _keep(q, max_k, dropout_p, seed))
+    return (_cpu_fwd(q, k, v, cu_q, cu_k, scale, is_causal, bottom_right, dropout_p)
+            or _ref_fwd(q, k, v, cu_q, cu_k, scale, is_causal, bottom_right, dropout_p, _keep(q, max_k, dropout_p, seed)))
+
+
+def _cpu_fwd(q, k, v, cu_q, cu_k, scale, is_causal, bottom_right, dropout_p):
+    """(out, lse2) through ATen's CPU flash attention one sequence at a time (ops/_attention_cpu.py), or None
+    where it does not apply to some sequence (an empty one, a bottom-right mask with Lq != Lk, ...)."""
+    seqs = _sequences(cu_q, cu_k)
+    if not all(flash_applies(q, v, rq.stop - rq.start, rk.stop - rk.start, False, is_causal, bottom_right, dropout_p)
+               for rq, rk in seqs):
+        return None
+    out, lse2 = _fwd_outputs(q, v)
+    for rq, rk in seqs:
+        o, l2 = flash_fwd(_bhld(q[rq]), _bhld(k[rk]), _bhld(v[rk]), None, scale, is_causal, False, dropout_p)
+        out[rq] = o[0].transpose(0, 1)
+        lse2[:, rq] = l2[0]
+    return out, lse2
 
 
 @_attention_varlen.register_fake
