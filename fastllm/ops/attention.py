@@ -1,7 +1,8 @@
 """fastllm.attention: scaled dot-product attention with torch.nn.functional.scaled_dot_product_attention's
 signature and results, plus fastllm-only keywords (causal_alignment, return_lse, deterministic).
 
-Backends: Triton flash attention (CUDA; CPU under TRITON_INTERPRET=1 when forced), torch reference.
+Backends: Triton flash attention (CUDA; CPU under TRITON_INTERPRET=1 when forced), torch reference; on CPU the
+forward runs ATen's CPU flash attention where that computes the same thing (ops/_attention_cpu.py).
 The public function broadcasts the leading dimensions as torch does and brings everything to 4-D views
 without copies (expand() gives broadcast dimensions stride 0 and the kernels take any strides); autograd
 through those views sums the gradients of broadcast inputs. The custom ops see

@@ -5,7 +5,8 @@ flash_attn_varlen_func contract), each sequence attending only to itself.
     cu_seqlens_q, cu_seqlens_k: (N + 1,) integer, cumulative lengths (0, l_0, l_0 + l_1, ..., T)
     out (Tq, Hq, Dv); with return_lse also lse (Hq, Tq) float32 (float64 for float64 inputs)
 Backends: the Triton kernels of fastllm.attention with per-sequence row offsets (CUDA; CPU under
-TRITON_INTERPRET=1 when forced), or the torch reference, which loops over the sequences.
+TRITON_INTERPRET=1 when forced), or the torch reference, which loops over the sequences (on CPU its forward
+runs ATen's CPU flash attention per sequence where that computes the same thing, ops/_attention_cpu.py).
 """
 from __future__ import annotations
 
