@@ -4,8 +4,8 @@
 
 CPU (fastllm with float32 activations): fp32 F.linear, torch._weight_int8pack_mm (int8 per-channel)
 and torch._weight_int4pack_mm_for_cpu (int4, group 128), these two with bfloat16 activations (their
-fast path); M in {1, 8}, (K, N) in {(4096, 4096),
-(4096, 11008)}. GPU (bfloat16): bf16 F.linear, torch._weight_int8pack_mm, torch._weight_int4pack_mm;
+fast path); M in {1, 8} (decode; the issue's cases) and {16, 128} (prefill: fastllm's GEMMs), (K, N) in
+{(4096, 4096), (4096, 11008)}. GPU (bfloat16): bf16 F.linear, torch._weight_int8pack_mm, torch._weight_int4pack_mm;
 M in {1, 8, 16, 128}, (K, N) in {(4096, 4096), (4096, 14336), (8192, 28672)}. On the GPU fastllm's
 act="float" figure is the dispatcher's choice: the CUDA GEMV (csrc/cuda/qmatmul_gemv.cu) for M <= 8, the
 Triton GEMM with dequantisation in the K loop (kernels/qmatmul.py) for M = 16 and 128; act="int8" still
@@ -30,7 +30,7 @@ from harness import DEVICE, compare
 
 GPU = DEVICE == "cuda"
 SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)] if GPU else [(4096, 4096), (4096, 11008)]  # (K, N)
-MS = [1, 8, 16, 128] if GPU else [1, 8]
+MS = [1, 8, 16, 128]
 TINY = (1, 256, 256)  # (M, K, N): the case CI runs
 DTYPE = torch.bfloat16 if GPU else torch.float32
 INT4_GROUP = 128
