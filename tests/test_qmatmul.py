@@ -154,6 +154,30 @@ def test_non_finite_activations_give_non_finite_outputs(device, backend, act):
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("act", ["float", "int8"])
+@pytest.mark.parametrize("scheme,group", [("int8", 32), ("int4", 32), ("int4_asym", 32), ("int4", 64)], ids=str)
+def test_non_finite_scale_stays_in_its_row(device, backend, act, scheme, group):
+    """A NaN or inf scale (a corrupt weight file) makes its own output channel non-finite and no other:
+    K = 192 / 160 ends in a partial 64-byte unit on the AVX-512 path, whose lanes past the row's last
+    block must not read the next row's scales, at M = 1 (decode), 2 and 12 (the GEMMs)."""
+    k = 192 if group == 64 else 160
+    for m in (1, 2, 12):
+        if not _takes(backend, m, act):
+            continue
+        x, q, _ = _case(m, 5, k, torch.float32, device, 7, scheme, group, False)
+        q.scales[2] = float("nan")
+        q.scales[3, -1] = float("inf")
+        with running_on(backend):
+            y = fastllm.qmatmul(x, q, act=act)
+        assert not torch.isfinite(y[:, 2:4]).any(), (m, y[:, 2:4])
+        ok = [0, 1, 4]
+        good = fastllm.QuantizedWeight(q.data[ok], q.scales[ok], None if q.mins is None else q.mins[ok], q.scheme,
+                                       q.group_size, (3, k))
+        with running_on(backend):
+            torch.testing.assert_close(y[:, ok], fastllm.qmatmul(x, good, act=act))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 def test_qmatmul_strides_batch_dims_and_empty(device, backend):
     q = fastllm.quantize(randn((11, 96), torch.float32, device, seed=1), "int4_asym", 32)
     b = randn((11,), torch.float32, device, seed=2)

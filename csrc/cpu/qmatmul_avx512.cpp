@@ -113,16 +113,17 @@ Acts prepare_acts(const QMatmulArgs& a) {
 
 
 
-// The unit's weight scales as 16 lanes (lane l: d of block t * U + l / (16 / U)).
+// The unit's weight scales as 16 lanes (lane l: d of block t * U + l / (16 / U); 0 past the row's nb
+// blocks, see unit_lanes).
 template <QFormat F>
-inline __m512 unit_scales(const WRow& r, int64_t t) {
+inline __m512 unit_scales(const WRow& r, int64_t t, int64_t nb) {
   constexpr int64_t U = kUnit<F>;
   const int64_t b = t * U;
   if ((int64_t(1) << r.gshift) >= U) return _mm512_set1_ps(r.d[b >> r.gshift]);  // one group
   // U = 4 with groups of 1 or 2 blocks, or U = 2 with groups of 1 block
   const int shift = (U == 4 ? 2 : 3) + r.gshift;
   const __m512i idx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), shift);
-  return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(r.d + (b >> r.gshift)));
+  return _mm512_maskz_permutexvar_ps(unit_lanes<F>(t, nb), idx, _mm512_loadu_ps(r.d + (b >> r.gshift)));
 }
 
 // int8 mode: out[i] = sum over units [t0, t1) of x row m0 + i . W row, for i < MT (per-channel
@@ -139,7 +140,7 @@ void rows_int8(const QMatmulArgs& a, const Acts& p, const WRow& r, int64_t m0, i
   auto unit = [&](int64_t t, int u) {
     const __m512i w = load_unit<F>(r.q, t, nb);
     __m512 dv = _mm512_setzero_ps();
-    if constexpr (F != QFormat::I8Channel) dv = unit_scales<F>(r, t);
+    if constexpr (F != QFormat::I8Channel) dv = unit_scales<F>(r, t, nb);
     if constexpr (kInt4<F>) {
       const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
       for (int i = 0; i < MT; ++i) {

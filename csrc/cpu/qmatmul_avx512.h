@@ -103,6 +103,16 @@ inline __m512i load_unit(const uint8_t* q, int64_t t, int64_t nb) {
   return _mm512_maskz_loadu_epi8(_cvtu64_mask64((uint64_t(1) << left) - 1), q + t * kUnitBytes);
 }
 
+// The lanes of unit t (16 / kUnit per block) whose block is one of the row's nb: all of them but in a
+// partial last unit, whose scales past the row's end must not be read (the next row's, times zero
+// weights and activations, would still turn an inf or NaN scale there into a NaN in this row).
+template <QFormat F>
+inline __mmask16 unit_lanes(int64_t t, int64_t nb) {
+  constexpr int64_t U = kUnit<F>;
+  const int64_t left = nb - t * U;
+  return left >= U ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (left * (16 / U))) - 1);
+}
+
 // Float mode, int4: the dequantised value of every u in [0, 15] for group g (exact, as formats.py).
 template <QFormat F>
 inline __m512 int4_table(const WRow& r, int64_t g) {

@@ -42,15 +42,16 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
     for (auto& v : row) v = _mm512_setzero_ps();
   const __m512i mask = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t full = std::min(t1, nb / U);  // units [t0, full) are whole: plain loads
-  auto scales = [&](int r, int64_t t) {
+  auto scales = [&](int r, int64_t t, __mmask16 lanes) {  // lanes: unit_lanes
     if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
-    else return _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(d[r] + ((t * U) >> gshift)));
+    else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(d[r] + ((t * U) >> gshift)));
   };
   auto unit = [&](int64_t t, int u, auto masked) {
     auto load = [&](int r) {
       if constexpr (decltype(masked)::value) return load_unit<F>(q[r], t, nb);
       else return _mm512_loadu_si512(q[r] + t * kUnitBytes);
     };
+    const __mmask16 lanes = decltype(masked)::value ? unit_lanes<F>(t, nb) : __mmask16(0xFFFF);
     const uint8_t* x = p.xq.data() + t * xbytes;
     const __m512 dxe = _mm512_loadu_ps(p.dxe.data() + t * 16);
     if constexpr (kInt4<F>) {
@@ -61,7 +62,7 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
         const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
         const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nc, lo, xl), hi, xh);
         const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), dxe);
-        acc[r][u] = _mm512_fmadd_ps(f, scales(r, t), acc[r][u]);
+        acc[r][u] = _mm512_fmadd_ps(f, scales(r, t, lanes), acc[r][u]);
       }
     } else {
       const __m512i xv = _mm512_loadu_si512(x);
@@ -70,7 +71,7 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
         const __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w));
         const __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg, xv, w));
         if constexpr (F == QFormat::I8Channel) acc[r][u] = _mm512_fmadd_ps(f, dxe, acc[r][u]);
-        else acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(f, dxe), scales(r, t), acc[r][u]);
+        else acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(f, dxe), scales(r, t, lanes), acc[r][u]);
       }
     }
   };
@@ -126,21 +127,22 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
   const int64_t units = (nb + 3) / 4, full = nb / 4;
-  auto scales = [&](int r, int64_t t) {
+  auto scales = [&](int r, int64_t t, __mmask16 lanes) {  // lanes: unit_lanes
     if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
-    else return _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(d[r] + ((t * 4) >> gshift)));
+    else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(d[r] + ((t * 4) >> gshift)));
   };
-  auto mins = [&](int r, int64_t t) {
+  auto mins = [&](int r, int64_t t, __mmask16 lanes) {
     if constexpr (Wide) return _mm512_set1_ps(rows[r].m[t >> ushift]);
-    else return _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(rows[r].m + ((t * 4) >> gshift)));
+    else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(rows[r].m + ((t * 4) >> gshift)));
   };
   auto unit = [&](int64_t t, int u, bool masked) {
+    const __mmask16 lanes = masked ? unit_lanes<F>(t, nb) : __mmask16(0xFFFF);
     const float* x = p.xk.data() + t * 128;
     __m512 xv[8];
     for (int k = 0; k < 8; ++k) xv[k] = _mm512_loadu_ps(x + 16 * k);
     for (int r = 0; r < R; ++r) {
       const __m512i w = masked ? load_unit<F>(q[r], t, nb) : _mm512_loadu_si512(q[r] + t * kUnitBytes);
-      const __m512 dv = scales(r, t), mv = F == QFormat::I4Asym ? mins(r, t) : _mm512_setzero_ps();
+      const __m512 dv = scales(r, t, lanes), mv = F == QFormat::I4Asym ? mins(r, t, lanes) : _mm512_setzero_ps();
       __m512 s = acc[r][u];
       for (int k = 0; k < 8; ++k) {  // w exactly as formats.py: (u - 8) d, or u d + m rounded once
         const __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4 * k), table);
