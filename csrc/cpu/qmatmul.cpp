@@ -25,8 +25,14 @@ constexpr int64_t kBlock = 32;
 // from DRAM at 2x the AVX2 path's rate: SmolLM2's int8 head, 49152 x 576, 2.27 -> 0.97 ms on a 2-core
 // Zen 4), for int4 weights and fewer rows than this (measured there on 4096x4096, and SmolLM2's
 // 576x1536 / 1536x576, its table-lookup dequantisation wins at small M, up to 1.9x, but the AVX2
-// path's FMA loop is faster at M = 8 and for int8 weights), and from avx512::kGemmMinM rows on (its GEMM).
+// path's FMA loop is faster at M = 8 and for int8 weights), and from kAvx512FloatGemmMinM rows on (its GEMM).
 constexpr int64_t kAvx512FloatMaxM = 8;
+// Float activations with avx2::kGemmMinM <= M < this run the AVX2 GEMM also where AVX-512 is there:
+// its 16-row panels (two loads of x per six broadcast weights) beat the AVX-512 GEMM's one-vector
+// panels (a load per FMA) and 32-row padding there. One Zen 4 core, SmolLM2's shapes and 4096 x 4096:
+// 1.1-1.4x at 11-24 rows, 0.96-1.03x at 28-32 (1.0-1.5x above where M is not a multiple of 32).
+constexpr int64_t kAvx512FloatGemmMinM = 32;
+static_assert(kAvx512FloatGemmMinM >= avx512::kGemmMinM, "the AVX-512 path takes these M with its GEMM");
 
 // Block scale of x and its int8 values (see ops.h): bit-identical to the reference because it is
 // the same IEEE operations (max, one division, one multiplication, round half to even). A block
@@ -173,7 +179,7 @@ void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales,
   Prepared p;
   prepare(x, x_stride, a, p);
   const bool int4 = fmt == QFormat::I4 || fmt == QFormat::I4Asym;
-  if (cpu_use_avx512() && (int8_act || m == 1 || m >= avx512::kGemmMinM || (m < kAvx512FloatMaxM && int4)))
+  if (cpu_use_avx512() && (int8_act || m == 1 || m >= kAvx512FloatGemmMinM || (m < kAvx512FloatMaxM && int4)))
     return avx512::qmatmul(a);
   if (cpu_use_avx2()) return avx2::qmatmul(a);
   dispatch_qformat(fmt, [&](auto f) {
