@@ -86,8 +86,9 @@ def test_int8_activation_quantisation_is_bit_identical():
 @pytest.mark.parametrize("act", ["float", "int8"])
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4_asym", 32)], ids=str)
 def test_qmatmul_k_chunks_and_row_tiles(device, backend, act, scheme, group):
-    """M = 40 rows of x make the AVX2 driver split K = 1056 (33 blocks) into chunks of 8 blocks, the
-    odd block in the last one, and N = 37 into row tiles of 16 and a partial one. On CUDA (M = 8)
+    """M = 40 rows of x make the AVX2 driver (int8 mode) split K = 1056 (33 blocks) into chunks of 8
+    blocks, the odd block in the last one, and N = 37 into row tiles of 16 and a partial one (its float
+    GEMM: K chunks of 7, 7, 7, 7 and 5 blocks, one partial tile of 48 rows). On CUDA (M = 8)
     K = 1056 is a tile of 32 chunks and one of 1, N = 37 two blocks of 16 channels and a partial one."""
     m = CUDA_GEMV_MAX_M if backend == "cuda" else 40
     if not _takes(backend, m, act):
@@ -128,16 +129,17 @@ def test_qmatmul_one_and_two_rows_small_k(device, backend, scheme, group):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int8", 32), ("int4", 64), ("int4_asym", 32)], ids=str)
 def test_qmatmul_many_rows(device, backend, dtype, scheme, group):
-    """Prefill-sized M (the AVX-512 GEMMs from 12 rows, both modes: one-vector panels up to 16 rows,
-    two-vector panels of 32 above, the last one partial) with N = 53 (a tile of 48 weight rows and one of
-    5, its micro-tiles padded with zero rows) and K = 832 (26 blocks: float mode's four K chunks of 7, 7,
-    7 and 5 blocks; one chunk in int8 mode, whose int4_asym groups of one block each add a min term),
+    """Prefill-sized M: the float GEMM (AVX2, also on AVX-512 CPUs, from 11 rows) in panels of 16 rows, the
+    last one partial (11) or of 8 rows where at most 8 are left (24: 16 + 8, 33: 32 + 1, 70: 64 + 6);
+    the AVX-512 int8 GEMM (from 12 rows) in one-vector panels up to 16 rows (16), two-vector panels of 32
+    above, the last one partial. N = 53: a tile of 48 weight rows and one of 5, its micro-tiles padded with
+    zero rows; K = 832: 26 blocks, float mode's four K chunks of 7, 7, 7 and 5 blocks, int8 mode's one
+    chunk, whose int4_asym groups of one block each add a min term;
     with and without bias."""
-    for i, m in enumerate((12, 16, 33, 70)):
+    for i, m in enumerate((11, 16, 24, 33, 70)):
         for act in ("float", "int8"):
             if _takes(backend, m, act):
                 _check(*_case(m, 53, 832, dtype, device, 13 * i, scheme, group, i % 2 == 0), act, backend)
-
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))

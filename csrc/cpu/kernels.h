@@ -79,14 +79,16 @@ void softmax_bwd(const RowArgs& a);
 void silu_mul(const RowArgs& a);
 void qmatmul(const QMatmulArgs& a);
 void decode_attention(const DecodeAttnArgs& a);
+// Float activations from this many rows of x on run the register-blocked GEMM (qmatmul_gemm_avx2.cpp)
+// instead of the row passes (which read a dequantised weight row once per 8 rows of x). On one Zen 4
+// core (SmolLM2's 576 x 3072, 576 x 960, 1536 x 576, 576 x 576 and 4096 x 4096; int4, int4_asym, int8)
+// the GEMM is 0.7-1.2x the row passes at 9-10 rows (its 16-row panel is mostly padding), 0.95-1.4x
+// at 11, 1.0-1.8x at 12 and 1.9-2.3x at 128.
+constexpr int64_t kGemmMinM = 11;
 }  // namespace avx2
 
 namespace avx512 {  // *_avx512.cpp, chosen by cpu_use_avx512()
 void qmatmul(const QMatmulArgs& a);
-// Float activations from this many rows of x on run the register-blocked GEMM (qmatmul_gemm_avx512.cpp):
-// on a 2-core Zen 4 (SmolLM2's 576 x 3072 and 4096 x 4096) it is 0.6-0.8x the row-pass paths at 9
-// rows (its panels are 16 rows), 0.85-1.6x at 12, 1.0-1.5x at 16 and 1.8-2.3x at 128.
-constexpr int64_t kGemmMinM = 12;
 // Int8 activations from this many rows of x on run the VNNI GEMM (qmatmul_gemm_int8_avx512.cpp): on
 // one Zen 4 core 0.6-1.1x the row-pass path at 8 rows, 1.2-1.4x at 12, 1.5-2.2x at 16, 3.4-4.8x at 128.
 constexpr int64_t kGemmInt8MinM = 12;

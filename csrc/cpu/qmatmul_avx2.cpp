@@ -1,6 +1,7 @@
-// AVX2/FMA/F16C path of qmatmul (the math is in qmatmul.cpp's header comment). Output channels
-// are split over the OpenMP threads; each weight row is read once and used for up to kQRows rows
-// of x per pass (the row stays in L1 for the next pass). Per block of 32 weights:
+// AVX2/FMA/F16C path of qmatmul (the math is in qmatmul.cpp's header comment); float activations
+// from kGemmMinM rows on go to the GEMM of qmatmul_gemm_avx2.cpp instead. Output channels are split
+// over the OpenMP threads; each weight row is read once and used for up to kQRows rows of x per pass
+// (the row stays in L1 for the next pass). Per block of 32 weights:
 //   float mode: the block is dequantised exactly into 4 x 8 floats (int4: one 16-byte load,
 //     shift, mask) and FMA'd with x; per-channel int8 applies its row scale to the final sum.
 //   int8 mode: integer dot products llama.cpp-style: maddubs (u8 x s8 -> pairs of s16) then
@@ -20,61 +21,10 @@
 #include <cstring>
 #include <vector>
 
-#include "kernels.h"
-#include "vec_avx2.h"
+#include "qmatmul_avx2.h"
 
 namespace fastllm::cpu::avx2 {
 namespace {
-
-constexpr int64_t kBlock = 32;
-
-template <QFormat F>
-constexpr bool kInt4 = F == QFormat::I4 || F == QFormat::I4Asym;
-
-// One weight row: packed values, scales (f16 per group, or the f32 row scale), mins.
-struct WRow {
-  const uint8_t* q;
-  const uint16_t* s16;
-  float s32;
-  const uint16_t* mins;
-  int gshift;  // the group of block b is b >> gshift
-};
-
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-
-// The 32 values of int4 block b as bytes u in [0, 15], in element order.
-inline __m256i int4_block(const uint8_t* row, int64_t b) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
-}
-
-// Float mode: block b as 4 x 8 floats, exactly formats.py's dequantisation (per-channel int8: q).
-template <QFormat F>
-inline void dequant_block(const WRow& r, int64_t b, __m256 (&w)[4]) {
-  __m256i i32[4];
-  if constexpr (kInt4<F>) {
-    __m256i v = int4_block(r.q, b);
-    if constexpr (F == QFormat::I4) v = _mm256_sub_epi8(v, _mm256_set1_epi8(8));
-    const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
-    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int j = 0; j < 4; ++j)
-      i32[j] = F == QFormat::I4 ? _mm256_cvtepi8_epi32(parts[j]) : _mm256_cvtepu8_epi32(parts[j]);
-  } else {
-    for (int j = 0; j < 4; ++j)
-      i32[j] = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.q + b * kBlock + 8 * j)));
-  }
-  if constexpr (F == QFormat::I8Channel) {
-    for (int j = 0; j < 4; ++j) w[j] = _mm256_cvtepi32_ps(i32[j]);
-    return;
-  }
-  const __m256 d = _mm256_set1_ps(h2f(r.s16[b >> r.gshift]));
-  if constexpr (F == QFormat::I4Asym) {
-    const __m256 m = _mm256_set1_ps(h2f(r.mins[b >> r.gshift]));
-    for (int j = 0; j < 4; ++j) w[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32[j]), d, m);  // one rounding
-  } else {
-    for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(i32[j]), d);  // exact
-  }
-}
 
 // out[i] = x[m0 + i] . W[row] over the blocks [b0, b1), for i < MT (per-channel int8: before the row
 // scale). Accumulators: 4 chains in all (per row of x: 4 / MT).
@@ -286,16 +236,6 @@ void run(const QMatmulArgs& a) {
   const int64_t k = a.k, nb = k / kBlock, ng = k / a.group, cb = chunk_blocks(a);
   Int4Acts p4{};
   if constexpr (Int8Act && kInt4<F>) p4 = prepare_int4(a);
-  const int gshift = F == QFormat::I8Channel ? 0 : __builtin_ctzll(static_cast<uint64_t>(a.group / kBlock));
-  const auto* w = static_cast<const uint8_t*>(a.w);
-  const int64_t row_bytes = kInt4<F> ? k / 2 : k;
-  auto row = [&](int64_t j) {
-    WRow r{w + j * row_bytes, nullptr, 0.0f, nullptr, gshift};
-    if constexpr (F == QFormat::I8Channel) r.s32 = static_cast<const float*>(a.scales)[j];
-    else r.s16 = static_cast<const uint16_t*>(a.scales) + j * ng;
-    if constexpr (F == QFormat::I4Asym) r.mins = a.mins + j * ng;
-    return r;
-  };
 #pragma omp parallel if (a.n * k >= kParallelMinElems)
   {
     std::vector<float> ds(Int8Act ? kQRows * nb : 0);
@@ -308,7 +248,7 @@ void run(const QMatmulArgs& a) {
       for (int64_t b0 = 0; b0 < nb; b0 += cb) {
         const int64_t b1 = std::min(nb, b0 + cb);
         for (int64_t jj = 0; jj < jn; ++jj) {
-          const WRow r = row(j0 + jj);
+          const WRow r = weight_row<F>(a, j0 + jj);
           for (int64_t m0 = 0; m0 < a.m; m0 += kQRows) {
             const int mt = static_cast<int>(std::min<int64_t>(kQRows, a.m - m0));
             float out[kQRows];
@@ -323,7 +263,7 @@ void run(const QMatmulArgs& a) {
         }
       }
       for (int64_t jj = 0; jj < jn; ++jj) {
-        const WRow r = row(j0 + jj);
+        const WRow r = weight_row<F>(a, j0 + jj);
         for (int64_t i = 0; i < a.m; ++i) {
           float v = part[jj * a.m + i];
           if constexpr (F == QFormat::I8Channel) v *= r.s32;
@@ -339,7 +279,8 @@ void run(const QMatmulArgs& a) {
 
 void qmatmul(const QMatmulArgs& a) {
   dispatch_qformat(a.fmt, [&](auto f) {
-    if (a.int8_act) run<decltype(f)::value, true>(a);
+    if (!a.int8_act && a.m >= kGemmMinM) gemm_float<decltype(f)::value>(a);
+    else if (a.int8_act) run<decltype(f)::value, true>(a);
     else run<decltype(f)::value, false>(a);
   });
 }

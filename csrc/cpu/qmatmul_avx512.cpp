@@ -19,8 +19,8 @@
 // tile of kRowTile weight rows one chunk of K at a time so that the chunk of every row of x stays in
 // L1 (as the AVX2 path does). A single row of x (decode; int8 mode, and float mode with int4 weights)
 // walks kM1Rows weight rows at a time instead (qmatmul_m1_avx512.cpp), sharing each unit's activation
-// loads. From kGemmMinM / kGemmInt8MinM rows of x on (prefill) the register-blocked GEMMs of
-// qmatmul_gemm_avx512.h take over. The lanes' partial sums are added in double (once per output and
+// loads. From kGemmInt8MinM rows of x on (prefill) the int8 mode runs the register-blocked GEMM of
+// qmatmul_gemm_int8_avx512.cpp. The lanes' partial sums are added in double (once per output and
 // chunk: the final sums are where the cancellation happens) and the result, bias included, is
 // rounded to fp32 once.
 // GCC 12's avx512fintrin.h trips -W(maybe-)uninitialized on its own _mm512_undefined_* (a known
@@ -264,11 +264,8 @@ template <QFormat F, bool Int8Act>
 void run(const QMatmulArgs& a) {
   const int64_t k = a.k, nb = k / kBlock, ng = k / a.group;
   const int64_t steps = Int8Act ? (nb + kUnit<F> - 1) / kUnit<F> : nb, cs = chunk_steps<F, Int8Act>(a);
-  if constexpr (Int8Act) {
+  if constexpr (Int8Act)
     if (a.m >= kGemmInt8MinM) return gemm_int8<F>(a);
-  } else {
-    if (a.m >= kGemmMinM) return gemm_float<F>(a);
-  }
   Acts p{};
   FloatActs pf{};
   FloatM1Acts p1{};

@@ -151,10 +151,7 @@ void tile_int8_m1(const Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64
 template <QFormat F>
 void tile_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64_t ng, double* part);
 
-// Float mode, many rows of x (prefill): the register-blocked GEMM of qmatmul_gemm_avx512.cpp.
-template <QFormat F>
-void gemm_float(const QMatmulArgs& a);
-// The same in int8 mode (qmatmul_gemm_int8_avx512.cpp, VNNI).
+// Int8 mode, many rows of x (prefill): the register-blocked VNNI GEMM of qmatmul_gemm_int8_avx512.cpp.
 template <QFormat F>
 void gemm_int8(const QMatmulArgs& a);
 

@@ -1,5 +1,10 @@
-// AVX-512 int8-mode qmatmul for many rows of x (prefill): the GEMM policy GemmInt8 of
-// qmatmul_gemm_avx512.h's driver, with VNNI integer dot products. The math is qmatmul.cpp's int8 mode:
+// AVX-512 int8-mode qmatmul for many rows of x (prefill): a register-blocked GEMM in the manner of BLIS,
+// with VNNI integer dot products. The activations are packed once per call into panels of MR rows; each
+// thread takes tiles of kGemmNC weight rows and, per K chunk, unpacks the tile's rows into int8 buffers
+// the micro-kernel reads, then runs the micro-kernel for every panel of x and every micro-tile of NR
+// weight rows. It sums a chunk from zero in fp32 and adds it into the tile's outputs in double (ct,
+// weight-row-major); the result times the per-channel int8 row scale, plus bias, is rounded to the
+// output dtype once. The math is qmatmul.cpp's int8 mode:
 // per block b of 32, s_b = sum_i w'_i qx_i (w' = q for int8 weights, u - 8 for both int4 formats), and
 // y = sum_b s_b dx_b d_g(b) (per-channel int8: times the row scale at the end), plus for int4_asym
 // sum_g (m_g + 8 d_g) sx_g.
@@ -16,13 +21,32 @@
 //   Integer range: |s_b| <= 32 * 255 * 128 plus |start| <= 128 * 32 * 128.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
-#include "qmatmul_gemm_avx512.h"
+#include "qmatmul_avx512.h"
 
 namespace fastllm::cpu::avx512 {
 namespace {
+
+constexpr int64_t kGemmNC = 48;  // weight rows per tile
+
+// ct (NR x 16 MV doubles, row stride ldc) += acc, the micro-kernel's fp32 sums.
+template <int NR, int MV>
+inline void add_to_double(const __m512 (&acc)[NR][MV], double* ct, int64_t ldc) {
+  for (int j = 0; j < NR; ++j) {
+    double* o = ct + j * ldc;
+    for (int h = 0; h < MV; ++h) {
+      const __m512 v = acc[j][h];
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      _mm512_storeu_pd(o + 16 * h, _mm512_add_pd(_mm512_loadu_pd(o + 16 * h), lo));
+      _mm512_storeu_pd(o + 16 * h + 8, _mm512_add_pd(_mm512_loadu_pd(o + 16 * h + 8), hi));
+    }
+  }
+}
 
 constexpr int64_t kQuads = kBlock / 4;  // quads of k per block
 
@@ -150,6 +174,46 @@ struct GemmInt8 {
     add_to_double<NR, MV>(acc, ct, ldc);
   }
 };
+
+template <QFormat F, class G>
+void run_gemm(const QMatmulArgs& a) {
+  const int64_t m = a.m, k = a.k, nb = k / kBlock, ng = k / a.group;
+  const int64_t panels = (m + G::MR - 1) / G::MR, mp = panels * G::MR;
+  const int64_t nchunks = (k + G::KC - 1) / G::KC, chunk_blocks = (nb + nchunks - 1) / nchunks;
+  const int64_t ntiles = (a.n + kGemmNC - 1) / kGemmNC;
+  G g(a, panels);
+#pragma omp parallel if (m * a.n * k >= kParallelMinElems)
+  {
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; ++p) g.pack(p);
+    typename G::Tile tile(g, chunk_blocks);
+    std::vector<float> fs(tile_scale_floats<F>(kGemmNC, ng), 0.0f);
+    std::vector<double> ct(kGemmNC * mp);
+    WRow rows[kGemmNC];
+#pragma omp for schedule(dynamic)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t j0 = t * kGemmNC, jn = std::min(kGemmNC, a.n - j0), jpad = (jn + G::NR - 1) / G::NR * G::NR;
+      tile_rows<F>(a, j0, jn, kGemmNC, fs.data(), rows);
+      std::fill(ct.begin(), ct.end(), 0.0);
+      for (int64_t b0 = 0; b0 < nb; b0 += chunk_blocks) {
+        const int64_t b1 = std::min(nb, b0 + chunk_blocks);
+        tile.load(rows, jn, jpad, b0, b1);
+        for (int64_t p = 0; p < panels; ++p)
+          for (int64_t jj = 0; jj < jpad; jj += G::NR) g.micro(tile, p, jj, b0, b1, ct.data() + jj * mp + p * G::MR, mp);
+      }
+      double scale[kGemmNC], bias[kGemmNC];
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        scale[jj] = F == QFormat::I8Channel ? rows[jj].s32 : 1.0;
+        bias[jj] = a.bias ? load_as_float(a.bias, j0 + jj, a.dt) : 0.0;
+      }
+      const size_t es = dtype_size(a.dt);
+      for (int64_t i = 0; i < m; ++i)  // row by row: each row of y gets jn adjacent outputs
+        for (int64_t jj = 0; jj < jn; ++jj)
+          store_from_float(static_cast<char*>(a.y) + i * a.y_stride * es, j0 + jj,
+                           static_cast<float>(ct[jj * mp + i] * scale[jj] + bias[jj]), a.dt);
+    }
+  }
+}
 
 }  // namespace
 

@@ -1,0 +1,155 @@
+// AVX2 float-mode qmatmul for many rows of x (prefill): the register-blocked GEMM of
+// qmatmul_gemm_avx512.cpp on 8-lane vectors and 16 registers. y[i, j] = sum_k x[i, k] W[j, k] (+ bias),
+// W dequantised exactly as formats.py (dequant_block; per-channel int8 applies its row scale to the
+// final sum, as the other paths do).
+//   x is packed once per call into panels of 16 rows (the last one of 8 when at most 8 are left),
+//     k-major: the panel of mr rows from row i0 holds (k, r) at xt[i0 * K + k * mr + r] (rows past m
+//     are zeros), so one k step is one or two vector loads (MV = mr / 8).
+//   Each thread takes tiles of kNC weight rows. Per K chunk (at most kKCMax, 32-aligned, the chunks
+//     of a call equal in size) it dequantises the tile's rows into wd (row-major, row stride kWS
+//     floats: the micro-kernel's broadcasts are at constant offsets of one pointer), then for every
+//     panel of x and every micro-tile of kNR weight rows runs the micro-kernel: MV x kNR = 12
+//     accumulators, each k step MV loads of x and kNR broadcasts of weights for 12 FMAs.
+//   The micro-kernel sums a chunk in fp32 from zero and adds it into the tile's outputs in double
+//     (ct, weight-row-major), so the rounding is that of a chunk-long fp32 dot product per chunk
+//     (as a BLAS sgemm's), and the result, bias included, is rounded to the output dtype once.
+#include <algorithm>
+#include <vector>
+
+#include "qmatmul_avx2.h"
+
+namespace fastllm::cpu::avx2 {
+namespace {
+
+// A panel of x is MV vectors of 8 rows, a micro-tile 12 / MV weight rows: 12 accumulators, plus MV
+// registers of x and one broadcast weight. Panels have 16 rows (MV = 2: two loads per 6 broadcasts);
+// the last one 8 rows when at most 8 rows are left (MV = 1: 12 broadcasts per load, but none wasted).
+template <int MV>
+constexpr int64_t kMR = 8 * MV;
+template <int MV>
+constexpr int kNR = 12 / MV;
+constexpr int64_t kNC = 48;      // weight rows per tile (every kNR divides it)
+constexpr int64_t kKCMax = 256;  // K per chunk: a panel's chunk of x is 8-16 KiB, a micro-tile's weights 6-12
+constexpr int64_t kWS = kKCMax + 16;  // wd's row stride (rows 1 KiB apart would alias in L1)
+
+// The panel of mr rows of x (m x k fp32, row stride xs) from row i0, into xt (see the top).
+void pack_x(const float* x, int64_t xs, int64_t m, int64_t k, int64_t i0, int64_t mr, float* xt) {
+  for (int64_t r = 0; r < mr; ++r) {
+    const int64_t i = i0 + r;
+    if (i >= m) {
+      for (int64_t c = 0; c < k; ++c) xt[c * mr + r] = 0.0f;
+      continue;
+    }
+    const float* src = x + i * xs;
+    for (int64_t c = 0; c < k; ++c) xt[c * mr + r] = src[c];
+  }
+}
+
+// ct[j * ldc + r] += sum_{c < kc} xt[c * MR + r] * wd[j * kWS + c] for j < kNR, r < MR. (The loops
+// over registers are unrolled explicitly: otherwise GCC keeps acc in memory and stores it every step.)
+template <int MV>
+void micro(const float* xt, const float* wd, int64_t kc, double* ct, int64_t ldc) {
+  constexpr int64_t MR = kMR<MV>;
+  constexpr int NR = kNR<MV>;
+  __m256 acc[NR][MV];
+#pragma GCC unroll 12
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 2
+    for (int h = 0; h < MV; ++h) acc[j][h] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < kc; ++c) {
+    __m256 x[MV];
+#pragma GCC unroll 2
+    for (int h = 0; h < MV; ++h) x[h] = _mm256_loadu_ps(xt + c * MR + 8 * h);
+#pragma GCC unroll 12
+    for (int j = 0; j < NR; ++j) {
+      const __m256 w = _mm256_broadcast_ss(wd + j * kWS + c);
+#pragma GCC unroll 2
+      for (int h = 0; h < MV; ++h) acc[j][h] = _mm256_fmadd_ps(x[h], w, acc[j][h]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int j = 0; j < NR; ++j) {
+    double* o = ct + j * ldc;
+#pragma GCC unroll 2
+    for (int h = 0; h < MV; ++h) {
+      const __m256 v = acc[j][h];
+      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+      _mm256_storeu_pd(o + 8 * h, _mm256_add_pd(_mm256_loadu_pd(o + 8 * h), lo));
+      _mm256_storeu_pd(o + 8 * h + 4, _mm256_add_pd(_mm256_loadu_pd(o + 8 * h + 4), hi));
+    }
+  }
+}
+
+// The blocks [b0, b1) of the weight rows [j0, j0 + jn), dequantised into wd.
+template <QFormat F>
+void dequant_chunk(const QMatmulArgs& a, int64_t j0, int64_t jn, int64_t b0, int64_t b1, float* wd) {
+  for (int64_t jj = 0; jj < jn; ++jj) {
+    const WRow r = weight_row<F>(a, j0 + jj);
+    float* dst = wd + jj * kWS;
+    for (int64_t b = b0; b < b1; ++b) {
+      __m256 w[4];
+      dequant_block<F>(r, b, w);
+      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(dst + (b - b0) * kBlock + 8 * v, w[v]);
+    }
+  }
+}
+
+}  // namespace
+
+template <QFormat F>
+void gemm_float(const QMatmulArgs& a) {
+  const int64_t m = a.m, k = a.k, nb = k / kBlock;
+  constexpr int64_t MR = kMR<2>;
+  const int64_t panels = (m + MR - 1) / MR;
+  const bool tail8 = m % MR != 0 && m % MR <= kMR<1>;  // the last panel has 8 rows
+  const int64_t mp = panels * MR - (tail8 ? MR - kMR<1> : 0);
+  const int64_t nchunks = (nb * kBlock + kKCMax - 1) / kKCMax, chunk_blocks = (nb + nchunks - 1) / nchunks;
+  const int64_t ntiles = (a.n + kNC - 1) / kNC;
+  auto panel_rows = [&](int64_t p) { return tail8 && p == panels - 1 ? kMR<1> : MR; };
+  std::vector<float> xt(mp * k);
+#pragma omp parallel if (m * a.n * k >= kParallelMinElems)
+  {
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; ++p) pack_x(a.xf, a.xf_stride, m, k, p * MR, panel_rows(p), xt.data() + p * MR * k);
+    std::vector<float> wd(kNC * kWS, 0.0f);
+    std::vector<double> ct(kNC * mp);
+#pragma omp for schedule(dynamic)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t j0 = t * kNC, jn = std::min(kNC, a.n - j0);
+      std::fill(ct.begin(), ct.end(), 0.0);
+      const int64_t jpad = (jn + kNR<1> - 1) / kNR<1> * kNR<1>;  // a multiple of both kNR
+      if (jn < jpad) std::fill(wd.begin() + jn * kWS, wd.begin() + jpad * kWS, 0.0f);  // padding rows: zero weights
+      for (int64_t b0 = 0; b0 < nb; b0 += chunk_blocks) {
+        const int64_t b1 = std::min(nb, b0 + chunk_blocks), kc = (b1 - b0) * kBlock;
+        dequant_chunk<F>(a, j0, jn, b0, b1, wd.data());
+        for (int64_t p = 0; p < panels; ++p) {
+          const int64_t mr = panel_rows(p);
+          const float* xp = xt.data() + p * MR * k + b0 * kBlock * mr;
+          double* cp = ct.data() + p * MR;
+          if (mr == MR) {
+            for (int64_t jj = 0; jj < jn; jj += kNR<2>) micro<2>(xp, wd.data() + jj * kWS, kc, cp + jj * mp, mp);
+          } else {
+            for (int64_t jj = 0; jj < jn; jj += kNR<1>) micro<1>(xp, wd.data() + jj * kWS, kc, cp + jj * mp, mp);
+          }
+        }
+      }
+      double scale[kNC], bias[kNC];
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        scale[jj] = F == QFormat::I8Channel ? static_cast<const float*>(a.scales)[j0 + jj] : 1.0;
+        bias[jj] = a.bias ? load_as_float(a.bias, j0 + jj, a.dt) : 0.0;
+      }
+      const size_t es = dtype_size(a.dt);
+      for (int64_t i = 0; i < m; ++i)  // row by row: each row of y gets jn adjacent outputs
+        for (int64_t jj = 0; jj < jn; ++jj)
+          store_from_float(static_cast<char*>(a.y) + i * a.y_stride * es, j0 + jj,
+                           static_cast<float>(ct[jj * mp + i] * scale[jj] + bias[jj]), a.dt);
+    }
+  }
+}
+
+template void gemm_float<QFormat::I8Channel>(const QMatmulArgs&);
+template void gemm_float<QFormat::I8Group>(const QMatmulArgs&);
+template void gemm_float<QFormat::I4>(const QMatmulArgs&);
+template void gemm_float<QFormat::I4Asym>(const QMatmulArgs&);
+
+}  // namespace fastllm::cpu::avx2
