@@ -135,13 +135,13 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
     if constexpr (Wide) return _mm512_set1_ps(rows[r].m[t >> ushift]);
     else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(rows[r].m + ((t * 4) >> gshift)));
   };
-  auto unit = [&](int64_t t, int u, bool masked) {
-    const __mmask16 lanes = masked ? unit_lanes<F>(t, nb) : __mmask16(0xFFFF);
+  auto unit = [&](int64_t t, int u, auto masked) {
+    const __mmask16 lanes = decltype(masked)::value ? unit_lanes<F>(t, nb) : __mmask16(0xFFFF);
     const float* x = p.xk.data() + t * 128;
     __m512 xv[8];
     for (int k = 0; k < 8; ++k) xv[k] = _mm512_loadu_ps(x + 16 * k);
     for (int r = 0; r < R; ++r) {
-      const __m512i w = masked ? load_unit<F>(q[r], t, nb) : _mm512_loadu_si512(q[r] + t * kUnitBytes);
+      const __m512i w = decltype(masked)::value ? load_unit<F>(q[r], t, nb) : _mm512_loadu_si512(q[r] + t * kUnitBytes);
       const __m512 dv = scales(r, t, lanes), mv = F == QFormat::I4Asym ? mins(r, t, lanes) : _mm512_setzero_ps();
       __m512 s = acc[r][u];
       for (int k = 0; k < 8; ++k) {  // w exactly as formats.py: (u - 8) d, or u d + m rounded once
@@ -158,11 +158,12 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
     for (int r = 0; r < R; ++r)
       for (int64_t o = 0; o < 2 * kUnitBytes; o += 64)
         _mm_prefetch(reinterpret_cast<const char*>(q[r] + ahead + t * kUnitBytes + o), _MM_HINT_T0);
-    unit(t, 0, false);
-    unit(t + 1, 1, false);
+    unit(t, 0, std::false_type{});
+    unit(t + 1, 1, std::false_type{});
   }
   int u = 0;
-  for (; t < units; ++t, u ^= 1) unit(t, u, t >= full);
+  for (; t < full; ++t, u ^= 1) unit(t, u, std::false_type{});
+  for (; t < units; ++t, u ^= 1) unit(t, u, std::true_type{});
   for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
