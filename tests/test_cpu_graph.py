@@ -58,6 +58,52 @@ def test_replay_equals_eager(tmp_path, quantize, act, batch):
     assert torch.equal(ec.k, gc.k) and torch.equal(ec.v, gc.v)
 
 
+def test_a_checked_model_records_at_the_first_step(tmp_path):
+    """Once a model's graph passed the check, a new stepper of it (another generate() call, another batch size)
+    records at its first step and replays from the second, with the same logits as eager decoding; a cache of
+    another kind, or another model, starts with the checked sequence again."""
+    model = _model(tmp_path)
+    _, first = _decode_both(model, steps=4, batch=1)
+    assert first.checked and not first.trusted
+    ((eager, _), (graphed, _)), step = _decode_both(model, steps=5, batch=3)
+    assert step.trusted and step.checked and step.reason is None
+    for i, (e, g) in enumerate(zip(eager, graphed)):
+        assert torch.equal(e, g), f"step {i}"
+    with torch.inference_mode():
+        class Other(type(_prefilled(model))):  # another kind of cache
+            pass
+        cache = _prefilled(model)
+        cache.__class__ = Other
+        assert not cpu_graph.CpuGraphStep(model, cache).trusted
+        assert not cpu_graph.CpuGraphStep(_model(tmp_path / "other"), _prefilled(model)).trusted
+
+
+def test_a_refused_first_step_recording_falls_back_to_the_checked_sequence(tmp_path, monkeypatch):
+    """A trusted stepper whose first-step recording is refused (a torch op computing, as a lazily built weight
+    cache would) decodes that step eagerly, then records and checks as an untrusted one does."""
+    model = _model(tmp_path)
+    _decode_both(model, steps=4, batch=1)  # the model's graph passes the check
+    real, calls = model.decode_hidden, []
+
+    def lazy(*args):  # the first call computes a torch op
+        calls.append(1)
+        if len(calls) == 1:
+            torch.ones(2) + 1
+        return real(*args)
+
+    monkeypatch.setattr(model, "decode_hidden", lazy)
+    toks = torch.tensor([[20], [21], [22], [23]])
+    with torch.inference_mode():
+        cache, eager_cache = _prefilled(model), _prefilled(model)
+        step = cpu_graph.CpuGraphStep(model, cache)
+        assert step.trusted
+        got = [step(t).clone() for t in toks]  # refused and eager, recorded, checked, replayed
+        expected = [model.decode(t, eager_cache) for t in toks]
+    assert step.reason is None and not step.trusted and step.checked and step.graph is not None
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
 @pytest.mark.parametrize("kind", ["float-llama", "gpt2"])
 def test_steps_with_torch_ops_decode_eagerly(tmp_path, kind):
     """Float nn.Linear weights and GPT-2's GELU are torch ops: recording is refused, the step runs eagerly."""

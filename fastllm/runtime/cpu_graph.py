@@ -25,13 +25,18 @@ decodes eagerly; so is dynamic ("NTK") rotary scaling, which rebuilds its tables
 Checked on use, as cuda_graph.py does: the first step runs eagerly (it also builds the fused q/k/v and gate/up
 weights, which the graph then holds), the next one is recorded (its kernels run as they are recorded), and the
 one after runs both eagerly and replayed; the graph is kept only if the two agree bit for bit, otherwise a
-warning says so and decoding goes on eagerly. FASTLLM_CPU_GRAPHS=0 switches CPU graphs off.
+warning says so and decoding goes on eagerly. Once a model's graph has passed that check for a kind of cache
+(static or paged), later steppers of the same model and cache kind (each generate() call, each batch size in
+the server) record at their first step and replay from the second, unchecked: their calls are the same code
+path at another batch size. A first-step recording that is refused (a weight cache still to be built) falls
+back to the checked sequence. FASTLLM_CPU_GRAPHS=0 switches CPU graphs off.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import warnings
+import weakref
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -124,23 +129,31 @@ def cpu_graphs_enabled(model) -> str | None:
     return None
 
 
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> the cache types whose recorded decode step of it has passed the check (see the module docstring)."""
+
+
 class CpuGraphStep:
     """step(tokens (B,)) -> logits (B, vocab), as model.decode(tokens, cache); the blocks replayed from a CPU graph
-    from the fourth call on, when recording and the check succeed (see the module docstring). `reason`: why the
-    step runs eagerly (None while it may still be, or is, replayed)."""
+    from the fourth call on, when recording and the check succeed, or from the second when this model's graph
+    passed the check before with this kind of cache (see the module docstring). `reason`: why the step runs
+    eagerly (None while it may still be, or is, replayed)."""
 
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
         self.calls, self.reason, self.checked = 0, None, False
         self.graph = self.kept = self.h = self.after = self.hidden = None
+        self.trusted = type(cache) in _CHECKED.get(model, ())  # record at once, skip the check
 
     @torch.no_grad()  # (under autograd the ops would go through the dispatcher, which recording refuses)
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.reason is not None or self.calls == 1:
+        if self.reason is not None or (self.calls == 1 and not self.trusted):
             return self.model.decode(tokens, self.cache)
         if self.graph is None:
-            return self._record(tokens)
+            logits = self._record(tokens)
+            self.checked = self.graph is not None and self.trusted
+            return logits
         if not self.checked:
             return self._checked(tokens)
         return self._replay(tokens)
@@ -162,7 +175,10 @@ class CpuGraphStep:
             with recording(graph) as kept:
                 hidden = self.model.decode_hidden(self.h, self.cache, self.after)   # (B, 1, dim)
         except RecordingRefused as e:  # a step torch ops take part in: it ran up to here, run it whole again
-            self.reason = f"the decode step cannot be recorded: {e}"
+            if self.calls == 1:  # a first-step recording (trusted): maybe a lazily built weight, try as usual
+                self.trusted = False
+            else:
+                self.reason = f"the decode step cannot be recorded: {e}"
             return self.model.decode(tokens, self.cache)
         self.graph, self.kept, self.hidden = graph, kept + fused_modules(self.model), hidden
         self._advance()
@@ -184,6 +200,7 @@ class CpuGraphStep:
         got = self._replay(tokens)  # rewrites the step's cache slots with the same values
         if torch.equal(got, expected):
             self.checked = True
+            _CHECKED.setdefault(self.model, set()).add(type(cache))
             return got
         self.reason = "the replayed decode step differed from the eager one"
         warnings.warn(f"fastllm: {self.reason}; decoding eagerly")
