@@ -172,6 +172,24 @@ inline void store_outputs(const QMatmulArgs& a, int64_t m0, int mt, int64_t j, c
     store_from_float(static_cast<char*>(a.y) + (m0 + i) * a.y_stride * dtype_size(a.dt), j, out[i] + b, a.dt);
 }
 
+// The GEMMs' tiles of at most this many weight rows end in store_tile.
+constexpr int64_t kMaxTileRows = 64;
+
+// Writes y[i][j0 + jj] = ct[jj * ldc + i] * s_jj + bias[j0 + jj] for i < m, jj < jn <= kMaxTileRows, in double
+// and rounded once to dt; s is the per-channel int8 row scale (1 for the group formats).
+inline void store_tile(const QMatmulArgs& a, int64_t j0, int64_t jn, const double* ct, int64_t ldc) {
+  double scale[kMaxTileRows], bias[kMaxTileRows];
+  for (int64_t jj = 0; jj < jn; ++jj) {
+    scale[jj] = a.fmt == QFormat::I8Channel ? static_cast<const float*>(a.scales)[j0 + jj] : 1.0;
+    bias[jj] = a.bias ? load_as_float(a.bias, j0 + jj, a.dt) : 0.0;
+  }
+  const size_t es = dtype_size(a.dt);
+  for (int64_t i = 0; i < a.m; ++i)  // row by row: each row of y gets jn adjacent outputs
+    for (int64_t jj = 0; jj < jn; ++jj)
+      store_from_float(static_cast<char*>(a.y) + i * a.y_stride * es, j0 + jj,
+                       static_cast<float>(ct[jj * ldc + i] * scale[jj] + bias[jj]), a.dt);
+}
+
 inline int64_t chunk_begin(int64_t rows, int64_t nchunks, int64_t c) { return rows * c / nchunks; }
 
 // out[j] = sum over c = 0 .. nchunks-1 (in that order) of part[c * stride + j].

@@ -29,6 +29,7 @@ constexpr int64_t kMR = 8 * MV;
 template <int MV>
 constexpr int kNR = 12 / MV;
 constexpr int64_t kNC = 48;      // weight rows per tile (every kNR divides it)
+static_assert(kNC <= kMaxTileRows, "store_tile");
 constexpr int64_t kKCMax = 256;  // K per chunk: a panel's chunk of x is 8-16 KiB, a micro-tile's weights 6-12
 constexpr int64_t kWS = kKCMax + 16;  // wd's row stride (rows 1 KiB apart would alias in L1)
 
@@ -133,16 +134,7 @@ void gemm_float(const QMatmulArgs& a) {
           }
         }
       }
-      double scale[kNC], bias[kNC];
-      for (int64_t jj = 0; jj < jn; ++jj) {
-        scale[jj] = F == QFormat::I8Channel ? static_cast<const float*>(a.scales)[j0 + jj] : 1.0;
-        bias[jj] = a.bias ? load_as_float(a.bias, j0 + jj, a.dt) : 0.0;
-      }
-      const size_t es = dtype_size(a.dt);
-      for (int64_t i = 0; i < m; ++i)  // row by row: each row of y gets jn adjacent outputs
-        for (int64_t jj = 0; jj < jn; ++jj)
-          store_from_float(static_cast<char*>(a.y) + i * a.y_stride * es, j0 + jj,
-                           static_cast<float>(ct[jj * mp + i] * scale[jj] + bias[jj]), a.dt);
+      store_tile(a, j0, jn, ct.data(), mp);
     }
   }
 }

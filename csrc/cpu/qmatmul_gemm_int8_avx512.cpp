@@ -32,6 +32,7 @@ namespace fastllm::cpu::avx512 {
 namespace {
 
 constexpr int64_t kGemmNC = 48;  // weight rows per tile
+static_assert(kGemmNC <= kMaxTileRows, "store_tile");
 
 // ct (NR x 16 MV doubles, row stride ldc) += acc, the micro-kernel's fp32 sums.
 template <int NR, int MV>
@@ -201,16 +202,7 @@ void run_gemm(const QMatmulArgs& a) {
         for (int64_t p = 0; p < panels; ++p)
           for (int64_t jj = 0; jj < jpad; jj += G::NR) g.micro(tile, p, jj, b0, b1, ct.data() + jj * mp + p * G::MR, mp);
       }
-      double scale[kGemmNC], bias[kGemmNC];
-      for (int64_t jj = 0; jj < jn; ++jj) {
-        scale[jj] = F == QFormat::I8Channel ? rows[jj].s32 : 1.0;
-        bias[jj] = a.bias ? load_as_float(a.bias, j0 + jj, a.dt) : 0.0;
-      }
-      const size_t es = dtype_size(a.dt);
-      for (int64_t i = 0; i < m; ++i)  // row by row: each row of y gets jn adjacent outputs
-        for (int64_t jj = 0; jj < jn; ++jj)
-          store_from_float(static_cast<char*>(a.y) + i * a.y_stride * es, j0 + jj,
-                           static_cast<float>(ct[jj * mp + i] * scale[jj] + bias[jj]), a.dt);
+      store_tile(a, j0, jn, ct.data(), mp);
     }
   }
 }
