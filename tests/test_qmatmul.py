@@ -71,10 +71,20 @@ def test_qmatmul_matches_reference(device, backend, act, dtype, scheme, group):
 
 def test_int8_activation_quantisation_is_bit_identical():
     """The C++ kernels quantise the activations exactly as quantize_activations: a weight of one-hot
-    rows (int8, scale 1) returns qx * dx itself, also at rounding ties."""
+    rows (int8, scale 1) returns qx * dx itself, also at rounding ties and where 127 / amax rounded twice
+    would differ."""
     k = 64
     x = torch.randn(3, k) * 3
     x[0, :32] = torch.arange(32) - 15.5  # amax 15.5 makes x * 127 / amax hit many .5 ties
+    # amax a = 3.8047821: 127 / a divided once (as the kernels do) is 33.379047, but rounded twice (1 / a, then
+    # times 127) 33.379044; these x then round to different integers with the two factors
+    a = torch.tensor(3.8047821)
+    inv, inv2 = torch.full_like(a, 127.0) / a, a.reciprocal() * 127
+    near = ((torch.arange(31) + 0.5) / inv.double()).float()
+    near = torch.stack([near, torch.nextafter(near, near + 1), torch.nextafter(near, near - 1)], -1).flatten()
+    split = near[torch.round(near * inv) != torch.round(near * inv2)][:31]
+    assert split.numel() > 0
+    x[1, 32:] = torch.cat([a[None], split, torch.zeros(31 - split.numel())])
     q = fastllm.QuantizedWeight(torch.eye(k, dtype=torch.int8), torch.ones(k, 1), None, "int8", None, (k, k))
     for backend in ("cpu", "cpu-avx2", "cpu-scalar"):
         with running_on(backend):

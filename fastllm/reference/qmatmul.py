@@ -23,7 +23,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     finite = torch.isfinite(xb).all(-1)
     xb = torch.where(finite[..., None], xb, torch.zeros_like(xb))
     a = xb.abs().amax(-1)
-    inv = torch.where(a == 0, torch.zeros_like(a), 127.0 / a)
+    inv = torch.where(a == 0, torch.zeros_like(a), torch.full_like(a, 127.0) / a)  # (127.0 / a: reciprocal * 127)
     qx = torch.round(xb * inv[..., None]).to(torch.int8).view(m, k)
     return qx, torch.where(finite, a / 127, torch.full_like(a, float("nan")))
 
