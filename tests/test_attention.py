@@ -375,6 +375,28 @@ def test_cpu_default_path_matches_torch_sdpa():
     assert_close("out", out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2), ref)
 
 
+@pytest.mark.parametrize("strided", ["q", "k", "v", "none"])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_cpu_flash_path(monkeypatch, strided, gqa):
+    """On CPU the forward runs ATen's flash attention (ops/_attention_cpu.py) where it applies, with GQA heads,
+    and never for a head dim whose values are not adjacent (that kernel ignores the last stride): such views
+    take the reference, and every case matches F.scaled_dot_product_attention on contiguous copies."""
+    from fastllm.ops import _attention_cpu
+    calls = []
+    real = _attention_cpu._flash
+    monkeypatch.setattr(_attention_cpu, "_flash", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    hkv = 2 if gqa else 4
+    q, k, v = (randn((2, h, n, 64), torch.float32, "cpu", seed=i) for i, (h, n) in enumerate(((4, 20), (hkv, 30), (hkv, 30))))
+    t = {n: x[..., ::2] if n == strided else x[..., :32] for n, x in (("q", q), ("k", k), ("v", v))}
+    out = attention(t["q"], t["k"], t["v"], is_causal=True, scale=0.2, enable_gqa=gqa)
+    assert len(calls) == (strided == "none")
+    c = {n: x.contiguous() for n, x in t.items()}
+    expected = F.scaled_dot_product_attention(c["q"].double(), c["k"].double(), c["v"].double(), is_causal=True,
+                                              scale=0.2, enable_gqa=gqa)
+    peer = F.scaled_dot_product_attention(c["q"], c["k"], c["v"], is_causal=True, scale=0.2, enable_gqa=gqa)
+    assert_close("out", out, peer, expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
 def test_triton_small_tiles(device, causal):

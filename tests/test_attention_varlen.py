@@ -115,6 +115,21 @@ def test_equal_lengths_equal_dense_attention(device, backend):
     torch.testing.assert_close(lse, s.logsumexp(-1).transpose(0, 1).flatten(1).float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strided", ["q", "k", "v"])
+def test_cpu_strided_head_dim(strided):
+    """A head dim whose values are not adjacent (a [..., ::2] view) on the CPU default path: ATen's flash kernel
+    would misread it, so it takes the reference and matches torch per sequence."""
+    lengths = [5, 9, 3]
+    t = {n: _packed(lengths, h, 64, torch.float32, "cpu", i).detach() for i, (n, h) in enumerate((("q", 4), ("k", 2),
+                                                                                              ("v", 2)))}
+    t = {n: x[..., ::2] if n == strided else x[..., :32] for n, x in t.items()}
+    cu = _cu(lengths, "cpu")
+    out = attention_varlen(t["q"], t["k"], t["v"], cu, cu, 9, 9, is_causal=True)
+    c = {n: x.contiguous() for n, x in t.items()}
+    torch.testing.assert_close(out, _per_sequence_sdpa(c["q"], c["k"], c["v"], lengths, lengths, "top_left"),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_deterministic_backward_is_bit_identical(device, backend):
     lq, lk = [9, 40, 1], [30, 40, 17]

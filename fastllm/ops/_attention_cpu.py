@@ -4,7 +4,9 @@ returns the output and the log-sum-exp the backward needs without forming the (L
 GQA heads and strided (B, L, H, D) views as they are. It runs when there is no mask (its rows with every key
 masked out differ from torch's math backend), no dropout (it would draw from torch's generator, not the op's
 seeded keep mask, which the backward draws again) and a causal mask is top-left aligned (or Lq = Lk), in fp32,
-fp16 and bf16 with equal q/k and v head dims; otherwise flash_fwd returns None and the reference runs.
+fp16 and bf16 with equal q/k and v head dims, each head's D values adjacent in memory (the kernel reads the other
+strides but not that one); otherwise flash_fwd returns None and the reference runs. GQA heads are read in place
+from torch 2.13 on (the version checked here); older torch gets K and V repeated per query head.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, D) -> out (B, Hq, Lq, D) in q's dtype,
     lse2 (B, Hq, Lq) float32 = log2 sum_j exp(s_j)
@@ -16,12 +18,14 @@ import torch
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_GQA_IN_PLACE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
-def applies(q: torch.Tensor, v: torch.Tensor, lq: int, lk: int, masked: bool, is_causal: bool, bottom_right: bool,
-            dropout_p: float) -> bool:
-    """Whether flash_fwd computes the op for q and v's dtype, device and head dims and these lengths."""
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lq: int, lk: int, masked: bool, is_causal: bool,
+            bottom_right: bool, dropout_p: float) -> bool:
+    """Whether flash_fwd computes the op for q, k and v's dtype, device, head dims and strides and these lengths."""
     return (_flash is not None and q.device.type == "cpu" and q.dtype in _DTYPES and v.shape[-1] == q.shape[-1]
+            and all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in (q, k, v))
             and not masked and dropout_p == 0.0 and not (is_causal and bottom_right and lq != lk)
             and lq > 0 and lk > 0)
 
@@ -29,7 +33,10 @@ def applies(q: torch.Tensor, v: torch.Tensor, lq: int, lk: int, masked: bool, is
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
               is_causal: bool, bottom_right: bool, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(out, lse2) from ATen's CPU flash attention, or None where it does not compute the op's semantics."""
-    if not applies(q, v, q.shape[2], k.shape[2], mask is not None, is_causal, bottom_right, dropout_p):
+    if not applies(q, k, v, q.shape[2], k.shape[2], mask is not None, is_causal, bottom_right, dropout_p):
         return None
+    if k.shape[1] != q.shape[1] and not _GQA_IN_PLACE:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out, lse = _flash(q, k, v, 0.0, is_causal, scale=scale)
     return out, lse.float() * _LOG2E

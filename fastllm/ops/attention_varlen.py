@@ -56,11 +56,12 @@ def _attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
             or _ref_fwd(q, k, v, cu_q, cu_k, scale, is_causal, bottom_right, dropout_p, _keep(q, max_k, dropout_p, seed)))
 
 
-def _cpu_fwd(q, k, v, cu_q, cu_k, scale, is_causal, bottom_right, dropout_p):
+def _cpu_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, scale: float,
+             is_causal: bool, bottom_right: bool, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(out, lse2) through ATen's CPU flash attention one sequence at a time (ops/_attention_cpu.py), or None
     where it does not apply to some sequence (an empty one, a bottom-right mask with Lq != Lk, ...)."""
     seqs = _sequences(cu_q, cu_k)
-    if not all(flash_applies(q, v, rq.stop - rq.start, rk.stop - rk.start, False, is_causal, bottom_right, dropout_p)
+    if not all(flash_applies(q, k, v, rq.stop - rq.start, rk.stop - rk.start, False, is_causal, bottom_right, dropout_p)
                for rq, rk in seqs):
         return None
     out, lse2 = _fwd_outputs(q, v)
