@@ -97,13 +97,26 @@ def test_int8_activation_quantisation_is_bit_identical():
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4_asym", 32)], ids=str)
 def test_qmatmul_k_chunks_and_row_tiles(device, backend, act, scheme, group):
     """M = 40 rows of x make the AVX2 driver (int8 mode) split K = 1056 (33 blocks) into chunks of 8
-    blocks, the odd block in the last one, and N = 37 into row tiles of 16 and a partial one (its float
-    GEMM: K chunks of 7, 7, 7, 7 and 5 blocks, one partial tile of 48 rows). On CUDA (M = 8)
-    K = 1056 is a tile of 32 chunks and one of 1, N = 37 two blocks of 16 channels and a partial one."""
+    blocks, the odd block in the last one, and N = 37 into row tiles of 16 and a partial one; the float
+    GEMM into K chunks of 7, 7, 7, 7 and 5 blocks, the AVX-512 int8 GEMM into chunks of 17 and 16, each
+    with one partial tile of 48 rows. On CUDA (M = 8) K = 1056 is a tile of 32 chunks and one of 1, N = 37
+    two blocks of 16 channels and a partial one."""
     m = CUDA_GEMV_MAX_M if backend == "cuda" else 40
     if not _takes(backend, m, act):
         pytest.skip(f"{backend} has no act={act!r} kernel")
     _check(*_case(m, 37, 1056, torch.float32, device, 3, scheme, group, True), act, backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme,group", [("int8", 128), ("int4", 128), ("int4_asym", 64)], ids=str)
+def test_qmatmul_groups_across_k_chunks(device, backend, scheme, group):
+    """The AVX-512 int8 GEMM's two K chunks split a group in two: K = 1152 (chunks of 18 blocks) the group of
+    128 at blocks 16-19, K = 1088 (chunks of 17) the group of 64 at blocks 16-17; int4_asym adds that
+    group's min term once."""
+    k = 1152 if group == 128 else 1088
+    for act in ("float", "int8"):
+        if _takes(backend, 20, act):
+            _check(*_case(20, 50, k, torch.float32, device, 17, scheme, group, True), act, backend)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))

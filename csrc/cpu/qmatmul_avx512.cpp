@@ -263,9 +263,9 @@ int64_t chunk_steps(const QMatmulArgs& a) {
 template <QFormat F, bool Int8Act>
 void run(const QMatmulArgs& a) {
   const int64_t k = a.k, nb = k / kBlock, ng = k / a.group;
-  const int64_t steps = Int8Act ? (nb + kUnit<F> - 1) / kUnit<F> : nb, cs = chunk_steps<F, Int8Act>(a);
   if constexpr (Int8Act)
     if (a.m >= kGemmInt8MinM) return gemm_int8<F>(a);
+  const int64_t steps = Int8Act ? (nb + kUnit<F> - 1) / kUnit<F> : nb, cs = chunk_steps<F, Int8Act>(a);
   Acts p{};
   FloatActs pf{};
   FloatM1Acts p1{};

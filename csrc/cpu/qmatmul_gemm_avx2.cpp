@@ -1,5 +1,5 @@
-// AVX2 float-mode qmatmul for many rows of x (prefill): the register-blocked GEMM of
-// qmatmul_gemm_avx512.cpp on 8-lane vectors and 16 registers. y[i, j] = sum_k x[i, k] W[j, k] (+ bias),
+// AVX2 float-mode qmatmul for many rows of x (prefill), also on AVX-512 CPUs: a register-blocked GEMM in the
+// manner of BLIS on 8-lane vectors and 16 registers. y[i, j] = sum_k x[i, k] W[j, k] (+ bias),
 // W dequantised exactly as formats.py (dequant_block; per-channel int8 applies its row scale to the
 // final sum, as the other paths do).
 //   x is packed once per call into panels of 16 rows (the last one of 8 when at most 8 are left),

@@ -87,7 +87,8 @@ struct GemmInt8 {
     std::vector<int8_t> wq;
     std::vector<int32_t> wi;
     std::vector<float> wd, wc;
-    Tile(const GemmInt8&, int64_t chunk_blocks)
+    // (wq's rows are 64 bytes longer than the chunk: rows chunk * 32 bytes apart would alias in L1)
+    explicit Tile(int64_t chunk_blocks)
         : wsb(chunk_blocks * kBlock + 64), cb(chunk_blocks), gmask(0), wq(kGemmNC * wsb, 0), wi(kGemmNC * cb, 0),
           wd(kGemmNC * cb, 0.0f), wc(F == QFormat::I4Asym ? kGemmNC * cb : 0, 0.0f) {}
 
@@ -187,7 +188,7 @@ void run_gemm(const QMatmulArgs& a) {
   {
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; ++p) g.pack(p);
-    typename G::Tile tile(g, chunk_blocks);
+    typename G::Tile tile(chunk_blocks);
     std::vector<float> fs(tile_scale_floats<F>(kGemmNC, ng), 0.0f);
     std::vector<double> ct(kGemmNC * mp);
     WRow rows[kGemmNC];
