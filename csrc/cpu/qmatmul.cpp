@@ -73,6 +73,7 @@ void prepare(const void* x, int64_t x_stride, QMatmulArgs& a, Prepared& p) {
     p.xf.resize(a.m * k);
     dispatch_dtype(a.dt, [&](auto d) {
       constexpr DType D = decltype(d)::value;
+#pragma omp parallel for schedule(static) if (a.m > 1 && a.m * k >= kParallelMinElems)
       for (int64_t i = 0; i < a.m; ++i) {
         const auto* src = row_ptr<D>(x, x_stride, i);
         for (int64_t j = 0; j < k; ++j) p.xf[i * k + j] = to_float<D>(src[j]);
@@ -87,6 +88,7 @@ void prepare(const void* x, int64_t x_stride, QMatmulArgs& a, Prepared& p) {
   const int64_t ng = k / a.group;
   if (a.fmt == QFormat::I4Asym) p.sx.assign(a.m * ng, 0.0f);
   const auto quantize = cpu_use_avx512() ? avx512::quantize_block : quantize_block;
+#pragma omp parallel for schedule(static) if (a.m > 1 && a.m * k >= kParallelMinElems)
   for (int64_t i = 0; i < a.m; ++i) {
     for (int64_t b = 0; b < nb; ++b) {
       int32_t s;

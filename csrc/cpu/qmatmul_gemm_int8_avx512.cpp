@@ -65,16 +65,19 @@ struct GemmInt8 {
         sxt(F == QFormat::I4Asym ? panels * MR * ng : 0) {}
 
   void pack(int64_t p) {
-    uint8_t* dst = xq.data() + p * a.k * MR;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(xq.data() + p * a.k * MR);
+    const int8_t* src[MR];  // the panel's rows of qx (null: padding)
+    for (int64_t r = 0; r < MR; ++r) src[r] = p * MR + r < a.m ? a.qx + (p * MR + r) * a.k : nullptr;
+    for (int64_t c = 0; c < a.k / 4; ++c) {  // quad by quad: the stores are sequential
+      for (int64_t r = 0; r < MR; ++r) {
+        uint32_t v = 0;
+        if (src[r]) std::memcpy(&v, src[r] + 4 * c, 4);
+        dst[c * MR + r] = v ^ 0x80808080u;  // qx + 128 (padding rows: 128 against weights, with dx = 0)
+      }
+    }
     for (int64_t r = 0; r < MR; ++r) {
       const int64_t i = p * MR + r;
       const bool real = i < a.m;
-      for (int64_t c = 0; c < a.k / 4; ++c) {
-        uint32_t v = 0;
-        if (real) std::memcpy(&v, a.qx + i * a.k + 4 * c, 4);
-        v ^= 0x80808080u;  // qx + 128 (padding rows: 128 against weights, with dx = 0)
-        std::memcpy(dst + (c * MR + r) * 4, &v, 4);
-      }
       for (int64_t b = 0; b < nb; ++b) dxt[(p * nb + b) * MR + r] = real ? a.dx[i * nb + b] : 0.0f;
       if constexpr (F == QFormat::I4Asym)
         for (int64_t g = 0; g < ng; ++g) sxt[(p * ng + g) * MR + r] = real ? a.sx[i * ng + g] : 0.0f;
