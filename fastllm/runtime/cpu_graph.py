@@ -54,6 +54,15 @@ _IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itrue
                      "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
 
 
+_T = torch.Tensor
+_METADATA = frozenset([getattr(_T, n).__get__ for n in ("shape", "dtype", "device", "ndim", "is_cuda", "is_cpu",
+                                                       "layout", "requires_grad", "is_leaf", "itemsize", "nbytes")]
+                      + [getattr(_T, n) for n in ("dim", "data_ptr", "stride", "size", "numel", "element_size",
+                                                  "is_floating_point", "is_complex", "is_contiguous",
+                                                  "storage_offset", "get_device")])
+"""Calls that only read metadata (most of a recorded step's torch calls): let through unexamined."""
+
+
 class RecordingRefused(RuntimeError):
     """A torch op in the recorded step computes (or reads a value), so a replay would not reproduce it."""
 
@@ -79,7 +88,9 @@ class _NoCompute(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", repr(func))
+        if func in _METADATA:
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", None) or repr(func)
         if name in _ALLOCATORS:
             out = func(*args, **kwargs)
             self.kept.append(out)
@@ -87,10 +98,13 @@ class _NoCompute(TorchFunctionMode):
         in_place = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
         if in_place or name in _VALUE_READS or kwargs.get("out") is not None or kwargs.get("inplace"):
             raise RecordingRefused(f"torch.{name} writes or reads tensor values")
-        inputs = list(_tensors((args, kwargs)))
         out = func(*args, **kwargs)
+        outs = list(_tensors(out))
+        if not outs:  # metadata (sizes, strides, pointers): most calls, let through without looking at the inputs
+            return out
+        inputs = list(_tensors((args, kwargs)))
         storages = {t.untyped_storage().data_ptr() for t in inputs}
-        for t in _tensors(out):
+        for t in outs:
             if t.untyped_storage().data_ptr() not in storages:
                 raise RecordingRefused(f"torch.{name} computes a new tensor")
             if name not in _RETURN_SELF and any(t is i for i in inputs):  # e.g. F.relu(x, True): computed in place
