@@ -1,6 +1,7 @@
 """fastllm.qmatmul (weight-only int8 / int4) against torch's peers on the same shapes, in the same test
-(harness.compare), in GB/s of weight bytes: the packed weight and its scales, read once per call
-(a peer's rate is the same bytes over its own time, so rate ratios are time ratios).
+(harness.compare): up to M = 8 in GB/s of weight bytes (the packed weight and its scales, read once per
+call; suite "qmatmul"), above it in TFLOP/s of 2 M N K (suite "qmatmul-gemm"); a peer's rate is the same
+work over its own time, so rate ratios are time ratios.
 
 CPU (fastllm with float32 activations): fp32 F.linear, torch._weight_int8pack_mm (int8 per-channel)
 and torch._weight_int4pack_mm_for_cpu (int4, group 128), these two with bfloat16 activations (their
@@ -32,6 +33,7 @@ GPU = DEVICE == "cuda"
 SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)] if GPU else [(4096, 4096), (4096, 11008)]  # (K, N)
 MS = [1, 8, 16, 128]
 TINY = (1, 256, 256)  # (M, K, N): the case CI runs
+GEMV_MAX_M = 8  # up to this M the cases report GB/s of weights (suite "qmatmul"), above it TFLOP/s ("qmatmul-gemm")
 DTYPE = torch.bfloat16 if GPU else torch.float32
 INT4_GROUP = 128
 VARIANTS = {"int8": ("int8", None, "float", None), "int8-act8": ("int8", None, "int8", None),
@@ -96,7 +98,11 @@ def test_qmatmul(benchmark, m, k, n, variant):
         with fastllm.use_backend(backend) if backend else contextlib.nullcontext():
             return fastllm.qmatmul(x, q, act=act)
 
-    compare(benchmark, run, _peers(x, k, n, scheme), group=f"qmatmul-M{m}-K{k}-N{n}",
-            suite="qmatmul", impl=f"fastllm {variant}",
-            case={"op": "qmatmul", "variant": variant, "shape": [m, k, n], "dtype": str(DTYPE)[6:]},
-            work=q.nbytes, unit="GB/s", counted="bytes of fastllm's packed weight and scales, read once per call")
+    case = {"op": "qmatmul", "variant": variant, "shape": [m, k, n], "dtype": str(DTYPE)[6:]}
+    if m <= GEMV_MAX_M:  # bound by reading the weights
+        measure = dict(suite="qmatmul", work=q.nbytes, unit="GB/s",
+                       counted="bytes of fastllm's packed weight and scales, read once per call")
+    else:  # bound by arithmetic
+        measure = dict(suite="qmatmul-gemm", work=2 * m * n * k, unit="TFLOP/s", counted="2 M N K")
+    compare(benchmark, run, _peers(x, k, n, scheme), group=f"qmatmul-M{m}-K{k}-N{n}", impl=f"fastllm {variant}",
+            case=case, **measure)
