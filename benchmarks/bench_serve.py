@@ -38,7 +38,8 @@ def server():
     llm = LLM.load(device=DEVICE)
     app = create_app(llm, model_name=model_name(None), max_seqs=MAX_SEQS, context_len=CONTEXT_LEN)
     with running(app) as url:
-        asyncio.run(_send(url, [_body(0, 2)], at_once=False))  # warm-up: first prefill and decode
+        # warm-up: the first prefill, and decode steps enough for the one-row CPU graph to be recorded and checked
+        asyncio.run(_send(url, [_body(0, 4)], at_once=False))
         yield url, str(llm.model.tok_embeddings.weight.dtype).replace("torch.", "")
 
 
