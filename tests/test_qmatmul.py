@@ -108,6 +108,15 @@ def test_qmatmul_k_chunks_and_row_tiles(device, backend, act, scheme, group):
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4_asym", 32)], ids=str)
+def test_qmatmul_rows_in_passes(device, backend, scheme, group):
+    """M = 549: the CPU GEMMs run passes of 256, 256 and 37 rows (x, its int8 form and y offset per pass)."""
+    for act in ("float", "int8"):
+        if _takes(backend, 549, act):
+            _check(*_case(549, 29, 160, torch.float32, device, 19, scheme, group, True), act, backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("scheme,group", [("int8", 128), ("int4", 128), ("int4_asym", 64)], ids=str)
 def test_qmatmul_groups_across_k_chunks(device, backend, scheme, group):
     """The AVX-512 int8 GEMM's two K chunks split a group in two: K = 1152 (chunks of 18 blocks) the group of

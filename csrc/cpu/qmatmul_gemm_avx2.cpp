@@ -121,6 +121,7 @@ void dequant_chunk(const QMatmulArgs& a, int64_t j0, int64_t jn, int64_t b0, int
 
 template <QFormat F>
 void gemm_float(const QMatmulArgs& a) {
+  if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_float<F>(p); })) return;
   const int64_t m = a.m, k = a.k, nb = k / kBlock;
   constexpr int64_t MR = kMR<2>;
   const int64_t panels = (m + MR - 1) / MR;

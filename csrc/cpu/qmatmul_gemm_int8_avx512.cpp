@@ -215,6 +215,7 @@ void run_gemm(const QMatmulArgs& a) {
 
 template <QFormat F>
 void gemm_int8(const QMatmulArgs& a) {
+  if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_int8<F>(p); })) return;
   if (a.m <= 16) run_gemm<F, GemmInt8<F, 1>>(a);  // one-vector panels
   else run_gemm<F, GemmInt8<F, 2>>(a);
 }
