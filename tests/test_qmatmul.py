@@ -158,6 +158,18 @@ def test_qmatmul_one_and_two_rows_small_k(device, backend, scheme, group):
                     _check(*_case(m, n, k, torch.float32, device, 11 * i + m, scheme, group, i % 2 == 1), act, backend)
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme,group", FORMATS, ids=str)
+def test_qmatmul_few_rows_register_tiles(device, backend, scheme, group):
+    """M = 2-7 in float mode (the AVX-512 register tiles of 4 weight rows x up to 4 rows of x: M = 5-7 in two
+    uneven passes): N = 37 is two 16-row tiles of 4 + 4 + 4 + 4 rows and one of 4 + 1, K = 1152 (36 blocks)
+    runs in K chunks of 18-64 blocks, chunk ends splitting a group of 128 at M = 6 and 7."""
+    for m in (2, 3, 5, 6, 7):
+        for act in ("float", "int8"):
+            if _takes(backend, m, act):
+                _check(*_case(m, 37, 1152, torch.float32, device, 23 + m, scheme, group, m % 2 == 1), act, backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int8", 32), ("int4", 64), ("int4_asym", 32)], ids=str)
 def test_qmatmul_many_rows(device, backend, dtype, scheme, group):

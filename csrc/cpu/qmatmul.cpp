@@ -21,14 +21,15 @@ namespace fastllm::cpu {
 namespace {
 
 constexpr int64_t kBlock = 32;
-// Float activations run the AVX-512 path for one row of x (its M = 1 schedule streams the weights
-// from DRAM at 2x the AVX2 path's rate: SmolLM2's int8 head, 49152 x 576, 2.27 -> 0.97 ms on a 2-core
-// Zen 4) and, for int4 weights, for fewer rows than this: measured there (4096x4096, and SmolLM2's
-// 576x1536 / 1536x576), its table-lookup dequantisation wins at small M (up to 1.9x) but the AVX2
-// path's FMA loop is faster at M = 8 and for int8 weights, and from avx2::kGemmMinM rows on the AVX2
-// GEMM runs on AVX-512 CPUs too: an AVX-512 one (32-row panels, 24 zmm accumulators) measured the same
-// on one Zen 4 core at multiples of 32 rows (88-98 GFLOP/s at M = 128; Zen 4 runs two 256-bit FMAs or
-// one 512-bit a cycle) and 1.1-1.5x slower elsewhere (its padding), so it was not kept.
+// Float activations run the AVX-512 path for fewer rows of x than this: its M = 1 schedule streams
+// the weights from DRAM at 2x the AVX2 path's rate (SmolLM2's int8 head, 49152 x 576, 2.27 -> 0.97 ms
+// on a 2-core Zen 4), and its register tiles of 4 weight rows x up to 4 rows of x beat the AVX2 FMA
+// loop at M = 2-7 (SmolLM2's 576 x 3072 and 1536 x 576, every format: 1.0-1.6x) but not at M = 8,
+// where the AVX2 loop takes all 8 rows in one pass (0.85-1.0x: 4 + 4 dequantises each block twice).
+// From avx2::kGemmMinM rows on the AVX2 GEMM runs on AVX-512 CPUs too: an AVX-512 one (32-row
+// panels, 24 zmm accumulators) measured the same on one Zen 4 core at multiples of 32 rows (88-98
+// GFLOP/s at M = 128; Zen 4 runs two 256-bit FMAs or one 512-bit a cycle) and 1.1-1.5x slower
+// elsewhere (its padding), so it was not kept.
 constexpr int64_t kAvx512FloatMaxM = 8;
 
 // Block scale of x and its int8 values (see ops.h): bit-identical to the reference because it is
@@ -177,8 +178,7 @@ void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales,
                 m, n, k, group, fmt, int8_act, dt};
   Prepared p;
   prepare(x, x_stride, a, p);
-  const bool int4 = fmt == QFormat::I4 || fmt == QFormat::I4Asym;
-  if (cpu_use_avx512() && (int8_act || m == 1 || (m < kAvx512FloatMaxM && int4)))
+  if (cpu_use_avx512() && (int8_act || m < kAvx512FloatMaxM))
     return avx512::qmatmul(a);
   if (cpu_use_avx2()) return avx2::qmatmul(a);
   dispatch_qformat(fmt, [&](auto f) {

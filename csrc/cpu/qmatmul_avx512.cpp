@@ -15,8 +15,9 @@
 //     u d + m (exactly formats.py's dequantised values; vpermps indexes it with the low 4 bits of
 //     each byte), int8 through a sign extension and conversion (times d, exact, for int8 groups);
 //     then FMAs with x. Per-channel int8 applies its row scale to the final sum.
-// Each unit of a weight row is decoded once and used for up to kQRows rows of x; the driver walks a
-// tile of kRowTile weight rows one chunk of K at a time so that the chunk of every row of x stays in
+// int8 mode: each unit of a weight row is decoded once and used for up to kQRows rows of x; float
+// mode: register tiles of 4 weight rows x up to 4 rows of x (rows_float). The driver walks a tile of
+// kRowTile weight rows one chunk of K at a time so that the chunk of every row of x stays in
 // L1 (as the AVX2 path does). A single row of x (decode; int8 mode, and float mode with int4 weights)
 // walks kM1Rows weight rows at a time instead (qmatmul_m1_avx512.cpp), sharing each unit's activation
 // loads. From kGemmInt8MinM rows of x on (prefill) the int8 mode runs the register-blocked GEMM of
@@ -42,6 +43,24 @@ namespace {
 
 constexpr int64_t kRowTile = 16;
 constexpr int64_t kChunkBytes = 16 << 10;  // activations of one K chunk for all rows of x (L1)
+// Float mode's register tile (rows_float): kFloatTileRows weight rows x up to kFloatXRows rows of x,
+// 16 accumulators. Measured on a 2-core Zen 4 (SmolLM2's 576 x 3072 and 1536 x 576): 8 rows of x
+// against 2 weight rows ran at 0.7-0.8x of two passes of 4 against 4 (twice the activation loads per
+// FMA), so more rows of x take several passes of at most 4, as even as can be.
+constexpr int kFloatTileRows = 4, kFloatXRows = 4;
+// rows_float fetches the weight rows kAheadFloat register tiles ahead (the R rows it reads at once are
+// R streams, which the hardware prefetcher follows poorly; see kAheadPassesFloat at m = 1).
+constexpr int64_t kAheadFloat = 2;
+
+template <typename Fn>
+inline void dispatch_x_rows(int mt, Fn&& f) {  // f(integral_constant<int, mt>) for mt in [1, kFloatXRows]
+  switch (mt) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
 
 
 
@@ -195,39 +214,69 @@ FloatActs prepare_float(const QMatmulArgs& a) {
   return p;
 }
 
-// Float mode: out[i] = x row m0 + i . W row over the blocks [b0, b1), for i < MT.
-template <QFormat F, int MT>
-void rows_float(const FloatActs& p, const WRow& r, int64_t m0, int64_t b0, int64_t b1, double* out) {
-  constexpr int NP = MT >= 2 ? 1 : 2;  // accumulators per row of x and half block
-  __m512 acc[MT][2 * NP];
-  for (auto& row : acc)
-    for (auto& v : row) v = _mm512_setzero_ps();
-  const float* x = p.x + m0 * p.rs;
-  int64_t tg = -1;  // the group whose int4 table is built
-  __m512 table = _mm512_setzero_ps();
-  auto block = [&](int64_t b, int u) {
-    if constexpr (kInt4<F>) {
-      if ((b >> r.gshift) != tg) table = int4_table<F>(r, tg = b >> r.gshift);
-    }
-    __m512 w0, w1;
-    dequant_block<F>(r, b, table, w0, w1);
-    for (int i = 0; i < MT; ++i) {
-      const float* xi = x + i * p.rs + b * p.bs;
-      acc[i][2 * u] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc[i][2 * u]);
-      acc[i][2 * u + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), acc[i][2 * u + 1]);
-    }
-  };
-  int64_t b = b0;
-  for (; b + NP <= b1; b += NP)
-    for (int u = 0; u < NP; ++u) block(b + u, u);
-  for (; b < b1; ++b) block(b, 0);
-  for (int i = 0; i < MT; ++i) {
-    __m512 s = acc[i][0];
-    for (int p = 1; p < 2 * NP; ++p) s = _mm512_add_ps(s, acc[i][p]);
-    out[i] = reduce_to_double(s);
+// Float mode, a register tile of R weight rows x MT rows of x: out[r * MT + i] = x row m0 + i .
+// W row rows[r] over the blocks [b0, b1). Each block of a weight row is dequantised once for the MT
+// rows of x, and each activation load serves the R weight rows: R * MT FMAs per R dequantisations
+// and MT loads (R = kFloatTileRows, MT <= kFloatXRows).
+template <QFormat F, int R, int MT>
+void rows_float(const FloatActs& p, const WRow* rows, int64_t m0, int64_t b0, int64_t b1, int64_t ahead, double* out) {
+  constexpr int64_t kBlockBytes = kInt4<F> ? 16 : 32;
+  constexpr int NH = R * MT >= 8 ? 1 : 2;  // chains per (r, i): the block's halves apart when few
+  __m512 acc[R][MT][NH], table[R];
+  for (int r = 0; r < R; ++r) {
+    table[r] = _mm512_setzero_ps();
+    for (auto& v : acc[r])
+      for (auto& c : v) c = _mm512_setzero_ps();
   }
+  const float* x = p.x + m0 * p.rs;
+  const int gshift = rows[0].gshift;
+  int64_t tg = -1;  // the group whose int4 tables are built
+  for (int64_t b = b0; b < b1; ++b) {
+    if ((b * kBlockBytes) % 64 == 0)
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r].q + ahead + b * kBlockBytes), _MM_HINT_T0);
+    if constexpr (kInt4<F>) {
+      if ((b >> gshift) != tg)
+        for (int r = 0; r < R; ++r) table[r] = int4_table<F>(rows[r], tg = b >> gshift);
+    }
+    __m512 w[R][2];
+    for (int r = 0; r < R; ++r) dequant_block<F>(rows[r], b, table[r], w[r][0], w[r][1]);
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < MT; ++i) {
+        const __m512 xv = _mm512_loadu_ps(x + i * p.rs + b * p.bs + 16 * h);
+        for (int r = 0; r < R; ++r) acc[r][i][h % NH] = _mm512_fmadd_ps(w[r][h], xv, acc[r][i][h % NH]);
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i)
+      out[r * MT + i] = reduce_to_double(NH == 1 ? acc[r][i][0] : _mm512_add_ps(acc[r][i][0], acc[r][i][NH - 1]));
 }
 
+// Float mode, the weight rows [0, jn) of a tile against all m rows of x over the blocks [b0, b1):
+// part[j * m + i] += their dot products.
+template <QFormat F>
+void float_tile(const FloatActs& p, const WRow* rows, int64_t jn, int64_t row_bytes, int64_t m, int64_t b0, int64_t b1,
+                double* part) {
+  const int64_t passes = (m + kFloatXRows - 1) / kFloatXRows;
+  for (int64_t m0 = 0, pass_i = 0; m0 < m; ++pass_i) {
+    const int64_t mt = (m - m0) / (passes - pass_i);  // even passes: the later ones take the extra rows
+    dispatch_x_rows(static_cast<int>(mt), [&](auto t) {
+      constexpr int MT = decltype(t)::value;
+      auto pass = [&](auto rt, int64_t jj) {
+        constexpr int R = decltype(rt)::value;
+        double out[R * MT];
+        rows_float<F, R, MT>(p, rows + jj, m0, b0, b1, kAheadFloat * R * row_bytes, out);
+        for (int r = 0; r < R; ++r)
+          for (int i = 0; i < MT; ++i) part[(jj + r) * m + m0 + i] += out[r * MT + i];
+      };
+      constexpr int R = MT == 1 ? kM1Rows<F> : kFloatTileRows;  // (one row of x: int8 weights, see kM1Rows)
+      int64_t jj = 0;
+      for (; jj + R <= jn; jj += R) pass(std::integral_constant<int, R>{}, jj);
+      for (; jj < jn; ++jj) pass(std::integral_constant<int, 1>{}, jj);
+    });
+    m0 += mt;
+  }
+}
 
 // sum_g (m_g + 8 d_g) * sx_g (int4_asym, int8 mode; see qmatmul.cpp).
 inline float min_term(const WRow& r, const float* sx, int64_t ng) {
@@ -302,15 +351,15 @@ void run(const QMatmulArgs& a) {
             continue;
           }
         }
+        if constexpr (!Int8Act) {
+          float_tile<F>(pf, rows, jn, kInt4<F> ? k / 2 : k, a.m, s0, s1, part.data());
+          continue;
+        }
         for (int64_t jj = 0; jj < jn; ++jj) {
           for (int64_t m0 = 0; m0 < a.m; m0 += kQRows) {
             const int mt = static_cast<int>(std::min<int64_t>(kQRows, a.m - m0));
             double out[kQRows];
-            dispatch_rows(mt, [&](auto t) {
-              constexpr int MT = decltype(t)::value;
-              if constexpr (Int8Act) rows_int8<F, MT>(a, p, rows[jj], m0, s0, s1, out);
-              else rows_float<F, MT>(pf, rows[jj], m0, s0, s1, out);
-            });
+            dispatch_rows(mt, [&](auto t) { rows_int8<F, decltype(t)::value>(a, p, rows[jj], m0, s0, s1, out); });
             for (int i = 0; i < mt; ++i) part[jj * a.m + m0 + i] += out[i];
           }
         }
