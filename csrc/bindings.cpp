@@ -191,17 +191,18 @@ void check_kv_cache(ptr_t k, ptr_t v, ptr_t k_scale, ptr_t v_scale, ptr_t seqlen
 void cpu_decode_attention(ptr_t q, strides3 qs, ptr_t k, strides3 ks, ptr_t v, strides3 vs, ptr_t k_scale,
                           strides3 kss, ptr_t v_scale, strides3 vss, ptr_t seqlens, ptr_t block_table, int64_t bt_stride,
                           int64_t page, ptr_t out, int64_t batch, int64_t lq, int64_t hq, int64_t hkv, int64_t d,
-                          double scale, bool causal, bool int8, int dt) {
+                          double scale, bool causal, bool int8, int dt, int64_t splits) {
   fastllm::cpu::DecodeAttnArgs a{};
   a.dt = check_dtype(dt);
   check_kv_cache(k, v, k_scale, v_scale, seqlens, block_table, page, batch, hq, hkv, d, int8);
   FASTLLM_CHECK(lq >= 0, "lq must be >= 0, got " + std::to_string(lq));
+  FASTLLM_CHECK(splits >= 0, "splits must be >= 0 (0: chosen), got " + std::to_string(splits));
   FASTLLM_CHECK(batch * lq * hq == 0 || (q != 0 && out != 0), "q and out must not be null pointers");
   a.q = P(q), a.k = P(k), a.v = P(v), a.k_scale = P<float>(k_scale), a.v_scale = P<float>(v_scale);
   copy3(a.q_stride, qs), copy3(a.k_stride, ks), copy3(a.v_stride, vs), copy3(a.ks_stride, kss), copy3(a.vs_stride, vss);
   a.seqlens = P<int32_t>(seqlens), a.block_table = P<int32_t>(block_table), a.bt_stride = bt_stride, a.page = page;
   a.out = P(out), a.batch = batch, a.lq = lq, a.hq = hq, a.hkv = hkv, a.d = d;
-  a.scale = float(scale), a.causal = causal, a.int8 = int8;
+  a.scale = float(scale), a.causal = causal, a.int8 = int8, a.splits = splits;
   fastllm::cpu::decode_attention(a);
 }
 

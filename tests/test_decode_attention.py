@@ -119,12 +119,24 @@ def test_matches_reference(device, backend, name):
     assert_close(name, ours, theirs, expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] in ("triton", "cpu")])
 @pytest.mark.parametrize("num_splits", [3, 13])
-@pytest.mark.parametrize("name", ["paged-fp16-lq4-block-edges", "paged-int8-bf16-lq2", "contig-bf16-noncausal-lq3"])
-def test_forced_split_counts(device, num_splits, name):
-    """Any number of splits (more than a short sequence has tiles, too) gives the same result."""
-    ours, theirs, expected = run_case(CASES[name], "triton", device, num_splits=num_splits)
+@pytest.mark.parametrize("name", ["paged-fp16-lq4-block-edges", "paged-int8-bf16-lq2", "contig-bf16-noncausal-lq3",
+                                  "paged-bf16-lq16-two-row-blocks"])
+def test_forced_split_counts(device, backend, num_splits, name):
+    """Any number of splits (more than a short sequence has tiles or keys, too: empty splits) gives the same result;
+    the last case has 9 x 8 query rows per kv head (the C++ kernel's passes of 16 rows)."""
+    ours, theirs, expected = run_case(CASES[name], backend, device, num_splits=num_splits)
+    assert_close(name, ours, theirs, expected)
+
+
+@pytest.mark.parametrize("name,case", [
+    ("long-fp32-gqa3", dict(lens=[4500, 700, 2049], lq=2, hq=6, hkv=2, d=32, dtype=torch.float32, seed=21)),
+    ("long-bf16-paged-one-seq", dict(lens=[2500], lq=1, hq=9, hkv=3, d=64, page=64, dtype=torch.bfloat16, seed=22))])
+def test_cpu_long_sequences_split_by_default(name, case):
+    """The C++ kernel's own choice of splits: at most 1024 keys per split (4500 keys: at least 5, the shorter
+    sequences' last ones empty) and, for one sequence on a few threads, 4 per thread (2500 keys, 2 threads: 8)."""
+    ours, theirs, expected = run_case(case, "cpu", "cpu")
     assert_close(name, ours, theirs, expected)
 
 

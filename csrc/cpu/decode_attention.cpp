@@ -11,19 +11,20 @@ namespace fastllm::cpu {
 namespace {
 
 struct ScalarOps {
-  template <DType D>
-  static float dot(const float* q, const storage_t<D>* k, int64_t n) {
-    return lane_sum(n, [&](int64_t j) { return q[j] * to_float<D>(k[j]); });
+  template <DType D, bool I8>
+  static float value(const cache_t<D, I8>* row, int64_t j) {
+    if constexpr (I8) return static_cast<float>(row[j]);
+    else return to_float<D>(row[j]);
   }
-  static float dot_i8(const float* q, const int8_t* k, int64_t n) {
-    return lane_sum(n, [&](int64_t j) { return q[j] * static_cast<float>(k[j]); });
+  template <DType D, bool I8>
+  static void dots(const float* q, const cache_t<D, I8>* const* rows, int64_t n, float* out) {
+    for (int t = 0; t < kKeyBlock; ++t)
+      out[t] = lane_sum(n, [&](int64_t j) { return q[j] * value<D, I8>(rows[t], j); });
   }
-  template <DType D>
-  static void axpy(float* acc, float p, const storage_t<D>* v, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) acc[j] += p * to_float<D>(v[j]);
-  }
-  static void axpy_i8(float* acc, float p, const int8_t* v, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) acc[j] += p * static_cast<float>(v[j]);
+  template <DType D, bool I8>
+  static void axpys(float* acc, const float* p, const cache_t<D, I8>* const* rows, int nr, int64_t n) {
+    for (int t = 0; t < nr; ++t)
+      for (int64_t j = 0; j < n; ++j) acc[j] += p[t] * value<D, I8>(rows[t], j);
   }
   static float exp_sum(float* s, int64_t n, float m) {
     float sum = 0.0f;

@@ -37,18 +37,19 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if backend == "triton":
         return _tk().decode_attention(*args, scale=scale, causal=causal, num_splits=num_splits or None)
     if backend == "cpu":
-        return _cpu_decode_attention(*args, scale, causal)
+        return _cpu_decode_attention(*args, scale, causal, num_splits)
     return _ref.decode_attention_batched(*args, scale=scale, causal=causal).contiguous()
 
 
-def _cpu_decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, scale, causal):
+def _cpu_decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale, scale, causal,
+                          num_splits):
     b, lq, hq, d = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     page = k_cache.shape[1]
     run_c("cpu", "decode_attention", q.device, ptr(q), strides3(q), ptr(k_cache), strides3(k_cache), ptr(v_cache),
           strides3(v_cache), ptr(k_scale), strides3(k_scale), ptr(v_scale), strides3(v_scale),
           ptr(cache_seqlens.contiguous()), ptr(block_table), 0 if block_table is None else block_table.stride(0), page,
-          ptr(out), b, lq, hq, k_cache.shape[2], d, scale, causal, k_cache.dtype == torch.int8, code(q))
+          ptr(out), b, lq, hq, k_cache.shape[2], d, scale, causal, k_cache.dtype == torch.int8, code(q), num_splits)
     return out
 
 
@@ -106,8 +107,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale: multiplies q k^T; defaults to 1 / sqrt(D).
     causal: query i sees the keys at positions j <= L_b - Lq + i (bottom-right alignment, as in generation);
         otherwise every query sees all L_b keys. A query that sees no key (L_b - Lq + i < 0) gives 0.
-    num_splits: how many parts each sequence is split into (the Triton path; None = chosen from batch, heads,
-        capacity and the GPU's SM count; the torch path ignores it).
+    num_splits: how many parts each sequence's keys are split into, combined through their log-sum-exp (None =
+        chosen: on the GPU from batch, heads, capacity and the SM count; on the CPU from batch, heads, the
+        longest length and the threads; the torch path ignores it).
     GQA: Hkv must divide Hq; query head h reads kv head h // (Hq / Hkv), each K/V row read once per group.
     Returns out (B, Lq, Hq, D) in q's dtype. Inference only: no autograd.
 
