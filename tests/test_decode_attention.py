@@ -119,15 +119,28 @@ def test_matches_reference(device, backend, name):
     assert_close(name, ours, theirs, expected)
 
 
-@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] in ("triton", "cpu")])
+SPLIT_CASES = {name: CASES[name] for name in ["paged-fp16-lq4-block-edges", "paged-int8-bf16-lq2",
+                                               "contig-bf16-noncausal-lq3", "paged-bf16-lq16-two-row-blocks"]}
+SPLIT_CASES["contig-fp32-d20-lq6-gqa3"] = dict(lens=[40, 7, 150], lq=6, hq=12, hkv=4, d=20, dtype=torch.float32,
+                                               seed=30)  # 72 query rows over 4 kv heads; D not a multiple of 8
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] in ("triton", "cpu", "cpu-scalar")])
 @pytest.mark.parametrize("num_splits", [3, 13])
-@pytest.mark.parametrize("name", ["paged-fp16-lq4-block-edges", "paged-int8-bf16-lq2", "contig-bf16-noncausal-lq3",
-                                  "paged-bf16-lq16-two-row-blocks"])
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
 def test_forced_split_counts(device, backend, num_splits, name):
-    """Any number of splits (more than a short sequence has tiles or keys, too: empty splits) gives the same result;
-    the last case has 9 x 8 query rows per kv head (the C++ kernel's passes of 16 rows)."""
-    ours, theirs, expected = run_case(CASES[name], backend, device, num_splits=num_splits)
+    """Any number of splits (more than a short sequence has tiles or keys, too: empty splits) gives the same
+    result. The last two cases have 9 x 8 and 6 x 12 query rows per sequence: the C++ kernel's passes of 64 rows,
+    the second pass starting inside a kv head's group, and its tail loads for D = 20."""
+    ours, theirs, expected = run_case(SPLIT_CASES[name], backend, device, num_splits=num_splits)
     assert_close(name, ours, theirs, expected)
+
+
+def test_cpu_split_count_past_the_length():
+    """A forced split count beyond the longest length uses one split per position (the rest would be empty)."""
+    case = CASES["contig-bf16-lq1-ragged"]
+    ours, theirs, expected = run_case(case, "cpu", "cpu", num_splits=10 ** 6)
+    assert_close("out", ours, theirs, expected)
 
 
 @pytest.mark.parametrize("name,case", [

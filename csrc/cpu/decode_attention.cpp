@@ -1,6 +1,6 @@
 // Decode attention over a KV cache on the CPU: the ops.h entry point, which runs the AVX2 path
 // (decode_attention_avx2.cpp) when cpu_use_avx2() and otherwise the portable inner loops below; both drive
-// the same loop over (sequence, query, head) items (decode_attention.h), fp32 accumulation.
+// the same loop over (sequence, key range) items (decode_attention.h), fp32 accumulation.
 #include "decode_attention.h"
 
 #include <cmath>

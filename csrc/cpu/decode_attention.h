@@ -34,7 +34,8 @@ inline void cache_slot(const DecodeAttnArgs& a, int64_t b, int64_t j, int64_t& b
 // by kv head (row r: kv head r / (group Lq), query head hk group + (r / Lq) % group, query r % Lq), taken
 // kRowsPerPass at a time; per block of kKeyBlock positions it reads every kv head's K (then V) rows, adjacent in
 // memory, once for all the pass's rows that read them (GQA), so each thread streams one contiguous range of the
-// cache. A sequence's keys are cut into `splits` equal ranges and the partial results (m, sum, unnormalised acc)
+// cache. The longest sequence's keys are cut into `splits` equal ranges (a shorter sequence's last ones are
+// shorter or empty) and the partial results (m, sum, unnormalised acc)
 // combined through their log-sum-exp: enough items for every thread to take kItemsPerThread, at least
 // kMinSplitKeys positions each, and no range longer than kMaxSplitKeys (the scores of a pass,
 // kRowsPerPass x kMaxSplitKeys floats, stay in L2).
@@ -51,7 +52,7 @@ using cache_t = std::conditional_t<I8, int8_t, storage_t<D>>;  // a cache elemen
 inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 inline int64_t decode_splits(const DecodeAttnArgs& a, int64_t longest) {
-  if (a.splits > 0) return a.splits;
+  if (a.splits > 0) return std::min(a.splits, std::max<int64_t>(longest, 1));  // more would all be empty
   const int64_t batch = std::max<int64_t>(a.batch, 1), threads = omp_get_max_threads();
   const int64_t fill =
       std::min(ceil_div(kItemsPerThread * threads, batch), std::max<int64_t>(1, longest / kMinSplitKeys));
@@ -75,7 +76,7 @@ void decode_rows(const DecodeAttnArgs& a, int64_t b, int64_t r0, int64_t r1, int
     for (int64_t j = 0; j < d; ++j) qf[r * d + j] = to_float<D>(q[j]);
     m[r] = -INFINITY;
   }
-  const C* rp[kKeyBlock];  // a block's rows of one kv head (a partial block repeats its first: those dots are dropped)
+  const C* rp[kKeyBlock];  // a block's rows of one kv head (a partial block repeats its last: those dots are dropped)
   float rs[kKeyBlock], out[kKeyBlock];  // their int8 scales (1 otherwise), and one query row's dots
   // f(r, hk, n) for the pass's rows that see n > 0 of the positions [jb, jb + nj), after pointing rp / rs at hk's
   const int64_t row_bytes = d * static_cast<int64_t>(I8 ? 1 : sizeof(S));

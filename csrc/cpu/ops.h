@@ -87,7 +87,7 @@ struct DecodeAttnArgs {
   float scale;
   bool causal, int8;
   DType dt;
-  int64_t splits;  // key ranges per sequence; 0: chosen from batch, heads, length and threads
+  int64_t splits;  // key ranges per sequence (at most the longest length); 0: chosen from batch, length, threads
 };
 void decode_attention(const DecodeAttnArgs& a);
 

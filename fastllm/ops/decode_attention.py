@@ -1,10 +1,10 @@
 """fastllm.decode_attention: attention of a few new query tokens per sequence to a KV cache (generation).
 
 Backends: Triton split-KV flash-decoding (CUDA; CPU under TRITON_INTERPRET=1 when forced), the C++ CPU kernel
-(csrc/cpu/decode_attention*.cpp: OpenMP over (sequence, query, head), AVX2/FMA dot products), torch (one masked
-SDPA call over the batch: the CUDA fallback, and the CPU one for layouts the C++ kernel does not take). The custom op sees the arguments as given
-(fastllm::decode_attention) and returns out (B, Lq, Hq, D), contiguous, in q's dtype. Inference only: no
-autograd (the output does not require grad).
+(csrc/cpu/decode_attention*.cpp: split-KV over (sequence, key range) items, AVX2/FMA), torch (one masked SDPA
+call over the batch: the CUDA fallback, and the CPU one for layouts the C++ kernel does not take). The custom op
+sees the arguments as given (fastllm::decode_attention) and returns out (B, Lq, Hq, D), contiguous, in q's dtype.
+Inference only: no autograd (the output does not require grad).
 """
 from __future__ import annotations
 
@@ -108,8 +108,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     causal: query i sees the keys at positions j <= L_b - Lq + i (bottom-right alignment, as in generation);
         otherwise every query sees all L_b keys. A query that sees no key (L_b - Lq + i < 0) gives 0.
     num_splits: how many parts each sequence's keys are split into, combined through their log-sum-exp (None =
-        chosen: on the GPU from batch, heads, capacity and the SM count; on the CPU from batch, heads, the
-        longest length and the threads; the torch path ignores it).
+        chosen: on the GPU from batch, heads, capacity and the SM count, at most 64; on the CPU from batch, the
+        longest length and the threads, at most one per position of the longest sequence; the torch path
+        ignores it).
     GQA: Hkv must divide Hq; query head h reads kv head h // (Hq / Hkv), each K/V row read once per group.
     Returns out (B, Lq, Hq, D) in q's dtype. Inference only: no autograd.
 
