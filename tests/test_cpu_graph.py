@@ -75,7 +75,20 @@ def test_a_checked_model_records_at_the_first_step(tmp_path):
         cache = _prefilled(model)
         cache.__class__ = Other
         assert not cpu_graph.CpuGraphStep(model, cache).trusted
+        assert not cpu_graph.CpuGraphStep(model, model.new_cache(1, 16, dtype=torch.int8)).trusted
         assert not cpu_graph.CpuGraphStep(_model(tmp_path / "other"), _prefilled(model)).trusted
+
+
+def test_replay_equals_eager_with_an_int8_cache(tmp_path):
+    """An int8 KV cache (LLM.load(kv_cache="int8")): the recorded step passes the scales to kv_cache_append and
+    decode_attention, and replays bit for bit."""
+    model = _model(tmp_path)
+    model.kv_cache_dtype = torch.int8
+    ((eager, ec), (graphed, gc)), step = _decode_both(model, batch=3)
+    assert step.reason is None and step.checked and ec.k.dtype == torch.int8
+    for i, (e, g) in enumerate(zip(eager, graphed)):
+        assert torch.equal(e, g), f"step {i}"
+    assert torch.equal(ec.k, gc.k) and torch.equal(ec.k_scale, gc.k_scale) and torch.equal(ec.v_scale, gc.v_scale)
 
 
 def test_a_refused_first_step_recording_falls_back_to_the_checked_sequence(tmp_path, monkeypatch):

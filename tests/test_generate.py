@@ -12,9 +12,14 @@ PROMPTS = [[0, 5, 9, 77, 120, 3], [0, 44], [0, 300, 2, 2, 7, 19, 250, 31, 8, 8, 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
-    hf = tiny_llama(path, eos_token_id=None)  # no EOS: full-length generations
+    return path, tiny_llama(path, eos_token_id=None)  # no EOS: full-length generations
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    path, hf = tiny_path
     return hf, fastllm.LLM.load(str(path), device="cpu")
 
 
@@ -93,6 +98,16 @@ def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         llm.generate_ids([[]])
     assert len(llm.generate_ids([[0] * 120], max_new_tokens=50)[0]) == 8  # stops at the context's end
+    with pytest.raises(ValueError, match="kv_cache must be None or 'int8'"):
+        fastllm.LLM.load(device="cpu", kv_cache="fp8")
+
+
+def test_int8_kv_cache_generates(tiny_path):
+    """LLM.load(kv_cache="int8"): generation runs on an int8 cache (its accuracy: test_llama.py)."""
+    llm = fastllm.LLM.load(str(tiny_path[0]), device="cpu", kv_cache="int8")
+    assert llm.model.kv_cache_dtype == torch.int8 and llm.model.new_cache(1, 4).k.dtype == torch.int8
+    out = llm.generate_ids(PROMPTS, max_new_tokens=6)
+    assert [len(o) for o in out] == [6, 6, 6]
 
 
 def test_sample_rows_draws_each_row_alone():

@@ -35,12 +35,13 @@ def test_logits_match_transformers(tmp_path, variant):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def _new_cache(model, kind, batch, positions):
+def _new_cache(model, kind, batch, positions, dtype=None):
     """A static cache, or a paged one (blocks of 4) whose rows got scattered, non-ascending blocks and reserved
     all their positions up front (as the server does)."""
     if kind == "static":
-        return model.new_cache(batch, positions)
-    cache = model.new_cache(batch, positions, block_size=4, num_blocks=1 + batch * -(-positions // 4) + 3)
+        return model.new_cache(batch, positions, dtype=dtype)
+    cache = model.new_cache(batch, positions, block_size=4, num_blocks=1 + batch * -(-positions // 4) + 3,
+                            dtype=dtype)
     cache.reserve(0, 5)                        # take blocks, give them back: the pool's order is shuffled
     cache.reserve(1, 9)
     cache.release(0)
@@ -67,6 +68,51 @@ def test_prefill_and_decode_steps_equal_full_recompute(tmp_path, variant, kind):
         for b, (s, n) in enumerate(zip(seqs, lens)):
             full = _forward(model, s[None, :n + steps - 1])[0, n - 1:]                         # (steps, V)
             torch.testing.assert_close(torch.stack([g[b] for g in got]), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["static", "paged"])
+def test_int8_cache(tmp_path, kind):
+    """An int8 KV cache: prefill attends to its exact keys and values (the same logits as a float cache) and
+    stores them as reference.quantize_int8 does; the decode steps then read the int8 rows (kv_cache_append and
+    decode_attention with the scales) and stay within the quantisation's reach of the float cache's logits."""
+    from fastllm.reference.decode_attention import cache_index, quantize_int8
+
+    tiny_llama(tmp_path, **VARIANTS["gqa-llama3-rope"])
+    model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    lens, steps = [6, 1, 9], 4
+    seqs = [torch.randint(0, cfg.vocab_size, (n + steps,), generator=torch.Generator().manual_seed(n)) for n in lens]
+    with torch.inference_mode():
+        caches = [_new_cache(model, kind, len(lens), max(lens) + steps, dtype) for dtype in (None, torch.int8)]
+        assert caches[1].k.dtype == torch.int8 and caches[0].k_scale is None
+        first = [model.prefill([s[:n].tolist() for s, n in zip(seqs, lens)], c) for c in caches]
+        torch.testing.assert_close(first[1], first[0], rtol=0, atol=0)
+        for b, n in enumerate(lens):  # every written position: the float cache's values, quantised
+            blocks, slots = cache_index(torch.arange(n), torch.tensor(b), caches[0].block_table, 4)
+            for name in ("k", "v"):
+                codes, scale = quantize_int8(getattr(caches[0], name)[:, blocks, slots])
+                assert torch.equal(getattr(caches[1], name)[:, blocks, slots], codes)
+                assert torch.equal(getattr(caches[1], name + "_scale")[:, blocks, slots], scale)
+        for t in range(steps - 1):
+            tok = torch.stack([s[n + t] for s, n in zip(seqs, lens)])
+            ref, got = (model.decode(tok, c) for c in caches)
+            blocks, slots = cache_index(torch.tensor(lens) + t, torch.arange(len(lens)), caches[0].block_table, 4)
+            for name in ("k", "v"):  # layer 0's new rows (the same inputs in both), appended quantised
+                codes, scale = quantize_int8(getattr(caches[0], name)[0, blocks, slots])
+                assert torch.equal(getattr(caches[1], name)[0, blocks, slots], codes)
+                assert torch.equal(getattr(caches[1], name + "_scale")[0, blocks, slots], scale)
+            # int8 rows are within 1/254 of their largest value; through this random model's 2 layers that moves
+            # the logits by up to ~4% of their spread (a wrong scale or row would move them by their whole spread)
+            assert not torch.equal(got, ref)
+            torch.testing.assert_close(got, ref, rtol=0, atol=0.08 * ref.std().item())
+
+
+def test_kv_cache_dtype_choice(tmp_path):
+    tiny_llama(tmp_path)
+    model, _ = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="model's dtype torch.float32 or torch.int8"):
+        model.new_cache(1, 8, dtype=torch.float16)
+    model.kv_cache_dtype = torch.int8
+    assert model.new_cache(1, 8).k.dtype == torch.int8 and model.new_cache(1, 8, dtype=torch.float32).k_scale is None
 
 
 def _edit_config(path, **changes):

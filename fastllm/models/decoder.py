@@ -29,18 +29,26 @@ from .rope import apply_rotary
 
 class DecoderLM(nn.Module):
     """Subclasses set cfg, tok_embeddings, layers, norm, lm_head, rotary (a Rotary, or None for learned
-    positions: set as an attribute, not a class default, which would hide nn.Module's submodule) and embed()."""
+    positions: set as an attribute, not a class default, which would hide nn.Module's submodule) and embed().
+    kv_cache_dtype: the dtype of the caches new_cache makes by default: None (the model's own) or torch.int8
+    (fastllm.LLM.load(kv_cache="int8") sets it)."""
+    kv_cache_dtype: torch.dtype | None = None
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def new_cache(self, batch: int, max_len: int, *, block_size: int | None = None,
-                  num_blocks: int | None = None) -> StaticKVCache:
+                  num_blocks: int | None = None, dtype: torch.dtype | None = None) -> StaticKVCache:
         """A StaticKVCache of batch rows of max_len positions, or with block_size a PagedKVCache whose pool
-        has num_blocks blocks (block 0 is scratch) and whose rows reach at most max_len positions."""
+        has num_blocks blocks (block 0 is scratch) and whose rows reach at most max_len positions. dtype: the
+        model's own (default, unless kv_cache_dtype is set) or torch.int8 (codes with a scale per position and
+        kv head: a quarter of fp32's bytes; prefill stores its keys and values quantised, attends to them exact)."""
         p = self.tok_embeddings.weight
+        dtype = dtype or self.kv_cache_dtype or p.dtype
+        if dtype not in (p.dtype, torch.int8):
+            raise ValueError(f"a KV cache holds the model's dtype {p.dtype} or torch.int8, got {dtype}")
         cos, sin = self.rotary.table(max_len) if self.rotary is not None else (None, None)   # (Lmax, D)
-        args = (self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, p.dtype, p.device,
+        args = (self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, p.device,
                 cos, sin)
         if block_size is None:
             return StaticKVCache(*args)
@@ -141,10 +149,12 @@ class DecoderLM(nn.Module):
         it calls only fastllm._C kernels, in an order that depends on no value: fastllm/runtime/cpu_graph.py
         records it once and replays it."""
         def attend(i, q, k, v):                                                      # (B, 1, H, D)
+            ks, vs = cache.scales(i)
             q_rot = fastllm.kv_cache_append(cache.k[i], cache.v[i], k, v, cache.lengths, block_table=cache.block_table,
-                                            cos=cache.cos, sin=cache.sin, q=q if cache.cos is not None else None)
+                                            k_scale=ks, v_scale=vs, cos=cache.cos, sin=cache.sin,
+                                            q=q if cache.cos is not None else None)
             return fastllm.decode_attention(q if q_rot is None else q_rot, cache.k[i], cache.v[i], after,
-                                            block_table=cache.block_table)
+                                            block_table=cache.block_table, k_scale=ks, v_scale=vs)
 
         with trusted_positions():  # the caller checked every row's next slot (cache.check_room)
             return self._layers(h, attend)                                           # (B, 1, dim)

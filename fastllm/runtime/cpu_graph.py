@@ -26,7 +26,7 @@ Checked on use, as cuda_graph.py does: the first step runs eagerly (it also buil
 weights, which the graph then holds), the next one is recorded (its kernels run as they are recorded), and the
 one after runs both eagerly and replayed; the graph is kept only if the two agree bit for bit, otherwise a
 warning says so and decoding goes on eagerly. Once a model's graph has passed that check for a kind of cache
-(static or paged), later steppers of the same model and cache kind (each generate() call, each batch size in
+(static or paged, of a dtype), later steppers of the same model and cache kind (each generate() call, each batch size in
 the server) record at their first step and replay from the second, unchecked: their calls are the same code
 path at another batch size. A first-step recording that is refused (a weight cache still to be built) falls
 back to the checked sequence. FASTLLM_CPU_GRAPHS=0 switches CPU graphs off.
@@ -144,7 +144,13 @@ def cpu_graphs_enabled(model) -> str | None:
 
 
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""model -> the cache types whose recorded decode step of it has passed the check (see the module docstring)."""
+"""model -> the kinds of cache (_kind) whose recorded decode step of it has passed the check (see the module
+docstring)."""
+
+
+def _kind(cache) -> tuple:
+    """A cache's layout and dtype (an int8 cache's step records other calls than a float one's)."""
+    return type(cache), cache.k.dtype
 
 
 class CpuGraphStep:
@@ -157,7 +163,7 @@ class CpuGraphStep:
         self.model, self.cache = model, cache
         self.calls, self.reason, self.checked = 0, None, False
         self.graph = self.kept = self.h = self.after = self.hidden = None
-        self.trusted = type(cache) in _CHECKED.get(model, ())  # record at once, skip the check
+        self.trusted = _kind(cache) in _CHECKED.get(model, ())  # record at once, skip the check
 
     @torch.no_grad()  # (under autograd the ops would go through the dispatcher, which recording refuses)
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -214,7 +220,7 @@ class CpuGraphStep:
         got = self._replay(tokens)  # rewrites the step's cache slots with the same values
         if torch.equal(got, expected):
             self.checked = True
-            _CHECKED.setdefault(self.model, set()).add(type(cache))
+            _CHECKED.setdefault(self.model, set()).add(_kind(cache))
             return got
         self.reason = "the replayed decode step differed from the eager one"
         warnings.warn(f"fastllm: {self.reason}; decoding eagerly")

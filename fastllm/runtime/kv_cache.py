@@ -10,6 +10,10 @@ blocks when it finishes), so short requests cost little memory and many more of 
 would allow. Block 0 is a scratch block never given to a sequence: unreserved table entries point at it, so a
 free row that a decode step still visits writes there harmlessly.
 
+int8 caches (dtype torch.int8): k, v hold int8 codes and k_scale, v_scale (k's shape without D, float32) one
+symmetric scale per position and kv head (fastllm.kv_cache_append's quantisation: a quarter of fp32's bytes, half
+of bf16's, for decode_attention to read); None otherwise.
+
 Both: rows are ragged, row b holds its own `lengths[b]` tokens in positions [0, lengths[b]) without padding;
 nothing allocates per step and the tensors keep their addresses (what CUDA graphs need). `cos`, `sin`
 (Lmax, D) float32 are the rotary tables by absolute position, which kv_cache_append applies to each new key
@@ -21,20 +25,38 @@ import math
 
 import torch
 
+from ..reference.decode_attention import quantize_int8
+
 SCRATCH_BLOCK = 0  # the paged pool's block that no sequence owns
 
 
+def _storage(shape: tuple, dtype: torch.dtype, device) -> tuple:
+    """(k, v, k_scale, v_scale) zero buffers of `shape` (..., Hkv, D): int8 codes with float32 scales, or dtype."""
+    k, v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
+    if dtype != torch.int8:
+        return k, v, None, None
+    return (k, v, *(torch.zeros(shape[:-1], dtype=torch.float32, device=device) for _ in range(2)))
+
+
+def _store(cache, layer: int, index: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+    """cache.k[layer][index] = k (likewise v), quantised first for an int8 cache."""
+    if cache.k_scale is None:
+        cache.k[layer][index], cache.v[layer][index] = k, v
+        return
+    for codes, scales, x in ((cache.k, cache.k_scale, k), (cache.v, cache.v_scale, v)):
+        codes[layer][index], scales[layer][index] = quantize_int8(x)
+
+
 class StaticKVCache:
-    """k[layer], v[layer]: (B, Lmax, Hkv, D); lengths: (B,) int32 on the device (tokens held per row);
-    longest: an upper bound of lengths on the host (every decode step adds one token to every row, so it is
-    known without reading the device)."""
+    """k[layer], v[layer]: (B, Lmax, Hkv, D) (int8: with k_scale[layer], v_scale[layer] (B, Lmax, Hkv)); lengths:
+    (B,) int32 on the device (tokens held per row); longest: an upper bound of lengths on the host (every decode
+    step adds one token to every row, so it is known without reading the device)."""
     block_table = None
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, cos: torch.Tensor, sin: torch.Tensor):
         shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v, self.k_scale, self.v_scale = _storage(shape, dtype, device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         self.longest = 0
         self.max_len, self.batch = max_len, batch
@@ -48,8 +70,13 @@ class StaticKVCache:
     def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
         """Store k, v (T, Hkv, D) of layer at (rows[t], positions[t]) (both (T,) int64)."""
-        self.k[layer][rows, positions] = k
-        self.v[layer][rows, positions] = v
+        _store(self, layer, (rows, positions), k, v)
+
+    def scales(self, layer: int) -> tuple:
+        """(k_scale, v_scale) of layer for fastllm.kv_cache_append / decode_attention: None, None unless int8."""
+        if self.k_scale is None:
+            return None, None
+        return self.k_scale[layer], self.v_scale[layer]
 
     def release(self, row: int) -> None:
         """Forget row's tokens (length 0): decode steps then keep rewriting its slot 0, harmlessly, until
@@ -64,12 +91,14 @@ class StaticKVCache:
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         view.k, view.v, view.lengths = self.k[:, :n], self.v[:, :n], self.lengths[:n]
+        if self.k_scale is not None:
+            view.k_scale, view.v_scale = self.k_scale[:, :n], self.v_scale[:, :n]
         view.batch = n
         return view
 
 
 class PagedKVCache(StaticKVCache):
-    """k[layer], v[layer]: (num_blocks, block_size, Hkv, D); block_table (B, ceil(max_len / block_size)) int32
+    """k[layer], v[layer]: (num_blocks, block_size, Hkv, D) (int8: with scales, as StaticKVCache); block_table (B, ceil(max_len / block_size)) int32
     on the device; lengths (B,) int32; longest as in StaticKVCache. Host bookkeeping: `free` (the blocks no row
     holds) and `owned[b]` (row b's blocks, in position order). max_len bounds one row's positions (the table's
     width); the pool may hold fewer positions than batch * max_len."""
@@ -82,8 +111,7 @@ class PagedKVCache(StaticKVCache):
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 2:
             raise ValueError(f"num_blocks must be an int >= 2 (block 0 is scratch), got {num_blocks!r}")
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v, self.k_scale, self.v_scale = _storage(shape, dtype, device)
         self.block_size, self.num_blocks = block_size, num_blocks
         width = math.ceil(max_len / block_size)
         self.block_table = torch.full((batch, width), SCRATCH_BLOCK, dtype=torch.int32, device=device)
@@ -131,8 +159,7 @@ class PagedKVCache(StaticKVCache):
     def write(self, layer, rows, positions, k, v) -> None:
         blocks = self.block_table[rows, positions // self.block_size].long()
         slots = positions % self.block_size
-        self.k[layer][blocks, slots] = k
-        self.v[layer][blocks, slots] = v
+        _store(self, layer, (blocks, slots), k, v)
 
     def release(self, row: int, *, device: bool = True) -> None:
         """Return row's blocks to the pool and forget its tokens (length 0, table pointing at the scratch block).
