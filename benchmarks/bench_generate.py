@@ -8,8 +8,9 @@ fastllm's weights by fastllm.runtime.bench.transformers_model, run eagerly with 
 its StaticCache under torch.compile (both cropped back to L after every call; the compiled peer only in
 timed runs); llama.cpp through llama-cpp-python on the same GGUF when that
 package is installed (CPU, the default model only).
-CPU: the bundled SmolLM2-135M-Instruct GGUF in fp32 (suffix -act8: with int8 activations). GPU: random-weight models with the shapes of
-SmolLM2-135M, TinyLlama-1.1B and Llama-3-8B in bf16, and the same with int4 linear layers (name suffix -int4;
+CPU: the bundled SmolLM2-135M-Instruct GGUF in fp32 (suffix -act8: with int8 activations; -kv8: with an int8
+KV cache; transformers keeps its fp32 cache, llama.cpp its default f16 one). GPU: random-weight models with the
+shapes of SmolLM2-135M, TinyLlama-1.1B and Llama-3-8B in bf16, and the same with int4 linear layers (name suffix -int4;
 transformers runs their dequantised bf16 weights); decode cases also record the bandwidth bound (copy
 bandwidth measured in the same run / the weight bytes a step reads: _bytes_per_step) and the fraction of it
 reached.
@@ -37,13 +38,15 @@ GPU_MODELS = {  # name -> ModelConfig fields (vocab, dim, layers, heads, kv head
 }
 INT4 = "-int4"  # a GPU model name with this suffix: its linear layers quantised to int4, group 128 (lm_head kept)
 ACT8 = "-act8"  # the GGUF model with int8 activations (LLM.load(act="int8")), as llama.cpp computes
+KV8 = "-kv8"  # the GGUF model with an int8 KV cache (LLM.load(kv_cache="int8"))
 if DEVICE == "cuda":
     CASES = [(m + q, d, b, n) for m in GPU_MODELS for q in ("", INT4)
              for d, b, n in (("prefill", 1, 512), ("decode", 1, 512), ("decode", 16, 512))]
 else:
     CASES = [("smollm2-135m-gguf", "prefill", 1, 128), ("smollm2-135m-gguf", "decode", 1, 128),
              ("smollm2-135m-gguf", "decode", 4, 128), ("smollm2-135m-gguf" + ACT8, "decode", 1, 128),
-             ("smollm2-135m-gguf", "decode", 1, 2048)]  # a long chat: the KV cache read as much as the weights
+             ("smollm2-135m-gguf", "decode", 1, 2048),  # a long chat: the KV cache read as much as the weights
+             ("smollm2-135m-gguf" + KV8, "decode", 1, 2048)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +55,8 @@ def _model(name: str):
     if "-gguf" in name:
         from fastllm import LLM
 
-        model = LLM.load(device=DEVICE, dtype=torch.float32, act="int8" if name.endswith(ACT8) else "float").model
+        model = LLM.load(device=DEVICE, dtype=torch.float32, act="int8" if name.endswith(ACT8) else "float",
+                         kv_cache="int8" if name.endswith(KV8) else None).model
     else:
         from fastllm.models import Llama, ModelConfig, build_model
 
@@ -142,7 +146,7 @@ def _transformers_compiled_peer(hf, direction: str, b: int, n: int, disabled: bo
         if disabled:
             raise Unsupported("torch.compile takes minutes here: timed runs only")
         if again:
-            raise Unsupported("the same dequantised weights as the float-activation case, measured there")
+            raise Unsupported("the same model and cache as the float-activation, float-cache case, measured there")
         from transformers import StaticCache
 
         ids = gen_bench.prompts(hf.config.vocab_size, b, n).to(DEVICE)
@@ -203,7 +207,7 @@ def test_generate(benchmark, name, direction, b, n):
     model, hf = _model(name)
     peers = {"transformers": _transformers_peer(hf, direction, b, n),
              "transformers static+compile": _transformers_compiled_peer(hf, direction, b, n, benchmark.disabled,
-                                                                        again=name.endswith(ACT8))}
+                                                                        again=name.endswith((ACT8, KV8)))}
     if "-gguf" in name:
         peers["llama.cpp"] = _llama_cpp_peer(direction, b, n)
     tokens = b * n if direction == "prefill" else b

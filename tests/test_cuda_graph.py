@@ -18,14 +18,14 @@ def test_cpu_uses_the_eager_step(tmp_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_replay_equals_eager_decode(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,kv", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.int8)])
+def test_replay_equals_eager_decode(tmp_path, dtype, kv):
     tiny_llama(tmp_path)
     model, cfg = load_hf_dir(str(tmp_path), "cuda", dtype)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
     toks = torch.randint(3, cfg.vocab_size, (6, len(prompts)), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.inference_mode():
-        eager_cache, graph_cache = model.new_cache(3, 16), model.new_cache(3, 16)
+        eager_cache, graph_cache = model.new_cache(3, 16, dtype=kv), model.new_cache(3, 16, dtype=kv)
         model.prefill(prompts, eager_cache)
         model.prefill(prompts, graph_cache)
         graphed = cuda_graph.GraphedDecode(model, graph_cache)
