@@ -31,7 +31,7 @@ def _bench_generate(args, device: str) -> int:
 
     print(f"\n# generation: loading {args.model or 'the bundled SmolLM2-135M-Instruct'} on {device} ...",
           file=sys.stderr, flush=True)
-    model = LLM.load(args.model, device=device).model
+    model = LLM.load(args.model, device=device, **_load_options(args)).model
     b, p, n = args.batch, args.prompt_len, args.new_tokens
     weights = {id(t): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
     quantised = sum(1 for m in model.modules() if hasattr(m, "quantized_weight"))
@@ -111,8 +111,13 @@ def _load(args):
 
         if "WORLD_SIZE" not in os.environ:
             raise ValueError("--tp runs under torchrun: torchrun --nproc-per-node N -m fastllm.cli generate --tp ...")
-        return LLM.load(args.model, device=_init_distributed(args.device), tensor_parallel=True)
-    return LLM.load(args.model, device=args.device)
+        return LLM.load(args.model, device=_init_distributed(args.device), tensor_parallel=True,
+                        **_load_options(args))
+    return LLM.load(args.model, device=args.device, **_load_options(args))
+
+
+def _load_options(args) -> dict:
+    return dict(act=args.act, kv_cache=args.kv_cache)
 
 
 def _sampling(args) -> dict:
@@ -179,13 +184,20 @@ def _serve(args) -> int:
         return 2
     serve(args.model, host=args.host, port=args.port, device=args.device, api_key=args.api_key,
           max_seqs=args.max_seqs, max_queue=args.max_queue, context_len=args.context_len,
-          kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
+          kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, load_options=_load_options(args))
     return 0
+
+
+def _runtime_args(p) -> None:
+    p.add_argument("--act", choices=("float", "int8"), default="float",
+                   help="activations of the quantised layers: float (exact, default) or int8 (faster on CPU)")
+    p.add_argument("--kv-cache", choices=("int8",), help="an int8 KV cache (a quarter of fp32's bytes)")
 
 
 def _model_args(p, max_new_tokens: int) -> None:
     p.add_argument("-m", "--model", help="a Hugging Face model directory or a .gguf file (default: SmolLM2-135M)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    _runtime_args(p)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -209,6 +221,7 @@ def main(argv=None) -> int:
     bench.add_argument("--batch", type=int, default=1, help="generation benchmark: prompts per batch")
     bench.add_argument("--prompt-len", type=int, default=128, help="generation benchmark: prompt tokens")
     bench.add_argument("--new-tokens", type=int, default=32, help="generation benchmark: decode steps")
+    _runtime_args(bench)
     gen = sub.add_parser("generate", help="complete a prompt, printing the text as it is generated")
     gen.add_argument("prompt")
     gen.add_argument("--tp", action="store_true", help="tensor-parallel over the torchrun processes "
@@ -248,6 +261,7 @@ def main(argv=None) -> int:
     srv.add_argument("--kv-cache-tokens", type=int, help="positions in the paged KV cache, shared by all "
                                                          "sequences (default: 8 x context-len)")
     srv.add_argument("--block-size", type=int, default=16, help="positions per KV cache block")
+    _runtime_args(srv)
     args = parser.parse_args(argv)
     commands = {"bench": _bench, "generate": _generate, "chat": _chat, "train": _train, "serve": _serve}
     try:

@@ -19,6 +19,17 @@ def test_generate(model_dir, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_generate_int8_activations_and_cache(model_dir, capsys, monkeypatch):
+    """--act int8 --kv-cache int8 reach LLM.load (a float model's layers are not quantised: act changes nothing)."""
+    load, seen = fastllm.LLM.load, []
+    monkeypatch.setattr(fastllm.LLM, "load", lambda *a, **kw: seen.append(kw) or load(*a, **kw))
+    args = ["generate", "the dog", "-m", model_dir, "--max-new-tokens", "8", "--device", "cpu"]
+    assert main(args + ["--act", "int8", "--kv-cache", "int8"]) == 0
+    assert seen == [dict(device="cpu", act="int8", kv_cache="int8")]
+    llm = load(model_dir, device="cpu", act="int8", kv_cache="int8")
+    assert capsys.readouterr().out == llm.generate("the dog", max_new_tokens=8) + "\n"
+
+
 def test_chat(model_dir, capsys, monkeypatch):
     lines = iter(["hello", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))

@@ -26,15 +26,17 @@ def model_name(path: str | None) -> str:
 
 
 def serve(path: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, device=None,
-          api_key: str | None = None, log_level: str = "info", **engine_options) -> None:
+          api_key: str | None = None, log_level: str = "info", load_options: dict | None = None,
+          **engine_options) -> None:
     """Load the model at `path` (None: the bundled SmolLM2-135M-Instruct) and serve it until interrupted;
-    engine_options go to the Engine (max_seqs, max_queue, context_len, kv_cache_tokens, block_size)."""
+    load_options go to LLM.load (act, kv_cache), engine_options to the Engine (max_seqs, max_queue, context_len,
+    kv_cache_tokens, block_size)."""
     import uvicorn
 
     from ..llm import LLM
 
-    app = create_app(LLM.load(path, device=device), model_name=model_name(path), api_key=api_key,
-                     **engine_options)
+    app = create_app(LLM.load(path, device=device, **(load_options or {})), model_name=model_name(path),
+                     api_key=api_key, **engine_options)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
