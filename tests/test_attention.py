@@ -397,6 +397,38 @@ def test_cpu_flash_path(monkeypatch, strided, gqa):
     assert_close("out", out, peer, expected)
 
 
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_cpu_flash_backward(monkeypatch, gqa, with_lse):
+    """On CPU the backward runs ATen's flash attention backward where the forward ran its forward and the
+    log-sum-exp has no gradient (with return_lse's lse in the loss: the reference), from (B, L, H, D) views, and
+    the gradients match float64 within twice torch's own fp32 error."""
+    from fastllm.ops import _attention_cpu
+    calls = []
+    real = _attention_cpu._flash_bwd
+    monkeypatch.setattr(_attention_cpu, "_flash_bwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    hkv = 2 if gqa else 4
+    base = [randn((2, n, h, 40), torch.float32, "cpu", seed=i)
+            for i, (h, n) in enumerate(((4, 23), (hkv, 31), (hkv, 31)))]
+    dout = randn((2, 4, 23, 40), torch.float32, "cpu", seed=9)
+    grads = {}
+    for name in ("ours", "torch", "f64"):
+        leaves = [(x.double() if name == "f64" else x).clone().requires_grad_(True) for x in base]
+        q, k, v = (x.transpose(1, 2) for x in leaves)
+        if name == "ours":
+            out, lse = attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=gqa, return_lse=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=gqa)
+            lse = torch.logsumexp(0.3 * q @ k.repeat_interleave(4 // hkv, 1).transpose(-1, -2)
+                                  + torch.full((23, 31), float("-inf"), dtype=q.dtype).triu(1), -1)
+        loss = (out * dout.to(out.dtype)).sum() + (lse.sum() if with_lse else 0)
+        loss.backward()
+        grads[name] = [x.grad for x in leaves]
+    assert len(calls) == (not with_lse)
+    for n, ours, peer, expected in zip("qkv", grads["ours"], grads["torch"], grads["f64"]):
+        assert_close("d" + n, ours, peer, expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
 def test_triton_small_tiles(device, causal):

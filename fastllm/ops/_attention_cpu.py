@@ -10,6 +10,10 @@ from torch 2.13 on (the version checked here); older torch gets K and V repeated
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, D) -> out (B, Hq, Lq, D) in q's dtype,
     lse2 (B, Hq, Lq) float32 = log2 sum_j exp(s_j)
+
+The backward (flash_bwd) is ATen's CPU flash attention backward under the same conditions, when the log-sum-exp
+gets no gradient of its own (ATen's does not take one) and GQA heads are read in place: dq, dk, dv without the
+(Lq, Lk) matrices the reference backward forms.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 _GQA_IN_PLACE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
@@ -40,3 +45,15 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out, lse = _flash(q, k, v, 0.0, is_causal, scale=scale)
     return out, lse.float() * _LOG2E
+
+
+def flash_bwd(dout: torch.Tensor, dlse2: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None, out: torch.Tensor, lse2: torch.Tensor, scale: float, is_causal: bool,
+              bottom_right: bool, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(dq, dk, dv) from ATen's CPU flash attention backward, given the forward's out and lse2; None where
+    flash_fwd did not compute the forward, lse2 has a gradient, or GQA would need K and V repeated."""
+    if (_flash_bwd is None or not applies(q, k, v, q.shape[2], k.shape[2], mask is not None, is_causal, bottom_right,
+                                          dropout_p)
+            or (k.shape[1] != q.shape[1] and not _GQA_IN_PLACE) or (dlse2 is not None and bool(dlse2.any()))):
+        return None
+    return tuple(_flash_bwd(dout, q, k, v, out, lse2 / _LOG2E, 0.0, is_causal, scale=scale))

@@ -23,7 +23,7 @@ from .._dispatch import select
 from ..reference.attention import attention_bwd as _ref_bwd
 from ..reference.attention import attention_fwd as _ref_fwd
 from ..reference.attention import dropout_keep as _ref_keep
-from ._attention_cpu import flash_fwd
+from ._attention_cpu import flash_bwd, flash_fwd
 from ._common import check_same_device, check_tensor, kernels
 
 MAX_HEAD_DIM = 256
@@ -102,8 +102,9 @@ def _attention_backward(dout: torch.Tensor, dlse2: Optional[torch.Tensor], q: to
         return _tk().attention_bwd(dout, dlse2, q, k, v, mask, out, lse2, scale=scale, is_causal=is_causal,
                                    bottom_right=bottom_right, dropout_p=dropout_p, seed=seed,
                                    deterministic=deterministic, dq=dq, dk=dk, dv=dv)
-    grads = _ref_bwd(dout, dlse2, q, k, v, mask, out, lse2, scale, is_causal, bottom_right, dropout_p,
-                     _keep(q, k, dropout_p, seed))
+    grads = (flash_bwd(dout, dlse2, q, k, v, mask, out, lse2, scale, is_causal, bottom_right, dropout_p)
+             or _ref_bwd(dout, dlse2, q, k, v, mask, out, lse2, scale, is_causal, bottom_right, dropout_p,
+                         _keep(q, k, dropout_p, seed)))
     for dst, src in zip((dq, dk, dv), grads):
         dst.copy_(src)
     return dq, dk, dv
