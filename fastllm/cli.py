@@ -36,7 +36,8 @@ def _bench_generate(args, device: str) -> int:
     weights = {id(t): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
     quantised = sum(1 for m in model.modules() if hasattr(m, "quantized_weight"))
     print(f"# {model.cfg.arch}, {sum(weights.values()) / 2**20:.0f} MiB of weights ({quantised} quantised layers), "
-          f"activations {model.tok_embeddings.weight.dtype}, batch {b}, prompt {p} tokens, {n} decode steps")
+          f"activations {model.tok_embeddings.weight.dtype} (quantised layers: {args.act}), KV cache "
+          f"{args.kv_cache or 'float'}, batch {b}, prompt {p} tokens, {n} decode steps")
     rows = {"fastllm": bench.time_fastllm(model, b, p, n)}
     try:
         hf = bench.transformers_model(model)
@@ -191,7 +192,7 @@ def _serve(args) -> int:
 def _runtime_args(p) -> None:
     p.add_argument("--act", choices=("float", "int8"), default="float",
                    help="activations of the quantised layers: float (exact, default) or int8 (faster on CPU)")
-    p.add_argument("--kv-cache", choices=("int8",), help="an int8 KV cache (a quarter of fp32's bytes)")
+    p.add_argument("--kv-cache", choices=("int8",), help="an int8 KV cache (a quarter of fp32's bytes, half of bf16's)")
 
 
 def _model_args(p, max_new_tokens: int) -> None:

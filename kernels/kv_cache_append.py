@@ -9,7 +9,8 @@ Shapes (any strides):
         cache_seqlens[b] + t
     cos, sin: None, or (max_position, R) tables indexed by that absolute position (R even, <= D)
 Math (fastllm/reference/decode_attention.py): "rotate half" rotary embedding of the first R features in fp32,
-then, for int8, per (position, kv head): scale = max|x| / 127, code = sign(x) floor(|x| / scale + 1/2).
+then, for int8, per (position, kv head): scale = max|x| / 127, code = sign(x) floor(|x| / scale + 1/2) (a row
+holding NaN: scale NaN, codes 0; a code of NaN, inf / inf: 0).
 Grid: Lnew x B; a program writes one position of one sequence, all its kv heads ([Hkv, D] tiles) and, with q,
 rotates that token's Hq query heads. A memory-bound copy: any tile works.
 """
@@ -74,8 +75,11 @@ def _append_kernel(KN, VN, KC, VC, KS, VS, BT, SEQ, COS, SIN, Q, QO,
             scale_dst = VS + page * svsp + slot * svsn + offs_h * svsh
         if INT8:
             scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), _INT8_MAX)
+            nan = tl.max((x != x).to(tl.int32), axis=1) > 0  # such a row: scale NaN, codes 0 (reads back NaN)
+            scale = tl.where(nan, float("nan"), scale)
             code = tl.floor(tl.math.div_rn(tl.abs(x), tl.where(scale > 0.0, scale, 1.0)[:, None]) + 0.5)
-            code = tl.minimum(code, _INT8_MAX)
+            code = tl.where(code == code, tl.minimum(code, _INT8_MAX), 0.0)
+            code = tl.where(nan[:, None], 0.0, code)
             tl.store(dst, tl.where(x < 0.0, -code, code).to(tl.int8), mask=ok)
             tl.store(scale_dst, scale, mask=offs_h < HKV)
         else:

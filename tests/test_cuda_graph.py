@@ -35,6 +35,9 @@ def test_replay_equals_eager_decode(tmp_path, dtype, kv):
             torch.testing.assert_close(got, expected)
             assert graph_cache.longest == eager_cache.longest
         assert torch.equal(graph_cache.lengths, eager_cache.lengths)
+        if kv is not None:  # the captured appends wrote the same codes and scales
+            for name in ("k", "v", "k_scale", "v_scale"):
+                assert torch.equal(getattr(graph_cache, name), getattr(eager_cache, name)), name
 
 
 @needs_cuda

@@ -119,6 +119,27 @@ def test_int8_round_trip_within_half_a_step(device, backend):
         assert torch.equal(args[c][idx].abs().amax(-1), torch.full_like(scale, 127, dtype=torch.int8))
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_int8_rows_with_nan_and_inf(device, backend):
+    """Rows holding NaN, inf or zeros quantise exactly as reference.quantize_int8: a NaN row gets scale NaN and
+    codes 0 (it reads back as NaN, as a float cache's row would), an inf row scale inf (NaN back), zeros 0."""
+    k_new = randn((1, 4, 2, 16), torch.float32, device, seed=40)
+    k_new[0, 0, 0, 3], k_new[0, 1, 1, 0], k_new[0, 2, 0, 5] = float("nan"), float("inf"), -float("inf")
+    k_new[0, 3, 1] = 0.0
+    k_cache = torch.zeros(1, 4, 2, 16, dtype=torch.int8, device=device)
+    v_cache, (k_scale, v_scale) = k_cache.clone(), (torch.zeros(1, 4, 2, device=device) for _ in range(2))
+    with running_on(backend):
+        fastllm.kv_cache_append(k_cache, v_cache, k_new, k_new.clone(),
+                                torch.zeros(1, dtype=torch.int32, device=device), k_scale=k_scale, v_scale=v_scale)
+    codes, scale = ref.quantize_int8(k_new)
+    for c, s in ((k_cache, k_scale), (v_cache, v_scale)):
+        assert torch.equal(c, codes) and torch.equal(s.isnan(), scale.isnan())
+        assert torch.equal(s.nan_to_num(), scale.nan_to_num())
+    assert scale[0, 0, 0].isnan() and (codes[0, 0, 0] == 0).all() and scale[0, 3, 1] == 0
+    back = ref.dequantize(k_cache, k_scale, torch.float32)
+    assert back[0, 0, 0].isnan().all() and back[0, 1, 1].isnan().any() and back[0, 2, 0].isnan().any()
+
+
 def test_append_then_decode_matches_reference():
     """Three decode steps of a paged int8 cache: append with rotary, then attend (lengths + 1)."""
     args = _setup(CASES["paged-int8-rope-q"], "cpu")

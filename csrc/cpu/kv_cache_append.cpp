@@ -6,6 +6,7 @@
 //   (R/2 <= j < R), y[j] = x[j] beyond R. The work is a few rows per call: one thread, plain loops.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "kernels.h"
 #include "ops.h"
@@ -36,12 +37,21 @@ template <DType D, bool I8>
 inline void write_row(const float* x, int64_t d, void* dst, float* scale) {
   if constexpr (I8) {
     float amax = 0.0f;
-    for (int64_t j = 0; j < d; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const float sc = amax / kInt8Max, safe = sc > 0.0f ? sc : 1.0f;
-    int8_t* out = static_cast<int8_t*>(dst);
+    bool nan = false;
     for (int64_t j = 0; j < d; ++j) {
+      amax = std::max(amax, std::fabs(x[j]));
+      nan |= std::isnan(x[j]);
+    }
+    int8_t* out = static_cast<int8_t*>(dst);
+    if (nan) {  // the row reads back as NaN, as a float cache's would: scale NaN, codes 0
+      std::fill(out, out + d, int8_t(0));
+      *scale = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
+    const float sc = amax / kInt8Max, safe = sc > 0.0f ? sc : 1.0f;
+    for (int64_t j = 0; j < d; ++j) {  // (an inf: NaN / inf codes; the scale inf makes the row NaN anyway)
       const float c = std::min(std::floor(std::fabs(x[j]) / safe + 0.5f), kInt8Max);
-      out[j] = static_cast<int8_t>(x[j] < 0.0f ? -c : c);
+      out[j] = std::isnan(c) ? int8_t(0) : static_cast<int8_t>(x[j] < 0.0f ? -c : c);
     }
     *scale = sc;
   } else {

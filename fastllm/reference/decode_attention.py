@@ -47,11 +47,13 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dty
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8, scale float32) of x (..., D) per row, as in the module docstring (float32 arithmetic)."""
+    """(codes int8, scale float32) of x (..., D) per row, as in the module docstring (float32 arithmetic). A row
+    holding NaN gets scale NaN and codes 0 (it reads back as NaN); a NaN code (inf / inf) is 0."""
     x = x.float()
     scale = x.abs().amax(-1) / INT8_MAX
     safe = torch.where(scale > 0, scale, 1.0)
     codes = torch.sign(x) * torch.floor(x.abs() / safe[..., None] + 0.5)
+    codes = torch.where(torch.isnan(scale)[..., None] | torch.isnan(codes), 0.0, codes)
     return codes.clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 

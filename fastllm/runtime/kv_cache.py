@@ -98,10 +98,10 @@ class StaticKVCache:
 
 
 class PagedKVCache(StaticKVCache):
-    """k[layer], v[layer]: (num_blocks, block_size, Hkv, D) (int8: with scales, as StaticKVCache); block_table (B, ceil(max_len / block_size)) int32
-    on the device; lengths (B,) int32; longest as in StaticKVCache. Host bookkeeping: `free` (the blocks no row
-    holds) and `owned[b]` (row b's blocks, in position order). max_len bounds one row's positions (the table's
-    width); the pool may hold fewer positions than batch * max_len."""
+    """k[layer], v[layer]: (num_blocks, block_size, Hkv, D) (int8: with scales, as StaticKVCache); block_table
+    (B, ceil(max_len / block_size)) int32 on the device; lengths (B,) int32; longest as in StaticKVCache. Host
+    bookkeeping: `free` (the blocks no row holds) and `owned[b]` (row b's blocks, in position order). max_len
+    bounds one row's positions (the table's width); the pool may hold fewer positions than batch * max_len."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, cos: torch.Tensor, sin: torch.Tensor, *,
