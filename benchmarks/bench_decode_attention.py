@@ -7,8 +7,8 @@ through (B, Hkv, L, D) views with enable_gqa=True (where a backend refuses those
 heads repeated is its input, and extra_info says so). Paged cases (block size 16, shuffled block table) compare
 with SDPA on the contiguous cache of the same shape (SDPA has no paged form). On the GPU every implementation runs
 as a CUDA graph of REPLAYS calls, as a captured decode step does, so the figures exclude Python overhead for all
-alike. On CPU one tiny case runs the default (torch) path, so `pytest benchmarks --benchmark-disable` covers this
-file.
+alike. On CPU (fp32) the C++ kernel runs against torch's SDPA on the same cache, the Python calls included for
+both; the first case is CI's small smoke run.
 """
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ import torch
 import torch.nn.functional as F
 
 import fastllm
-from fastllm import _bench
+from harness import DEVICE, compare
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPLAYS = 20
 """Calls per captured CUDA graph; the time of one call is the graph's time / REPLAYS."""
 PAGE = 16
 """Block size of the paged cases (vLLM's default)."""
-HEADS = (32, 8, 128) if DEVICE == "cuda" else (4, 2, 64)  # Hq, Hkv, D
+HEADS = (32, 8, 128)  # Hq, Hkv, D
 CASES = ([(b, n, layout) for layout in ("contiguous", "paged") for b in (1, 16, 64) for n in (4096, 32768)]
-         + [(1, 4096, "int8"), (16, 32768, "int8")] if DEVICE == "cuda" else [(1, 256, "contiguous")])
-_ENV = None
+         + [(1, 4096, "int8"), (16, 32768, "int8")] if DEVICE == "cuda"
+         else [(1, 256, "contiguous"), (1, 4096, "contiguous"), (8, 2048, "contiguous"), (1, 4096, "paged"),
+               (1, 4096, "int8")])
 
 
 def _cache(b: int, n: int, layout: str):
@@ -89,49 +89,45 @@ def _graphed(fn):
     return graph.replay
 
 
-def _seconds(fn, backend=None) -> tuple[float, str]:
-    """Seconds per call of fn (under SDPA backend `backend` when given) and how SDPA ran (peers only)."""
-    from torch.nn.attention import sdpa_kernel
+def _timed(fn):
+    """What is timed for fn: on the GPU a CUDA graph of REPLAYS calls of it, on CPU fn itself."""
+    return _graphed(fn) if DEVICE == "cuda" else fn
 
-    with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-        how = ""
-        if isinstance(fn, tuple):
-            fn, how = _sdpa(*fn)
-        if DEVICE != "cuda":
-            return _bench.time_it(fn, DEVICE), how
-        return _bench.time_it(_graphed(fn), DEVICE) / REPLAYS, how
+
+def _sdpa_peer(q, k, v, backend, inputs: dict):
+    """A harness peer: SDPA under `backend` (None: torch's choice) on the same cache; inputs[name] records how it
+    read it (_sdpa)."""
+    @contextlib.contextmanager
+    def make():
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            fn, inputs[backend] = _sdpa(q, k, v)
+            yield _timed(fn)
+    return make
 
 
 def _peers():
     if DEVICE != "cuda":
-        return {"sdpa": None}
+        return {"torch sdpa": None}
     from torch.nn.attention import SDPBackend
 
-    return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+    return {"sdpa flash": SDPBackend.FLASH_ATTENTION, "sdpa cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 @pytest.mark.parametrize("b,n,layout", CASES, ids=[f"B{b}-L{n}-{layout}" for b, n, layout in CASES])
 def test_decode_attention(benchmark, b, n, layout):
-    global _ENV
-    q, lens, args, (k, v), (nbytes, peer_bytes) = _cache(b, n, layout)
+    q, lens, args, (k, v), (nbytes, _) = _cache(b, n, layout)
     fn = (lambda: fastllm.decode_attention(q, cache_seqlens=lens, **args))
-    benchmark.group = f"decode_attention-B{b}-L{n}-{layout}"
-    benchmark(_bench.synchronized(fn, DEVICE))
-    if benchmark.disabled:
-        return
-    _ENV = _ENV or _bench.environment(DEVICE)
-    seconds, _ = _seconds(fn)
+    inputs = {}
+    peers = {name: _sdpa_peer(q, k, v, backend, inputs) for name, backend in _peers().items()}
     hq, hkv, d = HEADS
-    info = {"op": "decode_attention", "direction": "fwd", "shape": [b, n, hq, hkv, d], "layout": layout,
-            "dtype": str(q.dtype).replace("torch.", ""), "impl": "fastllm", "bytes": nbytes,
-            "gbps": nbytes / seconds / 1e9, "replays_per_graph": REPLAYS if DEVICE == "cuda" else 0, **_ENV}
-    for name, backend in _peers().items():
-        try:
-            peer_s, how = _seconds((q, k, v), backend)
-        except RuntimeError as exc:  # the backend cannot run this shape here
-            info[f"{name}_error"] = str(exc).splitlines()[0][:200]
-            continue
-        info[f"{name}_gbps"] = peer_bytes / peer_s / 1e9
-        info[f"ratio_vs_{name}"] = peer_s / seconds
-        info[f"{name}_input"] = how
-    benchmark.extra_info.update(info)
+    calls = REPLAYS if DEVICE == "cuda" else 1
+    compare(benchmark, _timed(fn), peers, group=f"decode_attention-B{b}-L{n}-{layout}", suite="decode_attention",
+            case={"op": "decode_attention", "direction": "fwd", "shape": [b, n, hq, hkv, d], "layout": layout,
+                  "dtype": str(q.dtype).replace("torch.", ""), "calls_per_timing": calls},
+            work=nbytes * calls, unit="GB/s",
+            counted="K and V bytes of the valid tokens fastllm reads (int8: codes and scales; SDPA reads the "
+                    "same tokens dequantised), per call")
+    if not benchmark.disabled:
+        benchmark.extra_info["sdpa_input"] = {str(name): how for name, how in inputs.items()}
