@@ -33,8 +33,8 @@ CASES = ([(b, n, layout) for layout in ("contiguous", "paged") for b in (1, 16, 
 
 
 def _cache(b: int, n: int, layout: str):
-    """q (B, 1, Hq, D), the cache arguments for fastllm.decode_attention, the contiguous k, v for SDPA, and the K/V
-    bytes of the valid tokens fastllm reads and SDPA reads (they differ for int8, which SDPA reads dequantised)."""
+    """q (B, 1, Hq, D), the cache arguments for fastllm.decode_attention, the contiguous k, v for SDPA (an int8
+    cache dequantised), and the K/V bytes of the valid tokens fastllm reads (int8: codes and scales)."""
     hq, hkv, d = HEADS
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -46,7 +46,7 @@ def _cache(b: int, n: int, layout: str):
         scales = [torch.rand((b, n, hkv), generator=g, device=DEVICE) * 0.02 for _ in range(2)]
         kv = [c.to(dtype) * s[..., None].to(dtype) for c, s in zip(codes, scales)]
         args = dict(k_cache=codes[0], v_cache=codes[1], k_scale=scales[0], v_scale=scales[1])
-        return q, lens, args, kv, (2 * b * n * hkv * (d + 4), 2 * b * n * hkv * d * kv[0].element_size())
+        return q, lens, args, kv, 2 * b * n * hkv * (d + 4)
     kv = [torch.randn((b, n, hkv, d), generator=g, device=DEVICE, dtype=dtype) for _ in range(2)]
     args = dict(k_cache=kv[0], v_cache=kv[1])
     if layout == "paged":
@@ -56,8 +56,7 @@ def _cache(b: int, n: int, layout: str):
         for dst, src in zip(paged, kv):
             dst[table.flatten()] = src.view(blocks, PAGE, hkv, d)
         args = dict(k_cache=paged[0], v_cache=paged[1], block_table=table.int())
-    nbytes = 2 * b * n * hkv * d * kv[0].element_size()
-    return q, lens, args, kv, (nbytes, nbytes)
+    return q, lens, args, kv, 2 * b * n * hkv * d * kv[0].element_size()
 
 
 def _sdpa(q, k, v):
@@ -117,7 +116,7 @@ def _peers():
 
 @pytest.mark.parametrize("b,n,layout", CASES, ids=[f"B{b}-L{n}-{layout}" for b, n, layout in CASES])
 def test_decode_attention(benchmark, b, n, layout):
-    q, lens, args, (k, v), (nbytes, _) = _cache(b, n, layout)
+    q, lens, args, (k, v), nbytes = _cache(b, n, layout)
     fn = (lambda: fastllm.decode_attention(q, cache_seqlens=lens, **args))
     inputs = {}
     peers = {name: _sdpa_peer(q, k, v, backend, inputs) for name, backend in _peers().items()}

@@ -137,22 +137,20 @@ inline int64_t num_chunks(int64_t rows, int64_t cols) {
 }
 
 // qmatmul: rows of x handled together per pass over a weight row (the row stays in L1 between
-// passes, so the weights are read from memory once for any m), and f(std::integral_constant<int,
-// mt>) for mt in [1, kQRows].
+// passes, so the weights are read from memory once for any m).
 constexpr int kQRows = 8;
 
+// f(std::integral_constant<int, mt>) for mt in [1, Max] (mt outside: the nearest end).
+template <int Max, int N = 1, typename F>
+inline void dispatch_upto(int mt, F&& f) {
+  if constexpr (N == Max) f(std::integral_constant<int, N>{});
+  else if (mt <= N) f(std::integral_constant<int, N>{});
+  else dispatch_upto<Max, N + 1>(mt, f);
+}
+
 template <typename F>
-inline void dispatch_rows(int mt, F&& f) {
-  switch (mt) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
-  }
+inline void dispatch_rows(int mt, F&& f) {  // mt in [1, kQRows]
+  dispatch_upto<kQRows>(mt, f);
 }
 
 template <typename F>

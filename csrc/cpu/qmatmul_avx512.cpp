@@ -52,16 +52,6 @@ constexpr int kFloatTileRows = 4, kFloatXRows = 4;
 // R streams, which the hardware prefetcher follows poorly; see kAheadPassesFloat at m = 1).
 constexpr int64_t kAheadFloat = 2;
 
-template <typename Fn>
-inline void dispatch_x_rows(int mt, Fn&& f) {  // f(integral_constant<int, mt>) for mt in [1, kFloatXRows]
-  switch (mt) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
-  }
-}
-
 
 
 template <QFormat F>
@@ -260,7 +250,7 @@ void float_tile(const FloatActs& p, const WRow* rows, int64_t jn, int64_t row_by
   const int64_t passes = (m + kFloatXRows - 1) / kFloatXRows;
   for (int64_t m0 = 0, pass_i = 0; m0 < m; ++pass_i) {
     const int64_t mt = (m - m0) / (passes - pass_i);  // even passes: the later ones take the extra rows
-    dispatch_x_rows(static_cast<int>(mt), [&](auto t) {
+    dispatch_upto<kFloatXRows>(static_cast<int>(mt), [&](auto t) {
       constexpr int MT = decltype(t)::value;
       auto pass = [&](auto rt, int64_t jj) {
         constexpr int R = decltype(rt)::value;
