@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]  # only for files named *_avx2.cpp (chosen at run time)
 AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]  # *_avx512.cpp
+AVX512BF16_FLAGS = AVX512_FLAGS + ["-mavx512bf16"]  # *_avx512bf16.cpp
 
 
 def _find_nvcc():
@@ -86,7 +87,8 @@ class NinjaBuildExt(build_ext):
         jobs = []  # (output, command)
         for src in cpp:
             obj = build_dir / (Path(src).relative_to(CSRC).as_posix().replace("/", "__") + ".o")
-            extra = AVX2_FLAGS if src.endswith("_avx2.cpp") else AVX512_FLAGS if src.endswith("_avx512.cpp") else []
+            extra = {"_avx2.cpp": AVX2_FLAGS, "_avx512.cpp": AVX512_FLAGS, "_avx512bf16.cpp": AVX512BF16_FLAGS}.get(
+                src[src.rfind("_"):], [])
             jobs.append((str(obj), [cxx, *cxx_flags, *extra, *includes, *defines, "-MMD", "-MF", f"{obj}.d", "-c", src,
                                     "-o", str(obj)]))
         for src in cu:

@@ -12,7 +12,8 @@ act="float" figure is the dispatcher's choice: the CUDA GEMV (csrc/cuda/qmatmul_
 Triton GEMM with dequantisation in the K loop (kernels/qmatmul.py) for M = 16 and 128; act="int8" still
 runs the dequantise-then-matmul reference there.
 fastllm variants: int8 (per-channel) and int4 (symmetric, group 128), each with float activations
-(act="float", exact weights) and int8 activations (act="int8", integer dot products); on the GPU also
+(act="float", exact weights) and int8 activations (act="int8", integer dot products); on the CPU also
+"int4-bf16", float mode with bfloat16 activations as the torch peers get them; on the GPU also
 "int8-triton" / "int4-triton", the Triton GEMM forced at every M (at M <= 8 against the GEMV's figure).
 On a CPU with AVX-512 VNNI fastllm runs its AVX-512 path; FASTLLM_DISABLE_AVX512=1 times the AVX2 one
 instead. With --benchmark-disable (CI) only the tiny case runs, once.
@@ -36,12 +37,14 @@ TINY = (1, 256, 256)  # (M, K, N): the case CI runs
 GEMV_MAX_M = 8  # up to this M the cases report GB/s of weights (suite "qmatmul"), above it TFLOP/s ("qmatmul-gemm")
 DTYPE = torch.bfloat16 if GPU else torch.float32
 INT4_GROUP = 128
-VARIANTS = {"int8": ("int8", None, "float", None), "int8-act8": ("int8", None, "int8", None),
-            "int4": ("int4", INT4_GROUP, "float", None), "int4-act8": ("int4", INT4_GROUP, "int8", None)}
-"""name: (scheme, group size, act, forced backend or None for the dispatcher's choice)."""
+VARIANTS = {"int8": ("int8", None, "float", None, DTYPE), "int8-act8": ("int8", None, "int8", None, DTYPE),
+            "int4": ("int4", INT4_GROUP, "float", None, DTYPE), "int4-act8": ("int4", INT4_GROUP, "int8", None, DTYPE)}
+"""name: (scheme, group size, act, forced backend or None for the dispatcher's choice, x's dtype)."""
 if GPU:
-    VARIANTS.update({"int8-triton": ("int8", None, "float", "triton"),
-                     "int4-triton": ("int4", INT4_GROUP, "float", "triton")})
+    VARIANTS.update({"int8-triton": ("int8", None, "float", "triton", DTYPE),
+                     "int4-triton": ("int4", INT4_GROUP, "float", "triton", DTYPE)})
+else:  # the peers' activation dtype (AVX512_BF16 CPUs: bfloat16 dot products at M = 1, else converted)
+    VARIANTS["int4-bf16"] = ("int4", INT4_GROUP, "float", None, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=2)
@@ -90,15 +93,15 @@ def _params():
 def test_qmatmul(benchmark, m, k, n, variant):
     if benchmark.disabled and (m, k, n) != TINY:
         pytest.skip("only the tiny case runs with --benchmark-disable")
-    scheme, group, act, backend = VARIANTS[variant]
+    scheme, group, act, backend, dtype = VARIANTS[variant]
     q = fastllm.quantize(_torch_weights(k, n)[0], scheme, group)
-    x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
 
     def run():
         with fastllm.use_backend(backend) if backend else contextlib.nullcontext():
             return fastllm.qmatmul(x, q, act=act)
 
-    case = {"op": "qmatmul", "variant": variant, "shape": [m, k, n], "dtype": str(DTYPE)[6:]}
+    case = {"op": "qmatmul", "variant": variant, "shape": [m, k, n], "dtype": str(dtype)[6:]}
     if m <= GEMV_MAX_M:  # bound by reading the weights
         measure = dict(suite="qmatmul", work=q.nbytes, unit="GB/s",
                        counted="bytes of fastllm's packed weight and scales, read once per call")

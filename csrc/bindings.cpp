@@ -350,9 +350,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_has_avx2_fma", &fastllm::cpu_has_avx2_fma, "CPU supports AVX2 and FMA");
   m.def("cpu_use_avx2", &fastllm::cpu_use_avx2, "the AVX2/FMA paths are in use");
   m.def("cpu_has_avx512_vnni", &fastllm::cpu_has_avx512_vnni, "CPU and OS support AVX-512 F/BW/VL/VNNI");
-  m.def("cpu_simd_level", &fastllm::cpu_simd_level, "SIMD level in use: 0 scalar, 1 avx2, 2 avx512");
+  m.def("cpu_has_avx512_bf16", &fastllm::cpu_has_avx512_bf16, "CPU supports AVX-512 VNNI and AVX512_BF16");
+  m.def("cpu_simd_level", &fastllm::cpu_simd_level,
+        "SIMD level in use: 0 scalar, 1 avx2, 2 avx512, 3 avx512 with bf16 dot products");
   m.def("set_cpu_simd_max", &fastllm::set_cpu_simd_max, py::arg("level"),
-        "cap the SIMD level (0 scalar, 1 avx2, 2 avx512: no cap); the tests run every path this way");
+        "cap the SIMD level (0 scalar, 1 avx2, 2 avx512, 3 avx512bf16: no cap); the tests run every path this way");
   m.def("set_cpu_simd_enabled", &fastllm::set_cpu_simd_enabled, py::arg("enabled"),
         "switch the SIMD paths off (False) to run the scalar paths, or back on");
 

@@ -111,7 +111,7 @@ def backends() -> dict:
     reason = why_not("cpu", torch.device("cpu"))
     cpu = {"available": reason is None, "reason": reason or ""}
     if _C is not None:
-        cpu["simd"] = ("scalar", "avx2+fma", "avx512+vnni")[_C.cpu_simd_level()]
+        cpu["simd"] = ("scalar", "avx2+fma", "avx512+vnni", "avx512+vnni+bf16")[_C.cpu_simd_level()]
     out["cpu"] = cpu
     out["torch"] = {"available": True, "reason": "", "version": torch.__version__}
     return out

@@ -19,7 +19,7 @@ def test_backends_report_every_backend_with_reasons():
     assert info["torch"]["available"]
     if os.environ.get("FASTLLM_STRICT") == "1":
         assert info["cpu"]["available"], info["cpu"]["reason"]
-        assert info["cpu"]["simd"] in ("avx512+vnni", "avx2+fma", "scalar")
+        assert info["cpu"]["simd"] in ("avx512+vnni+bf16", "avx512+vnni", "avx2+fma", "scalar")
 
 
 def test_dispatch_log_records_choice_and_reasons():

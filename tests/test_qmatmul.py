@@ -158,6 +158,26 @@ def test_qmatmul_one_and_two_rows_small_k(device, backend, scheme, group):
                     _check(*_case(m, n, k, torch.float32, device, 11 * i + m, scheme, group, i % 2 == 1), act, backend)
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme,group", [f for f in FORMATS if f[0] != "int8"], ids=str)
+def test_qmatmul_bfloat16_single_row(device, backend, scheme, group):
+    """M = 1 with bfloat16 x (on AVX512_BF16 CPUs the vdpbf16ps kernel, two blocks per step): K with an odd
+    number of blocks (the last step half empty: 1, 3, 5 and 33 blocks) and an even one, N below a pass of 4
+    weight rows, not a multiple of 4 and over many 16-row tiles on all threads, groups of 1-4 blocks, with
+    and without bias; then NaN and inf activations reach every output."""
+    g = group or 32
+    cases = [(7, 32), (37, 96), (21, 160), (45, 576), (600, 1056), (19, 1536)]  # (N, K)
+    for i, (n, k) in enumerate(cases):
+        if k % g == 0:
+            _check(*_case(1, n, k, torch.bfloat16, device, 5 * i + 1, scheme, group, i % 2 == 0), "float", backend)
+    x, q, _ = _case(1, 9, 160 if g == 32 else 256, torch.bfloat16, device, 3, scheme, group, False)
+    for value in (float("nan"), float("inf")):
+        bad = x.clone()
+        bad[0, 37] = value
+        with running_on(backend):
+            assert not torch.isfinite(fastllm.qmatmul(bad, q)).any(), value
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("scheme,group", FORMATS, ids=str)
 def test_qmatmul_few_rows_register_tiles(device, backend, scheme, group):
     """M = 2-7 in float mode (the AVX-512 register tiles of 4 weight rows x up to 4 rows of x: M = 5-7 in two
@@ -205,12 +225,13 @@ def test_non_finite_activations_give_non_finite_outputs(device, backend, act):
 def test_non_finite_scale_stays_in_its_row(device, backend, act, scheme, group):
     """A NaN or inf scale (a corrupt weight file) makes its own output channel non-finite and no other:
     K = 192 / 160 ends in a partial 64-byte unit on the AVX-512 path, whose lanes past the row's last
-    block must not read the next row's scales, at M = 1 (decode), 2 and 12 (the GEMMs)."""
+    block must not read the next row's scales, at M = 1 (decode; also with bfloat16 x, whose AVX512_BF16
+    kernel ends in half a step there), 2 and 12 (the GEMMs)."""
     k = 192 if group == 64 else 160
-    for m in (1, 2, 12):
+    for m, dtype in ((1, torch.float32), (2, torch.float32), (12, torch.float32), (1, torch.bfloat16)):
         if not _takes(backend, m, act):
             continue
-        x, q, _ = _case(m, 5, k, torch.float32, device, 7, scheme, group, False)
+        x, q, _ = _case(m, 5, k, dtype, device, 7, scheme, group, False)
         q.scales[2] = float("nan")
         q.scales[3, -1] = float("inf")
         with running_on(backend):

@@ -15,7 +15,8 @@ static bool env_set(const char* name) {
 static int env_cap() {
   if (env_set("FASTLLM_DISABLE_AVX2")) return kSimdScalar;
   if (env_set("FASTLLM_DISABLE_AVX512")) return kSimdAvx2;
-  return kSimdAvx512;
+  if (env_set("FASTLLM_DISABLE_AVX512_BF16")) return kSimdAvx512;
+  return kSimdAvx512Bf16;
 }
 
 static std::atomic<int> g_simd_max{env_cap()};
@@ -63,8 +64,21 @@ bool cpu_has_avx512_vnni() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return cpu_has_avx512_vnni() && __builtin_cpu_supports("avx512bf16");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 int cpu_simd_level() {
   const int cap = g_simd_max.load(std::memory_order_relaxed);
+  if (cap >= kSimdAvx512Bf16 && cpu_has_avx512_bf16()) return kSimdAvx512Bf16;
   if (cap >= kSimdAvx512 && cpu_has_avx512_vnni()) return kSimdAvx512;
   if (cap >= kSimdAvx2 && cpu_has_avx2_fma()) return kSimdAvx2;
   return kSimdScalar;
@@ -72,6 +86,6 @@ int cpu_simd_level() {
 
 void set_cpu_simd_max(int level) { g_simd_max.store(level, std::memory_order_relaxed); }
 
-void set_cpu_simd_enabled(bool enabled) { set_cpu_simd_max(enabled ? kSimdAvx512 : kSimdScalar); }
+void set_cpu_simd_enabled(bool enabled) { set_cpu_simd_max(enabled ? kSimdAvx512Bf16 : kSimdScalar); }
 
 }  // namespace fastllm

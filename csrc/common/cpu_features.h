@@ -8,21 +8,26 @@ namespace fastllm {
 //   0 scalar   portable C++
 //   1 avx2     *_avx2.cpp: AVX2, FMA, F16C
 //   2 avx512   *_avx512.cpp: AVX-512 F/BW/VL/VNNI (zmm and opmask state enabled by the OS)
-enum SimdLevel : int { kSimdScalar = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
+//   3 avx512bf16  *_avx512bf16.cpp: level 2 and AVX512_BF16 (vdpbf16ps: bfloat16 dot products)
+enum SimdLevel : int { kSimdScalar = 0, kSimdAvx2 = 1, kSimdAvx512 = 2, kSimdAvx512Bf16 = 3 };
 
 // True when the CPU and OS support AVX2 and FMA (and F16C).
 bool cpu_has_avx2_fma();
 // True when the CPU supports AVX-512 F/BW/VL/VNNI and the OS saves the zmm and opmask registers.
 bool cpu_has_avx512_vnni();
+// True when, besides that, the CPU supports AVX512_BF16.
+bool cpu_has_avx512_bf16();
 
 // The highest level the CPU supports, capped by set_cpu_simd_max (default: no cap; the
-// environment variables FASTLLM_DISABLE_AVX2=1 / FASTLLM_DISABLE_AVX512=1 cap it at load time
-// to scalar / avx2). The tests use the cap to run every path on one machine.
+// environment variables FASTLLM_DISABLE_AVX2=1 / FASTLLM_DISABLE_AVX512=1 /
+// FASTLLM_DISABLE_AVX512_BF16=1 cap it at load time to scalar / avx2 / avx512). The tests use the
+// cap to run every path on one machine.
 int cpu_simd_level();
 void set_cpu_simd_max(int level);
 inline bool cpu_use_avx2() { return cpu_simd_level() >= kSimdAvx2; }
 inline bool cpu_use_avx512() { return cpu_simd_level() >= kSimdAvx512; }
-// set_cpu_simd_max(enabled ? avx512 : scalar), kept for the tests that switch SIMD off.
+inline bool cpu_use_avx512_bf16() { return cpu_simd_level() >= kSimdAvx512Bf16; }
+// set_cpu_simd_max(enabled ? the highest level : scalar), kept for the tests that switch SIMD off.
 void set_cpu_simd_enabled(bool enabled);
 
 }  // namespace fastllm

@@ -62,6 +62,7 @@ struct RowArgs {
 // The kernels write y (m x n of dt, plus bias).
 struct QMatmulArgs {
   const float* xf; int64_t xf_stride;
+  const uint16_t* xbf;  // the bfloat16 row of x instead of xf (m = 1, int4, float mode; AVX512_BF16 only)
   const int8_t* qx; const float* dx; const float* sx;
   const void* w; const void* scales; const uint16_t* mins;
   const void* bias; void* y; int64_t y_stride;

@@ -174,8 +174,13 @@ void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales,
              const void* bias, void* y, int64_t y_stride, int64_t m, int64_t n, int64_t k, int64_t group,
              QFormat fmt, bool int8_act, DType dt) {
   if (m == 0) return;
-  QMatmulArgs a{nullptr, 0, nullptr, nullptr, nullptr, w, scales, mins, bias, y, y_stride,
+  QMatmulArgs a{nullptr, 0, nullptr, nullptr, nullptr, nullptr, w, scales, mins, bias, y, y_stride,
                 m, n, k, group, fmt, int8_act, dt};
+  if (m == 1 && dt == DType::BF16 && !int8_act && (fmt == QFormat::I4 || fmt == QFormat::I4Asym) &&
+      cpu_use_avx512_bf16()) {  // bfloat16 dot products, x as it is (qmatmul_m1_avx512bf16.cpp)
+    a.xbf = static_cast<const uint16_t*>(x);
+    return avx512::qmatmul(a);
+  }
   Prepared p;
   prepare(x, x_stride, a, p);
   if (cpu_use_avx512() && (int8_act || m < kAvx512FloatMaxM))

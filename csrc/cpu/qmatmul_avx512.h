@@ -41,6 +41,14 @@ struct FloatM1Acts {
 };
 FloatM1Acts prepare_float_m1(const QMatmulArgs& a);
 
+// Float mode, int4, m = 1, bfloat16 x (qmatmul_m1_avx512bf16.cpp, AVX512_BF16 CPUs): x re-laid per
+// pair of blocks (that file has the layout), and per group the sum of x (int4_asym's min term).
+struct Bf16M1Acts {
+  std::vector<uint16_t> xk;  // ((nb + 1) / 2) * 64 bfloat16
+  std::vector<float> sxg;    // k / group
+};
+Bf16M1Acts prepare_bf16_m1(const QMatmulArgs& a);
+
 // The 16 lanes of v added in double.
 inline double reduce_to_double(__m512 v) {
   const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
@@ -150,6 +158,9 @@ void tile_int8_m1(const Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64
 // The same in float mode over all of K, int4 weights.
 template <QFormat F>
 void tile_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64_t ng, double* part);
+
+// The same for a bfloat16 row of x (a.xbf) on an AVX512_BF16 CPU, without int4_asym's min term.
+void tile_bf16_m1(const Bf16M1Acts& p, const WRow* rows, int64_t jn, int64_t nb, double* part);
 
 // Int8 mode, many rows of x (prefill): the register-blocked VNNI GEMM of qmatmul_gemm_int8_avx512.cpp.
 template <QFormat F>
