@@ -110,10 +110,13 @@ def test_qmatmul_k_chunks_and_row_tiles(device, backend, act, scheme, group):
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int4_asym", 32)], ids=str)
 def test_qmatmul_rows_in_passes(device, backend, scheme, group):
-    """M = 549: the CPU GEMMs run passes of 256, 256 and 37 rows (x, its int8 form and y offset per pass)."""
+    """M = 549: the CPU GEMMs run passes of 256, 256 and 37 rows (x, its int8 form and y offset per pass;
+    bfloat16 x: the AVX512_BF16 GEMM's rows with a row stride of 200)."""
     for act in ("float", "int8"):
         if _takes(backend, 549, act):
             _check(*_case(549, 29, 160, torch.float32, device, 19, scheme, group, True), act, backend)
+    _, q, b = _case(549, 29, 160, torch.bfloat16, device, 21, scheme, group, True)
+    _check(randn((549, 200), torch.bfloat16, device, seed=22)[:, 20:180], q, b, "float", backend)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
@@ -226,9 +229,10 @@ def test_non_finite_scale_stays_in_its_row(device, backend, act, scheme, group):
     """A NaN or inf scale (a corrupt weight file) makes its own output channel non-finite and no other:
     K = 192 / 160 ends in a partial 64-byte unit on the AVX-512 path, whose lanes past the row's last
     block must not read the next row's scales, at M = 1 (decode; also with bfloat16 x, whose AVX512_BF16
-    kernel ends in half a step there), 2 and 12 (the GEMMs)."""
+    kernel ends in half a step there), 2 and 12 (the GEMMs, fp32 and bfloat16)."""
     k = 192 if group == 64 else 160
-    for m, dtype in ((1, torch.float32), (2, torch.float32), (12, torch.float32), (1, torch.bfloat16)):
+    for m, dtype in ((1, torch.float32), (2, torch.float32), (12, torch.float32), (1, torch.bfloat16),
+                     (12, torch.bfloat16)):
         if not _takes(backend, m, act):
             continue
         x, q, _ = _case(m, 5, k, dtype, device, 7, scheme, group, False)

@@ -61,8 +61,9 @@ struct RowArgs {
 // scales) and, for I4Asym, sx (m x k/group: sum over the group's blocks of dx * sum(qx)).
 // The kernels write y (m x n of dt, plus bias).
 struct QMatmulArgs {
-  const float* xf; int64_t xf_stride;
-  const uint16_t* xbf;  // the bfloat16 row of x instead of xf (m = 1, int4, float mode; AVX512_BF16 only)
+  const float* xf; int64_t xf_stride;  // (xf_stride is also xbf's row stride)
+  // x as it is, bfloat16, instead of xf (float mode, int4 weights, AVX512_BF16 CPUs: m = 1 or the GEMM's m)
+  const uint16_t* xbf;
   const int8_t* qx; const float* dx; const float* sx;
   const void* w; const void* scales; const uint16_t* mins;
   const void* bias; void* y; int64_t y_stride;
@@ -93,6 +94,11 @@ void qmatmul(const QMatmulArgs& a);
 // Int8 activations from this many rows of x on run the VNNI GEMM (qmatmul_gemm_int8_avx512.cpp): on
 // one Zen 4 core 0.6-1.1x the row-pass path at 8 rows, 1.2-1.4x at 12, 1.5-2.2x at 16, 3.4-4.8x at 128.
 constexpr int64_t kGemmInt8MinM = 12;
+// Bfloat16 activations (float mode, int4 weights, AVX512_BF16 CPUs) from this many rows of x on run the
+// vdpbf16ps GEMM (qmatmul_gemm_avx512bf16.cpp); one row runs qmatmul_m1_avx512bf16.cpp, the others are
+// converted to fp32. Its panels have 16 rows: on a 2-core Zen 4 (4096 x 4096, 3072 x 576, 1536 x 576,
+// int4_asym) it takes as long at 8 rows as at 16, 0.7-1.0x the fp32 path at 8, 1.1-1.4x at 9, 1.3-1.5x at 10-16.
+constexpr int64_t kGemmBf16MinM = 9;
 // qmatmul.cpp's int8-mode block quantisation (32 floats -> q, d, sum of q), bit-identical to it
 void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum);
 }  // namespace avx512
@@ -186,6 +192,7 @@ inline bool in_row_passes(const QMatmulArgs& a, Fn&& f) {
     QMatmulArgs p = a;
     p.m = std::min(kMaxPassRows, a.m - i0);
     if (a.xf) p.xf = a.xf + i0 * a.xf_stride;
+    if (a.xbf) p.xbf = a.xbf + i0 * a.xf_stride;
     if (a.qx) p.qx = a.qx + i0 * a.k, p.dx = a.dx + i0 * nb;
     if (a.sx) p.sx = a.sx + i0 * ng;
     p.y = static_cast<char*>(a.y) + i0 * a.y_stride * dtype_size(a.dt);

@@ -176,9 +176,10 @@ void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales,
   if (m == 0) return;
   QMatmulArgs a{nullptr, 0, nullptr, nullptr, nullptr, nullptr, w, scales, mins, bias, y, y_stride,
                 m, n, k, group, fmt, int8_act, dt};
-  if (m == 1 && dt == DType::BF16 && !int8_act && (fmt == QFormat::I4 || fmt == QFormat::I4Asym) &&
-      cpu_use_avx512_bf16()) {  // bfloat16 dot products, x as it is (qmatmul_m1_avx512bf16.cpp)
-    a.xbf = static_cast<const uint16_t*>(x);
+  if ((m == 1 || m >= avx512::kGemmBf16MinM) && dt == DType::BF16 && !int8_act &&
+      (fmt == QFormat::I4 || fmt == QFormat::I4Asym) && cpu_use_avx512_bf16()) {
+    a.xbf = static_cast<const uint16_t*>(x);  // bfloat16 dot products on x as it is
+    a.xf_stride = x_stride;
     return avx512::qmatmul(a);
   }
   Prepared p;

@@ -304,6 +304,8 @@ void run(const QMatmulArgs& a) {
   const int64_t k = a.k, nb = k / kBlock, ng = k / a.group;
   if constexpr (Int8Act)
     if (a.m >= kGemmInt8MinM) return gemm_int8<F>(a);
+  if constexpr (!Int8Act && kInt4<F>)
+    if (a.xbf && a.m > 1) return gemm_bf16<F>(a);
   const int64_t steps = Int8Act ? (nb + kUnit<F> - 1) / kUnit<F> : nb, cs = chunk_steps<F, Int8Act>(a);
   Acts p{};
   FloatActs pf{};

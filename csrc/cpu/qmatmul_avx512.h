@@ -162,6 +162,11 @@ void tile_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t jn, int64_t n
 // The same for a bfloat16 row of x (a.xbf) on an AVX512_BF16 CPU, without int4_asym's min term.
 void tile_bf16_m1(const Bf16M1Acts& p, const WRow* rows, int64_t jn, int64_t nb, double* part);
 
+// Float mode, int4 weights, many bfloat16 rows of x (a.xbf, AVX512_BF16 CPUs): the GEMM of
+// qmatmul_gemm_avx512bf16.cpp.
+template <QFormat F>
+void gemm_bf16(const QMatmulArgs& a);
+
 // Int8 mode, many rows of x (prefill): the register-blocked VNNI GEMM of qmatmul_gemm_int8_avx512.cpp.
 template <QFormat F>
 void gemm_int8(const QMatmulArgs& a);
