@@ -43,7 +43,7 @@ VARIANTS = {"int8": ("int8", None, "float", None, DTYPE), "int8-act8": ("int8", 
 if GPU:
     VARIANTS.update({"int8-triton": ("int8", None, "float", "triton", DTYPE),
                      "int4-triton": ("int4", INT4_GROUP, "float", "triton", DTYPE)})
-else:  # the peers' activation dtype (AVX512_BF16 CPUs: bfloat16 dot products at M = 1, else converted)
+else:  # the peers' activation dtype (AVX512_BF16 CPUs: bfloat16 dot products)
     VARIANTS["int4-bf16"] = ("int4", INT4_GROUP, "float", None, torch.bfloat16)
 
 

@@ -24,7 +24,8 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machin
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
 
 # Backends each op can run on, per device type ("cpu": the C++ kernels at the best SIMD level of this CPU,
-# "cpu-avx2": capped at AVX2 (ops with an AVX-512 path), "cpu-scalar": with SIMD switched off).
+# "cpu-avx512": capped at AVX-512 without its bfloat16 dot products, "cpu-avx2": capped at AVX2 (ops with
+# such paths), "cpu-scalar": with SIMD switched off).
 _BACKENDS = {
     "softmax": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},
     "layer_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
@@ -34,7 +35,8 @@ _BACKENDS = {
     "attention_varlen": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
     "decode_attention": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},
     "kv_cache_append": {"cpu": ["cpu", "triton", "torch"], "cuda": ["triton", "torch"]},
-    "qmatmul": {"cpu": ["cpu", "cpu-avx2", "cpu-scalar", "triton", "torch"], "cuda": ["cuda", "triton", "torch"]},
+    "qmatmul": {"cpu": ["cpu", "cpu-avx512", "cpu-avx2", "cpu-scalar", "triton", "torch"],
+                "cuda": ["cuda", "triton", "torch"]},
     "linear_cross_entropy": {"cpu": ["triton", "torch"], "cuda": ["triton", "torch"]},
 }
 
@@ -47,9 +49,10 @@ def device_backends(op: str):
 
 @contextlib.contextmanager
 def running_on(backend: str):
-    """Force `backend` for the ops in this block ("cpu-scalar" / "cpu-avx2" also cap the SIMD level)."""
+    """Force `backend` for the ops in this block ("cpu-scalar" / "cpu-avx2" / "cpu-avx512" also cap the SIMD
+    level)."""
     ext = _backend.extension()
-    caps = {"cpu-scalar": 0, "cpu-avx2": 1}
+    caps = {"cpu-scalar": 0, "cpu-avx2": 1, "cpu-avx512": 2}
     if backend in caps:
         ext.set_cpu_simd_max(caps[backend])
         try:

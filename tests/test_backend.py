@@ -136,3 +136,20 @@ def test_call_op_bumps_the_versions_of_what_a_mutating_op_writes():
     fastllm.kv_cache_append(k, v, torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1, 8), torch.zeros(1, dtype=torch.int32))
     assert k._version > before[0] and v._version > before[1]
     assert k[0, 0].eq(1).all() and k[0, 1:].eq(0).all()
+
+
+@pytest.mark.skipif(_backend.extension() is None, reason="fastllm._C is not built")
+def test_simd_caps_from_the_environment():
+    """FASTLLM_DISABLE_AVX2 / _AVX512 / _AVX512_BF16 cap the CPU kernels' SIMD level at load time (0 scalar,
+    1 avx2, 2 avx512, 3 avx512 with bfloat16 dot products), never above what the CPU has."""
+    ext = _backend.extension()
+    has = 3 if ext.cpu_has_avx512_bf16() else 2 if ext.cpu_has_avx512_vnni() else 1 if ext.cpu_has_avx2_fma() else 0
+    for var, cap in (("FASTLLM_DISABLE_AVX2", 0), ("FASTLLM_DISABLE_AVX512", 1), ("FASTLLM_DISABLE_AVX512_BF16", 2),
+                     (None, 3)):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLLM_DISABLE_")}
+        if var:
+            env[var] = "1"
+        out = subprocess.run([sys.executable, "-c", "from fastllm import _backend; "
+                              "print(_backend.extension().cpu_simd_level())"], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout.split()[-1]) == min(cap, has), (var, out.stdout)

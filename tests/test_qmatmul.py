@@ -181,6 +181,79 @@ def test_qmatmul_bfloat16_single_row(device, backend, scheme, group):
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme,group", [f for f in FORMATS if f[0] != "int8"], ids=str)
+def test_qmatmul_bfloat16_rows(device, backend, scheme, group):
+    """bfloat16 x with int4 weights at M = 2-11 (on AVX512_BF16 CPUs register tiles of 4 weight rows x up to 4
+    rows of x, in even passes) and from 12 rows on (the GEMM: panels of 16 and 32 rows, tiles of 48 weight rows,
+    K chunks of 8 blocks): N = 101 spans 16- and 48-row tiles with a partial last one, K = 1152 is 36 blocks
+    (groups up to 4 blocks), K = 1056 33 (an odd count, groups of 1)."""
+    shapes = [(101, 1152)] + ([(53, 1056)] if (group or 32) == 32 else [])
+    for n, k in shapes:
+        for i, m in enumerate((2, 3, 5, 8, 11, 12, 16, 40)):
+            _check(*_case(m, n, k, torch.bfloat16, device, 31 * i + n, scheme, group, i % 2 == 0), "float", backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme", ["int4", "int4_asym"])
+@pytest.mark.parametrize("group", [32, 128])
+def test_qmatmul_bfloat16_exact_sums(device, backend, scheme, group):
+    """Sums that are exact in bfloat16 must come out exactly, whichever kernel runs: x is 0 but for 6 entries of
+    +-1 per row (one in the last block), the scales 1/16 or 1/32 and the mins multiples of them, so every output is
+    a multiple of 1/32 below 8 (8 significant bits at most). A lane of the wrong block or row, or a scale of the wrong group, shows as a
+    wrong value rather than a small error under the tolerance."""
+    n, k = 45, 1056 if group == 32 else 1152
+    g = torch.Generator().manual_seed(group + len(scheme))
+    data = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    scales = (2.0 ** -torch.randint(4, 6, (n, k // group), generator=g).float()).half()
+    mins = None if scheme == "int4" else (scales.float() * torch.randint(-8, 1, scales.shape, generator=g)).half()
+    q = fastllm.QuantizedWeight(data, scales, mins, scheme, group, (n, k)).to(device)
+    for m in (1, 3, 8, 12, 33):
+        x = torch.zeros(m, k)
+        for i in range(m):
+            at = torch.cat([torch.randperm(k - 32, generator=g)[:5], torch.randint(k - 32, k, (1,), generator=g)])
+            x[i, at] = torch.randint(0, 2, (6,), generator=g).float() * 2 - 1
+        x = x.to(device, torch.bfloat16)
+        ref = x.double() @ q.dequantize(torch.float64).t()
+        assert (ref * 32 == (ref * 32).round()).all() and ref.abs().max() < 8  # exact in bfloat16
+        with running_on(backend):
+            y = fastllm.qmatmul(x, q)
+        assert torch.equal(y, ref.to(torch.bfloat16)), (m, (y.double() - ref).abs().max())
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4_asym", 32), ("int4_asym", 128)], ids=str)
+def test_qmatmul_bfloat16_extremes(device, backend, scheme, group):
+    """bfloat16 x that the AVX512_BF16 kernels cannot take as they are (inf, NaN, subnormal: vdpbf16ps flushes
+    it; above 2^119: a block sum may overflow before its scale) gives exactly what the fp32 path (the
+    "cpu-avx512" cap) gives, at M = 1, 5 and 12; infinite scales and mins make their channel NaN as in the
+    reference, whose dequantised weights meet u - 8 = 0 or x of both signs."""
+    if not backend.startswith("cpu"):
+        pytest.skip("the CPU kernels' own fall-back")
+    k = 256
+    for m in (1, 5, 12):
+        x, q, _ = _case(m, 9, k, torch.bfloat16, device, 41 + m, scheme, group, False)
+        for name, value in (("inf", float("inf")), ("nan", float("nan")), ("subnormal", 3e-39), ("huge", 3e37)):
+            bad = x.clone()
+            bad[m // 2, 77] = -value
+            if name in ("subnormal", "huge"):
+                bad[0] = value * torch.sign(bad[0].float())
+            with running_on(backend):
+                y = fastllm.qmatmul(bad, q)
+            with running_on("cpu-avx512"):
+                expected = fastllm.qmatmul(bad, q)
+            torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True, msg=f"{name} at M = {m}")
+        corrupt = fastllm.QuantizedWeight(q.data, q.scales.clone(), None if q.mins is None else q.mins.clone(),
+                                          scheme, group, q.shape)
+        corrupt.scales[2, 1] = float("inf")
+        if corrupt.mins is not None:
+            corrupt.mins[5, 0] = float("-inf")
+        with running_on(backend):
+            y = fastllm.qmatmul(x, corrupt)
+        ref = x.double() @ corrupt.dequantize(torch.float64).t()
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isfinite(ref[:, [0, 1, 3, 4, 6, 7, 8]]).all()
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("scheme,group", FORMATS, ids=str)
 def test_qmatmul_few_rows_register_tiles(device, backend, scheme, group):
     """M = 2-7 in float mode (the AVX-512 register tiles of 4 weight rows x up to 4 rows of x: M = 5-7 in two

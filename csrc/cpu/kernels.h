@@ -62,7 +62,7 @@ struct RowArgs {
 // The kernels write y (m x n of dt, plus bias).
 struct QMatmulArgs {
   const float* xf; int64_t xf_stride;  // (xf_stride is also xbf's row stride)
-  // x as it is, bfloat16, instead of xf (float mode, int4 weights, AVX512_BF16 CPUs: m = 1 or the GEMM's m)
+  // x as it is, bfloat16, instead of xf (float mode, int4 weights, AVX512_BF16 CPUs)
   const uint16_t* xbf;
   const int8_t* qx; const float* dx; const float* sx;
   const void* w; const void* scales; const uint16_t* mins;
@@ -95,10 +95,11 @@ void qmatmul(const QMatmulArgs& a);
 // one Zen 4 core 0.6-1.1x the row-pass path at 8 rows, 1.2-1.4x at 12, 1.5-2.2x at 16, 3.4-4.8x at 128.
 constexpr int64_t kGemmInt8MinM = 12;
 // Bfloat16 activations (float mode, int4 weights, AVX512_BF16 CPUs) from this many rows of x on run the
-// vdpbf16ps GEMM (qmatmul_gemm_avx512bf16.cpp); one row runs qmatmul_m1_avx512bf16.cpp, the others are
-// converted to fp32. Its panels have 16 rows: on a 2-core Zen 4 (4096 x 4096, 3072 x 576, 1536 x 576,
-// int4_asym) it takes as long at 8 rows as at 16, 0.7-1.0x the fp32 path at 8, 1.1-1.4x at 9, 1.3-1.5x at 10-16.
-constexpr int64_t kGemmBf16MinM = 9;
+// vdpbf16ps GEMM (qmatmul_gemm_avx512bf16.cpp), fewer the register tiles of qmatmul_rows_avx512bf16.cpp.
+// The GEMM's panels have 16 rows, so it takes about as long at 9 rows as at 16, where the tiles' time grows
+// with the rows. On a 2-core Zen 4 (int4_asym) the tiles were 1.3x faster than the GEMM at 4096 x 4096 up to
+// 12 rows, the GEMM 1.2-1.6x faster than the tiles on SmolLM2's 3072 x 576 and 576 x 1536 from 12 rows.
+constexpr int64_t kGemmBf16MinM = 12;
 // qmatmul.cpp's int8-mode block quantisation (32 floats -> q, d, sum of q), bit-identical to it
 void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum);
 }  // namespace avx512

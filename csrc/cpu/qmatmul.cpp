@@ -58,6 +58,22 @@ void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum) {
   *sum = s;
 }
 
+// Whether every element of the bfloat16 x (m x k, row stride xs) is zero or normal with |x| < 2^119: the
+// range where the AVX512_BF16 kernels' products are exact (vdpbf16ps flushes subnormals to zero) and the sums
+// of 32 products with |u - 8| <= 8 cannot overflow before their scale applies. Other x (inf, NaN, subnormal,
+// huge) take the fp32 path, which dequantises the weights first, as the reference does.
+bool bf16_dot_range(const uint16_t* x, int64_t xs, int64_t m, int64_t k) {
+  bool ok = true;
+  for (int64_t i = 0; i < m; ++i) {
+    const uint16_t* row = x + i * xs;
+    for (int64_t j = 0; j < k; ++j) {
+      const uint16_t v = row[j] & 0x7FFF;  // exponent field: 1 .. 127 + 118 (0x80 .. 0x7AFF), or 0 itself
+      ok &= v == 0 || (v >= 0x0080 && v < 0x7B00);
+    }
+  }
+  return ok;
+}
+
 struct Prepared {
   std::vector<float> xf;  // float mode: x as fp32 when x is not fp32 already
   std::vector<int8_t> qx;
@@ -176,8 +192,8 @@ void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales,
   if (m == 0) return;
   QMatmulArgs a{nullptr, 0, nullptr, nullptr, nullptr, nullptr, w, scales, mins, bias, y, y_stride,
                 m, n, k, group, fmt, int8_act, dt};
-  if ((m == 1 || m >= avx512::kGemmBf16MinM) && dt == DType::BF16 && !int8_act &&
-      (fmt == QFormat::I4 || fmt == QFormat::I4Asym) && cpu_use_avx512_bf16()) {
+  if (dt == DType::BF16 && !int8_act && (fmt == QFormat::I4 || fmt == QFormat::I4Asym) && cpu_use_avx512_bf16() &&
+      bf16_dot_range(static_cast<const uint16_t*>(x), x_stride, m, k)) {
     a.xbf = static_cast<const uint16_t*>(x);  // bfloat16 dot products on x as it is
     a.xf_stride = x_stride;
     return avx512::qmatmul(a);

@@ -305,15 +305,16 @@ void run(const QMatmulArgs& a) {
   if constexpr (Int8Act)
     if (a.m >= kGemmInt8MinM) return gemm_int8<F>(a);
   if constexpr (!Int8Act && kInt4<F>)
-    if (a.xbf && a.m > 1) return gemm_bf16<F>(a);
+    if (a.xbf && a.m >= kGemmBf16MinM) return gemm_bf16<F>(a);
   const int64_t steps = Int8Act ? (nb + kUnit<F> - 1) / kUnit<F> : nb, cs = chunk_steps<F, Int8Act>(a);
   Acts p{};
   FloatActs pf{};
   FloatM1Acts p1{};
-  Bf16M1Acts pb{};
-  constexpr bool kFloatM1 = !Int8Act && kInt4<F>;  // rows_float_m1 (or tile_bf16_m1: a.xbf) when m = 1
+  Bf16Acts pb{};
+  constexpr bool kFloatM1 = !Int8Act && kInt4<F>;  // rows_float_m1 when m = 1 (tile_bf16 at any m: a.xbf)
+  const bool whole_k = kFloatM1 && (a.m == 1 || a.xbf);  // those take all of K at once
   if constexpr (Int8Act) p = prepare_acts<F>(a);
-  else if (kFloatM1 && a.xbf) pb = prepare_bf16_m1(a);
+  else if (kFloatM1 && a.xbf) pb = prepare_bf16(a);
   else if (kFloatM1 && a.m == 1) p1 = prepare_float_m1(a);
   else pf = prepare_float(a);
   const int64_t ntiles = (a.n + kRowTile - 1) / kRowTile;
@@ -334,12 +335,15 @@ void run(const QMatmulArgs& a) {
       }
       WRow rows[kRowTile];
       tile_rows<F>(a, j0, jn, kRowTile, fs.data(), rows);
+      if constexpr (kFloatM1)
+        if (a.xbf)  // the bfloat16 kernels scale block sums: infinite scales and mins as NaN (inf_to_nan)
+          for (auto& v : fs) v = inf_to_nan(v);
       std::fill(part.begin(), part.begin() + jn * a.m, 0.0);
-      if constexpr (kFloatM1) {  // all of K at once
-        if (a.xbf) tile_bf16_m1(pb, rows, jn, nb, part.data());
+      if constexpr (kFloatM1) {
+        if (a.xbf) tile_bf16(pb, rows, jn, nb, a.m, part.data());
         else if (a.m == 1) tile_float_m1<F>(p1, rows, jn, nb, ng, part.data());
       }
-      for (int64_t s0 = 0; s0 < (kFloatM1 && a.m == 1 ? 0 : steps); s0 += cs) {
+      for (int64_t s0 = 0; s0 < (whole_k ? 0 : steps); s0 += cs) {
         const int64_t s1 = std::min(steps, s0 + cs);
         if constexpr (Int8Act) {
           if (a.m == 1) {  // int4_asym: the min term joins in the first chunk
@@ -367,7 +371,7 @@ void run(const QMatmulArgs& a) {
           if constexpr (Int8Act && F == QFormat::I4Asym)
             if (a.m > 1) dv += min_term(rows[jj], a.sx + i * ng, ng);  // (m = 1: rows_int8_m1 added it)
           if constexpr (kFloatM1 && F == QFormat::I4Asym)
-            if (a.xbf) dv += min_term(rows[jj], pb.sxg.data(), ng);
+            if (a.xbf) dv += min_term(rows[jj], pb.sxg.data() + i * ng, ng);
           if (a.bias) dv += load_as_float(a.bias, j0 + jj, a.dt);
           store_from_float(static_cast<char*>(a.y) + i * a.y_stride * dtype_size(a.dt), j0 + jj,
                            static_cast<float>(dv), a.dt);

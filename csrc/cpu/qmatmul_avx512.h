@@ -5,6 +5,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "kernels.h"
@@ -41,13 +43,18 @@ struct FloatM1Acts {
 };
 FloatM1Acts prepare_float_m1(const QMatmulArgs& a);
 
-// Float mode, int4, m = 1, bfloat16 x (qmatmul_m1_avx512bf16.cpp, AVX512_BF16 CPUs): x re-laid per
-// pair of blocks (that file has the layout), and per group the sum of x (int4_asym's min term).
-struct Bf16M1Acts {
-  std::vector<uint16_t> xk;  // ((nb + 1) / 2) * 64 bfloat16
-  std::vector<float> sxg;    // k / group
+// Float mode, int4, up to kGemmBf16MinM - 1 bfloat16 rows of x (qmatmul_rows_avx512bf16.cpp, AVX512_BF16
+// CPUs): x re-laid per pair of blocks (that file has the layout; row i of pair P at (P * m + i) * 64), and per
+// row and group the sum of x (int4_asym's min term).
+struct Bf16Acts {
+  std::vector<uint16_t> xk;  // ((nb + 1) / 2) * m * 64 bfloat16
+  std::vector<float> sxg;    // m * (k / group)
 };
-Bf16M1Acts prepare_bf16_m1(const QMatmulArgs& a);
+Bf16Acts prepare_bf16(const QMatmulArgs& a);
+
+// An infinite scale or min as NaN (the bfloat16 kernels apply scales to block sums, where the dequantised
+// weights would have met u - 8 = 0 or an x of either sign: NaN, as in the reference).
+inline float inf_to_nan(float v) { return std::isinf(v) ? std::numeric_limits<float>::quiet_NaN() : v; }
 
 // The 16 lanes of v added in double.
 inline double reduce_to_double(__m512 v) {
@@ -159,8 +166,9 @@ void tile_int8_m1(const Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64
 template <QFormat F>
 void tile_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64_t ng, double* part);
 
-// The same for a bfloat16 row of x (a.xbf) on an AVX512_BF16 CPU, without int4_asym's min term.
-void tile_bf16_m1(const Bf16M1Acts& p, const WRow* rows, int64_t jn, int64_t nb, double* part);
+// Float mode, int4, the rows [0, jn) of a tile against the m bfloat16 rows of x (a.xbf, m < kGemmBf16MinM) on an
+// AVX512_BF16 CPU, over all of K: part[j * m + i] += their dot products, without int4_asym's min term.
+void tile_bf16(const Bf16Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64_t m, double* part);
 
 // Float mode, int4 weights, many bfloat16 rows of x (a.xbf, AVX512_BF16 CPUs): the GEMM of
 // qmatmul_gemm_avx512bf16.cpp.

@@ -14,9 +14,14 @@
 //     MV NR vdpbf16ps), folded into MV x NR fp32 accumulators T with the block's scales once per block.
 //   T sums a chunk in fp32 and is added into the tile's outputs in double (ct), as the AVX2 GEMM does, and the
 //     result, bias included, is rounded to bfloat16 once (store_tile).
+// Non-finite values: qmatmul.cpp sends only activations that are zero or normal below 2^119 here
+// (bf16_dot_range: vdpbf16ps flushes subnormals, and a block sum of larger ones may overflow before its scale
+// would bring it back), and an infinite scale or min counts as NaN (in the dequantised weights it would meet
+// u - 8 = 0 or an x of either sign), so the channel's outputs are NaN as the reference's are.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "qmatmul_avx512.h"
@@ -34,27 +39,29 @@ constexpr int64_t kKC = 8;       // blocks per K chunk: a micro-tile's weights 6
 constexpr int64_t kPairs = kBlock / 2;
 
 // The panel of mr rows of x (bfloat16, row stride xs elements) from row i0: xt[p * mr + r] = the pair
-// (x[i0 + r, 2p], x[i0 + r, 2p + 1]) as one dword, and with sx non-null sx[b * mr + r] = sum of block b of the row.
+// (x[i0 + r, 2p], x[i0 + r, 2p + 1]) as one dword (rows past m: zeros), and with sx non-null sx[b * mr + r] =
+// the sum of block b of the row.
 void pack_x(const uint16_t* x, int64_t xs, int64_t m, int64_t k, int64_t i0, int64_t mr, uint32_t* xt, float* sx) {
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int32_t>(2 * xs)));
+  const int64_t pairs = k / 2, live = std::clamp<int64_t>(m - i0, 0, mr);
+  for (int64_t r = 0; r < mr; ++r) {
+    const uint16_t* row = x + (i0 + r) * xs;
+    if (r < live)
+      for (int64_t p = 0; p < pairs; ++p) std::memcpy(xt + p * mr + r, row + 2 * p, 4);
+    else
+      for (int64_t p = 0; p < pairs; ++p) xt[p * mr + r] = 0;
+  }
+  if (!sx) return;
   const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  for (int64_t r0 = 0; r0 < mr; r0 += 16) {
-    const int64_t left = std::clamp<int64_t>(m - (i0 + r0), 0, 16);
-    const __mmask16 live = static_cast<__mmask16>((1u << left) - 1);
-    const uint16_t* base = x + (i0 + r0) * xs;
-    for (int64_t b = 0; b < k / kBlock; ++b) {
+  for (int64_t b = 0; b < k / kBlock; ++b)
+    for (int64_t r0 = 0; r0 < mr; r0 += 16) {
       __m512 s = _mm512_setzero_ps();
       for (int64_t p = b * kPairs; p < (b + 1) * kPairs; ++p) {
-        const __m512i v = left ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, base + 2 * p, 1)
-                               : _mm512_setzero_si512();
-        _mm512_storeu_si512(xt + p * mr + r0, v);
-        if (sx) s = _mm512_add_ps(s, _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
-                                                   _mm512_castsi512_ps(_mm512_and_si512(v, high))));
+        const __m512i v = _mm512_loadu_si512(xt + p * mr + r0);
+        s = _mm512_add_ps(s, _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+                                           _mm512_castsi512_ps(_mm512_and_si512(v, high))));
       }
-      if (sx) _mm512_storeu_ps(sx + b * mr + r0, s);
+      _mm512_storeu_ps(sx + b * mr + r0, s);
     }
-  }
 }
 
 // The blocks [b0, b1) of the weight rows [j0, j0 + jn) into wd (row jj's block b - b0 at (jj * kKC + b - b0) * 16
@@ -76,9 +83,9 @@ void dequant_chunk(const QMatmulArgs& a, int64_t j0, int64_t jn, int64_t b0, int
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(wd + at * kPairs), _mm256_permutexvar_epi16(w, table));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(wd + at * kPairs + 8),
                           _mm256_permutexvar_epi16(_mm256_srli_epi16(w, 4), table));
-      const float d = _cvtsh_ss(sc[b >> gshift]);  // (F16C: exact)
+      const float d = inf_to_nan(_cvtsh_ss(sc[b >> gshift]));  // (F16C: exact; inf: see the top)
       ds[at] = d;
-      if constexpr (F == QFormat::I4Asym) cs[at] = _cvtsh_ss(a.mins[j * ng + (b >> gshift)]) + 8.0f * d;
+      if constexpr (F == QFormat::I4Asym) cs[at] = inf_to_nan(_cvtsh_ss(a.mins[j * ng + (b >> gshift)])) + 8.0f * d;
     }
   }
 }
