@@ -247,25 +247,11 @@ void rows_float(const FloatActs& p, const WRow* rows, int64_t m0, int64_t b0, in
 template <QFormat F>
 void float_tile(const FloatActs& p, const WRow* rows, int64_t jn, int64_t row_bytes, int64_t m, int64_t b0, int64_t b1,
                 double* part) {
-  const int64_t passes = (m + kFloatXRows - 1) / kFloatXRows;
-  for (int64_t m0 = 0, pass_i = 0; m0 < m; ++pass_i) {
-    const int64_t mt = (m - m0) / (passes - pass_i);  // even passes: the later ones take the extra rows
-    dispatch_upto<kFloatXRows>(static_cast<int>(mt), [&](auto t) {
-      constexpr int MT = decltype(t)::value;
-      auto pass = [&](auto rt, int64_t jj) {
-        constexpr int R = decltype(rt)::value;
-        double out[R * MT];
-        rows_float<F, R, MT>(p, rows + jj, m0, b0, b1, kAheadFloat * R * row_bytes, out);
-        for (int r = 0; r < R; ++r)
-          for (int i = 0; i < MT; ++i) part[(jj + r) * m + m0 + i] += out[r * MT + i];
-      };
-      constexpr int R = MT == 1 ? kM1Rows<F> : kFloatTileRows;  // (one row of x: int8 weights, see kM1Rows)
-      int64_t jj = 0;
-      for (; jj + R <= jn; jj += R) pass(std::integral_constant<int, R>{}, jj);
-      for (; jj < jn; ++jj) pass(std::integral_constant<int, 1>{}, jj);
-    });
-    m0 += mt;
-  }
+  // (one row of x: int8 weights stream one weight row at a time, see kM1Rows)
+  auto rows_for = [](auto mt) { return std::integral_constant<int, mt == 1 ? kM1Rows<F> : kFloatTileRows>{}; };
+  for_register_tiles<kFloatXRows>(jn, m, part, rows_for, [&](auto r, auto mt, int64_t m0, int64_t jj, double* out) {
+    rows_float<F, r, mt>(p, rows + jj, m0, b0, b1, kAheadFloat * r * row_bytes, out);
+  });
 }
 
 // sum_g (m_g + 8 d_g) * sx_g (int4_asym, int8 mode; see qmatmul.cpp).

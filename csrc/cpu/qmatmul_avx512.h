@@ -52,6 +52,49 @@ struct Bf16Acts {
 };
 Bf16Acts prepare_bf16(const QMatmulArgs& a);
 
+// The register tiles of a tile's weight rows [0, jn) against m rows of x: passes over the rows of x of at most XR
+// rows each, as even as can be; per pass, tiles of R weight rows (R = decltype(rows_for(mt))::value for a pass
+// of mt rows, an integral constant) and then single rows. f(r, mt, m0, jj, out) computes the tile of weight
+// rows jj .. jj + r - 1 and rows of x m0 .. m0 + mt - 1 (r, mt integral constants) into out, r-major, which is
+// added to part[(jj + r') * m + m0 + i].
+template <int XR, typename RowsFor, typename Fn>
+void for_register_tiles(int64_t jn, int64_t m, double* part, RowsFor rows_for, Fn&& f) {
+  const int64_t passes = (m + XR - 1) / XR;
+  for (int64_t m0 = 0, pass_i = 0; m0 < m; ++pass_i) {
+    const int64_t mt = (m - m0) / (passes - pass_i);  // even passes: the later ones take the extra rows
+    dispatch_upto<XR>(static_cast<int>(mt), [&](auto t) {
+      constexpr int MT = decltype(t)::value;
+      auto tile = [&](auto rt, int64_t jj) {
+        constexpr int R = decltype(rt)::value;
+        double out[R * MT];
+        f(rt, t, m0, jj, out);
+        for (int r = 0; r < R; ++r)
+          for (int i = 0; i < MT; ++i) part[(jj + r) * m + m0 + i] += out[r * MT + i];
+      };
+      constexpr int R = decltype(rows_for(t))::value;
+      int64_t jj = 0;
+      for (; jj + R <= jn; jj += R) tile(std::integral_constant<int, R>{}, jj);
+      for (; jj < jn; ++jj) tile(std::integral_constant<int, 1>{}, jj);
+    });
+    m0 += mt;
+  }
+}
+
+// ct (NR x 16 MV doubles, row stride ldc) += acc: the GEMMs' fp32 sums of a K chunk, added in double.
+template <int NR, int MV>
+inline void add_to_double(const __m512 (&acc)[NR][MV], double* ct, int64_t ldc) {
+  for (int j = 0; j < NR; ++j) {
+    double* o = ct + j * ldc;
+    for (int h = 0; h < MV; ++h) {
+      const __m512 v = acc[j][h];
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      _mm512_storeu_pd(o + 16 * h, _mm512_add_pd(_mm512_loadu_pd(o + 16 * h), lo));
+      _mm512_storeu_pd(o + 16 * h + 8, _mm512_add_pd(_mm512_loadu_pd(o + 16 * h + 8), hi));
+    }
+  }
+}
+
 // An infinite scale or min as NaN (the bfloat16 kernels apply scales to block sums, where the dequantised
 // weights would have met u - 8 = 0 or an x of either sign: NaN, as in the reference).
 inline float inf_to_nan(float v) { return std::isinf(v) ? std::numeric_limits<float>::quiet_NaN() : v; }

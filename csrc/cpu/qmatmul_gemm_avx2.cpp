@@ -124,17 +124,16 @@ void gemm_float(const QMatmulArgs& a) {
   if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_float<F>(p); })) return;
   const int64_t m = a.m, k = a.k, nb = k / kBlock;
   constexpr int64_t MR = kMR<2>;
-  const int64_t panels = (m + MR - 1) / MR;
-  const bool tail8 = m % MR != 0 && m % MR <= kMR<1>;  // the last panel has 8 rows
-  const int64_t mp = panels * MR - (tail8 ? MR - kMR<1> : 0);
+  const Panels panels(m, MR, kMR<1>);
+  const int64_t mp = panels.padded;
   const int64_t nchunks = (nb * kBlock + kKCMax - 1) / kKCMax, chunk_blocks = (nb + nchunks - 1) / nchunks;
   const int64_t ntiles = (a.n + kNC - 1) / kNC;
-  auto panel_rows = [&](int64_t p) { return tail8 && p == panels - 1 ? kMR<1> : MR; };
   std::vector<float> xt(mp * k);
 #pragma omp parallel if (m * a.n * k >= kParallelMinElems)
   {
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < panels; ++p) pack_x(a.xf, a.xf_stride, m, k, p * MR, panel_rows(p), xt.data() + p * MR * k);
+    for (int64_t p = 0; p < panels.count; ++p)
+      pack_x(a.xf, a.xf_stride, m, k, p * MR, panels.rows(p), xt.data() + p * MR * k);
     std::vector<float> wd(kNC * kWS, 0.0f);
     std::vector<double> ct(kNC * mp);
 #pragma omp for schedule(dynamic)
@@ -146,8 +145,10 @@ void gemm_float(const QMatmulArgs& a) {
       for (int64_t b0 = 0; b0 < nb; b0 += chunk_blocks) {
         const int64_t b1 = std::min(nb, b0 + chunk_blocks), kc = (b1 - b0) * kBlock;
         dequant_chunk<F>(a, j0, jn, b0, b1, wd.data());
-        for (int64_t p = 0; p < panels; ++p) {
-          const int64_t mr = panel_rows(p);
+        if (b1 < nb)
+          prefetch_rows(a.w, kInt4<F> ? k / 2 : k, j0, jn, b1, std::min(nb, b1 + chunk_blocks), kInt4<F> ? 16 : 32);
+        for (int64_t p = 0; p < panels.count; ++p) {
+          const int64_t mr = panels.rows(p);
           const float* xp = xt.data() + p * MR * k + b0 * kBlock * mr;
           double* cp = ct.data() + p * MR;
           if (mr == MR) {

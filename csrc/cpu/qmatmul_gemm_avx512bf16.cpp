@@ -132,18 +132,7 @@ void micro(const uint32_t* xt, const float* sx, const uint32_t* wd, const float*
       }
     }
   }
-#pragma GCC unroll 12
-  for (int j = 0; j < NR; ++j) {
-    double* o = ct + j * ldc;
-#pragma GCC unroll 2
-    for (int h = 0; h < MV; ++h) {
-      const __m512 v = t[j][h];
-      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-      _mm512_storeu_pd(o + 16 * h, _mm512_add_pd(_mm512_loadu_pd(o + 16 * h), lo));
-      _mm512_storeu_pd(o + 16 * h + 8, _mm512_add_pd(_mm512_loadu_pd(o + 16 * h + 8), hi));
-    }
-  }
+  add_to_double<NR, MV>(t, ct, ldc);
 }
 
 }  // namespace
@@ -153,19 +142,17 @@ void gemm_bf16(const QMatmulArgs& a) {
   if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_bf16<F>(p); })) return;
   const int64_t m = a.m, k = a.k, nb = k / kBlock;
   constexpr int64_t MR = kMR<2>;
-  const int64_t panels = (m + MR - 1) / MR;
-  const bool tail16 = m % MR != 0 && m % MR <= kMR<1>;  // the last panel has 16 rows
-  const int64_t mp = panels * MR - (tail16 ? MR - kMR<1> : 0);
+  const Panels panels(m, MR, kMR<1>);
+  const int64_t mp = panels.padded;
   const int64_t ntiles = (a.n + kNC - 1) / kNC;
-  auto panel_rows = [&](int64_t p) { return tail16 && p == panels - 1 ? kMR<1> : MR; };
   constexpr bool kAsym = F == QFormat::I4Asym;
   std::vector<uint32_t> xt(mp * k / 2);
   std::vector<float> sx(kAsym ? mp * nb : 0);
 #pragma omp parallel if (m * a.n * k >= kParallelMinElems)
   {
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < panels; ++p)
-      pack_x(a.xbf, a.xf_stride, m, k, p * MR, panel_rows(p), xt.data() + p * MR * k / 2,
+    for (int64_t p = 0; p < panels.count; ++p)
+      pack_x(a.xbf, a.xf_stride, m, k, p * MR, panels.rows(p), xt.data() + p * MR * k / 2,
              kAsym ? sx.data() + p * MR * nb : nullptr);
     std::vector<uint32_t> wd(kNC * kKC * kPairs, 0);
     std::vector<float> ds(kNC * kKC, 0.0f), cs(kNC * kKC, 0.0f);
@@ -183,8 +170,9 @@ void gemm_bf16(const QMatmulArgs& a) {
       for (int64_t b0 = 0; b0 < nb; b0 += kKC) {
         const int64_t b1 = std::min(nb, b0 + kKC);
         dequant_chunk<F>(a, j0, jn, b0, b1, wd.data(), ds.data(), cs.data());
-        for (int64_t p = 0; p < panels; ++p) {
-          const int64_t mr = panel_rows(p);
+        if (b1 < nb) prefetch_rows(a.w, k / 2, j0, jn, b1, std::min(nb, b1 + kKC), 16);  // the next chunk
+        for (int64_t p = 0; p < panels.count; ++p) {
+          const int64_t mr = panels.rows(p);
           const uint32_t* xp = xt.data() + p * MR * k / 2 + b0 * kPairs * mr;
           const float* sp = kAsym ? sx.data() + p * MR * nb + b0 * mr : nullptr;
           double* cp = ct.data() + p * MR;

@@ -34,21 +34,6 @@ namespace {
 constexpr int64_t kGemmNC = 48;  // weight rows per tile
 static_assert(kGemmNC <= kMaxTileRows, "store_tile");
 
-// ct (NR x 16 MV doubles, row stride ldc) += acc, the micro-kernel's fp32 sums.
-template <int NR, int MV>
-inline void add_to_double(const __m512 (&acc)[NR][MV], double* ct, int64_t ldc) {
-  for (int j = 0; j < NR; ++j) {
-    double* o = ct + j * ldc;
-    for (int h = 0; h < MV; ++h) {
-      const __m512 v = acc[j][h];
-      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-      _mm512_storeu_pd(o + 16 * h, _mm512_add_pd(_mm512_loadu_pd(o + 16 * h), lo));
-      _mm512_storeu_pd(o + 16 * h + 8, _mm512_add_pd(_mm512_loadu_pd(o + 16 * h + 8), hi));
-    }
-  }
-}
-
 constexpr int64_t kQuads = kBlock / 4;  // quads of k per block
 
 template <QFormat F, int MV>
@@ -203,6 +188,7 @@ void run_gemm(const QMatmulArgs& a) {
       for (int64_t b0 = 0; b0 < nb; b0 += chunk_blocks) {
         const int64_t b1 = std::min(nb, b0 + chunk_blocks);
         tile.load(rows, jn, jpad, b0, b1);
+        if (b1 < nb) prefetch_rows(a.w, kInt4<F> ? k / 2 : k, j0, jn, b1, std::min(nb, b1 + chunk_blocks), kInt4<F> ? 16 : 32);
         for (int64_t p = 0; p < panels; ++p)
           for (int64_t jj = 0; jj < jpad; jj += G::NR) g.micro(tile, p, jj, b0, b1, ct.data() + jj * mp + p * G::MR, mp);
       }

@@ -105,24 +105,10 @@ Bf16Acts prepare_bf16(const QMatmulArgs& a) {
 }
 
 void tile_bf16(const Bf16Acts& p, const WRow* rows, int64_t jn, int64_t nb, int64_t m, double* part) {
-  const int64_t passes = (m + kXRows - 1) / kXRows;
-  for (int64_t m0 = 0, pass_i = 0; m0 < m; ++pass_i) {
-    const int64_t mt = (m - m0) / (passes - pass_i);  // even passes: the later ones take the extra rows
-    dispatch_upto<kXRows>(static_cast<int>(mt), [&](auto t) {
-      constexpr int MT = decltype(t)::value;
-      auto pass = [&](auto rt, int64_t jj) {
-        constexpr int R = decltype(rt)::value;
-        double out[R * MT];
-        rows_bf16<R, MT>(p, rows + jj, m, m0, nb, out);
-        for (int r = 0; r < R; ++r)
-          for (int i = 0; i < MT; ++i) part[(jj + r) * m + m0 + i] += out[r * MT + i];
-      };
-      int64_t jj = 0;
-      for (; jj + kRows <= jn; jj += kRows) pass(std::integral_constant<int, kRows>{}, jj);
-      for (; jj < jn; ++jj) pass(std::integral_constant<int, 1>{}, jj);
-    });
-    m0 += mt;
-  }
+  auto rows_for = [](auto) { return std::integral_constant<int, kRows>{}; };
+  for_register_tiles<kXRows>(jn, m, part, rows_for, [&](auto r, auto mt, int64_t m0, int64_t jj, double* out) {
+    rows_bf16<r, mt>(p, rows + jj, m, m0, nb, out);
+  });
 }
 
 }  // namespace fastllm::cpu::avx512
