@@ -118,7 +118,7 @@ def _load(args):
 
 
 def _load_options(args) -> dict:
-    return dict(act=args.act, kv_cache=args.kv_cache)
+    return dict(act=args.act, kv_cache=args.kv_cache, dtype=args.dtype and getattr(torch, args.dtype))
 
 
 def _sampling(args) -> dict:
@@ -193,6 +193,9 @@ def _runtime_args(p) -> None:
     p.add_argument("--act", choices=("float", "int8"), default="float",
                    help="activations of the quantised layers: float (exact, default) or int8 (faster on CPU)")
     p.add_argument("--kv-cache", choices=("int8",), help="an int8 KV cache (a quarter of fp32's bytes, half of bf16's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the activations' dtype (default: bfloat16 on CUDA, float32 on CPU; bfloat16 on a CPU with "
+                        "AVX512_BF16 runs its bfloat16 dot products)")
 
 
 def _model_args(p, max_new_tokens: int) -> None:

@@ -1,5 +1,6 @@
 """`fastllm generate` and `fastllm chat` on a tiny random Llama directory; errors are reported, not raised."""
 import pytest
+import torch
 
 import fastllm
 from fastllm.cli import main
@@ -25,8 +26,20 @@ def test_generate_int8_activations_and_cache(model_dir, capsys, monkeypatch):
     monkeypatch.setattr(fastllm.LLM, "load", lambda *a, **kw: seen.append(kw) or load(*a, **kw))
     args = ["generate", "the dog", "-m", model_dir, "--max-new-tokens", "8", "--device", "cpu"]
     assert main(args + ["--act", "int8", "--kv-cache", "int8"]) == 0
-    assert seen == [dict(device="cpu", act="int8", kv_cache="int8")]
+    assert seen == [dict(device="cpu", act="int8", kv_cache="int8", dtype=None)]
     llm = load(model_dir, device="cpu", act="int8", kv_cache="int8")
+    assert capsys.readouterr().out == llm.generate("the dog", max_new_tokens=8) + "\n"
+
+
+def test_generate_in_bfloat16(model_dir, capsys, monkeypatch):
+    """--dtype bfloat16 reaches LLM.load as torch.bfloat16 and the text is that model's."""
+    load, seen = fastllm.LLM.load, []
+    monkeypatch.setattr(fastllm.LLM, "load", lambda *a, **kw: seen.append(kw) or load(*a, **kw))
+    assert main(["generate", "the dog", "-m", model_dir, "--max-new-tokens", "8", "--device", "cpu",
+                 "--dtype", "bfloat16"]) == 0
+    assert seen == [dict(device="cpu", act="float", kv_cache=None, dtype=torch.bfloat16)]
+    llm = load(model_dir, device="cpu", dtype=torch.bfloat16)
+    assert llm.model.tok_embeddings.weight.dtype == torch.bfloat16
     assert capsys.readouterr().out == llm.generate("the dog", max_new_tokens=8) + "\n"
 
 
