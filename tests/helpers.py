@@ -54,12 +54,13 @@ def running_on(backend: str):
     ext = _backend.extension()
     caps = {"cpu-scalar": 0, "cpu-avx2": 1, "cpu-avx512": 2}
     if backend in caps:
+        before = ext.cpu_simd_level()  # (a cap from FASTLLM_DISABLE_* stays)
         ext.set_cpu_simd_max(caps[backend])
         try:
             with fastllm.use_backend("cpu"):
                 yield
         finally:
-            ext.set_cpu_simd_max(3)  # no cap
+            ext.set_cpu_simd_max(before)
     else:
         with fastllm.use_backend(backend):
             yield

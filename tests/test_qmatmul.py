@@ -223,20 +223,28 @@ def test_qmatmul_bfloat16_exact_sums(device, backend, scheme, group):
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4_asym", 32), ("int4_asym", 128)], ids=str)
 def test_qmatmul_bfloat16_extremes(device, backend, scheme, group):
-    """bfloat16 x that the AVX512_BF16 kernels cannot take as they are (inf, NaN, subnormal: vdpbf16ps flushes
-    it; above 2^119: a block sum may overflow before its scale) gives exactly what the fp32 path (the
-    "cpu-avx512" cap) gives, at M = 1, 5 and 12; infinite scales and mins make their channel NaN as in the
-    reference, whose dequantised weights meet u - 8 = 0 or x of both signs."""
-    if not backend.startswith("cpu"):
-        pytest.skip("the CPU kernels' own fall-back")
+    """bfloat16 x that the AVX512_BF16 kernels cannot take as they are gives exactly what the fp32 path (the
+    "cpu-avx512" cap) gives, at M = 1, 5 and 12: inf, NaN; subnormal (vdpbf16ps flushes it) and small normal
+    values whose products cancel to a subnormal sum (flushed too); |x| >= 2^64 (a scaled block sum could
+    overflow). Infinite scales and mins make exactly the reference's outputs non-finite."""
+    if backend != "cpu":
+        pytest.skip("the AVX512_BF16 kernels' fall-back, against the fp32 path")
     k = 256
     for m in (1, 5, 12):
         x, q, _ = _case(m, 9, k, torch.bfloat16, device, 41 + m, scheme, group, False)
-        for name, value in (("inf", float("inf")), ("nan", float("nan")), ("subnormal", 3e-39), ("huge", 3e37)):
+        q.data[:, :2] = q.data[:, :2] & 0xF0 | 9  # elements 0 and 1: u = 9 in every row,
+        q.scales[:, 0] = 1024.0  # and a scale that brings their tiny sum back to a normal output
+        for name in ("inf", "nan", "subnormal", "cancelling", "huge"):
             bad = x.clone()
-            bad[m // 2, 77] = -value
-            if name in ("subnormal", "huge"):
-                bad[0] = value * torch.sign(bad[0].float())
+            if name in ("inf", "nan"):
+                bad[m // 2, 77] = -float(name)
+            elif name == "subnormal":
+                bad[0] = 3e-39 * torch.sign(bad[0].float())
+            elif name == "cancelling":  # 2^-125 (1 + 1/128) and -2^-125 times u - 8 = 1: normal, their sum is not
+                bad[0, :2] = torch.tensor([2.0 ** -125 * (1 + 2 ** -7), -(2.0 ** -125)])
+                bad[0, 2:] = 0
+            else:
+                bad[0] = 2.0 ** 64 * torch.sign(bad[0].float())
             with running_on(backend):
                 y = fastllm.qmatmul(bad, q)
             with running_on("cpu-avx512"):
@@ -247,10 +255,11 @@ def test_qmatmul_bfloat16_extremes(device, backend, scheme, group):
         corrupt.scales[2, 1] = float("inf")
         if corrupt.mins is not None:
             corrupt.mins[5, 0] = float("-inf")
+        x = x.abs()  # one sign: the reference's infinities do not all meet opposite ones
         with running_on(backend):
             y = fastllm.qmatmul(x, corrupt)
         ref = x.double() @ corrupt.dequantize(torch.float64).t()
-        assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isfinite(ref[:, [0, 1, 3, 4, 6, 7, 8]]).all()
+        assert torch.equal(torch.isfinite(y), torch.isfinite(ref)) and torch.isfinite(ref[:, [0, 1, 3, 4, 6, 7, 8]]).all()
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))

@@ -5,7 +5,6 @@
 // Everything defined here (not just declared) has internal linkage, so a copy compiled into an
 // *_avx2.cpp (or *_avx512.cpp) file with -mavx2 can never be chosen by the linker for a scalar file.
 #pragma once
-#include <xmmintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -224,7 +223,8 @@ inline void prefetch_rows(const void* w, int64_t row_bytes, int64_t j0, int64_t 
                           int64_t block_bytes) {
   const char* base = static_cast<const char*>(w);
   for (int64_t jj = 0; jj < jn; ++jj)
-    for (int64_t o = b0 * block_bytes; o < b1 * block_bytes; o += 64) _mm_prefetch(base + (j0 + jj) * row_bytes + o, _MM_HINT_T1);
+    for (int64_t o = b0 * block_bytes; o < b1 * block_bytes; o += 64)
+      __builtin_prefetch(base + (j0 + jj) * row_bytes + o, 0, 2);  // (prefetcht1 on x86)
 }
 
 // The GEMMs' tiles of at most this many weight rows end in store_tile.

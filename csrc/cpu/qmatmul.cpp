@@ -8,6 +8,10 @@
 //               int4 formats), then y = sum_b s_b * dx_b * d_g(b), plus for I4Asym
 //               sum_g (m_g + 8 d_g) * sx_g with sx_g = sum over the group's blocks of dx_b * sum_i qx_i
 //               (centred: u d + m = (u - 8) d + (m + 8 d), no cancellation against the min term).
+//   bfloat16 x, int4 weights, float mode, AVX512_BF16 CPUs: y = sum_b d_b sum_{i in b} (u_i - 8) x_i plus the
+//               same centred min term, products exact in vdpbf16ps (qmatmul_rows_avx512bf16.cpp for up to
+//               11 rows of x, qmatmul_gemm_avx512bf16.cpp above); x outside their range (bf16_dot_range)
+//               runs float mode.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -58,17 +62,19 @@ void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum) {
   *sum = s;
 }
 
-// Whether every element of the bfloat16 x (m x k, row stride xs) is zero or normal with |x| < 2^119: the
-// range where the AVX512_BF16 kernels' products are exact (vdpbf16ps flushes subnormals to zero) and the sums
-// of 32 products with |u - 8| <= 8 cannot overflow before their scale applies. Other x (inf, NaN, subnormal,
-// huge) take the fp32 path, which dequantises the weights first, as the reference does.
+// Whether every element of the bfloat16 x (m x k, row stride xs) is zero or has 2^-119 <= |x| < 2^64: the range
+// where the AVX512_BF16 kernels give what the fp32 path gives up to rounding. vdpbf16ps flushes subnormal inputs
+// and results to zero; from 2^-119 on every product and partial sum is a multiple of 2^-126, so none is
+// subnormal. Below 2^64 no block sum, scaled block sum (fp16 scales and mins) or total can overflow unless the
+// result itself would. Other x (inf, NaN, tiny, huge) runs float mode, which dequantises the weights first, as
+// the reference does.
 bool bf16_dot_range(const uint16_t* x, int64_t xs, int64_t m, int64_t k) {
   bool ok = true;
   for (int64_t i = 0; i < m; ++i) {
     const uint16_t* row = x + i * xs;
     for (int64_t j = 0; j < k; ++j) {
-      const uint16_t v = row[j] & 0x7FFF;  // exponent field: 1 .. 127 + 118 (0x80 .. 0x7AFF), or 0 itself
-      ok &= v == 0 || (v >= 0x0080 && v < 0x7B00);
+      const uint16_t v = row[j] & 0x7FFF;  // exponent field 8 .. 127 + 63 (0x0400 .. 0x5F7F), or 0 itself
+      ok &= v == 0 || (v >= 0x0400 && v < 0x5F80);
     }
   }
   return ok;

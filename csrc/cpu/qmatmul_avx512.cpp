@@ -321,9 +321,6 @@ void run(const QMatmulArgs& a) {
       }
       WRow rows[kRowTile];
       tile_rows<F>(a, j0, jn, kRowTile, fs.data(), rows);
-      if constexpr (kFloatM1)
-        if (a.xbf)  // the bfloat16 kernels scale block sums: infinite scales and mins as NaN (inf_to_nan)
-          for (auto& v : fs) v = inf_to_nan(v);
       std::fill(part.begin(), part.begin() + jn * a.m, 0.0);
       if constexpr (kFloatM1) {
         if (a.xbf) tile_bf16(pb, rows, jn, nb, a.m, part.data());

@@ -5,8 +5,6 @@
 #pragma once
 #include <immintrin.h>
 
-#include <cmath>
-#include <limits>
 #include <vector>
 
 #include "kernels.h"
@@ -94,10 +92,6 @@ inline void add_to_double(const __m512 (&acc)[NR][MV], double* ct, int64_t ldc) 
     }
   }
 }
-
-// An infinite scale or min as NaN (the bfloat16 kernels apply scales to block sums, where the dequantised
-// weights would have met u - 8 = 0 or an x of either sign: NaN, as in the reference).
-inline float inf_to_nan(float v) { return std::isinf(v) ? std::numeric_limits<float>::quiet_NaN() : v; }
 
 // The 16 lanes of v added in double.
 inline double reduce_to_double(__m512 v) {

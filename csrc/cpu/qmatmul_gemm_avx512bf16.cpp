@@ -14,10 +14,9 @@
 //     MV NR vdpbf16ps), folded into MV x NR fp32 accumulators T with the block's scales once per block.
 //   T sums a chunk in fp32 and is added into the tile's outputs in double (ct), as the AVX2 GEMM does, and the
 //     result, bias included, is rounded to bfloat16 once (store_tile).
-// Non-finite values: qmatmul.cpp sends only activations that are zero or normal below 2^119 here
-// (bf16_dot_range: vdpbf16ps flushes subnormals, and a block sum of larger ones may overflow before its scale
-// would bring it back), and an infinite scale or min counts as NaN (in the dequantised weights it would meet
-// u - 8 = 0 or an x of either sign), so the channel's outputs are NaN as the reference's are.
+// Range: qmatmul.cpp sends only activations that are zero or 2^-119 <= |x| < 2^64 here (bf16_dot_range). A
+// non-finite scale or min (QuantizedWeight refuses them; a weight changed after that) makes its output channel
+// non-finite, as in the reference, though not always the same non-finite value: the scale meets block sums here.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <algorithm>
@@ -83,9 +82,9 @@ void dequant_chunk(const QMatmulArgs& a, int64_t j0, int64_t jn, int64_t b0, int
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(wd + at * kPairs), _mm256_permutexvar_epi16(w, table));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(wd + at * kPairs + 8),
                           _mm256_permutexvar_epi16(_mm256_srli_epi16(w, 4), table));
-      const float d = inf_to_nan(_cvtsh_ss(sc[b >> gshift]));  // (F16C: exact; inf: see the top)
+      const float d = _cvtsh_ss(sc[b >> gshift]);  // (F16C: exact)
       ds[at] = d;
-      if constexpr (F == QFormat::I4Asym) cs[at] = inf_to_nan(_cvtsh_ss(a.mins[j * ng + (b >> gshift)])) + 8.0f * d;
+      if constexpr (F == QFormat::I4Asym) cs[at] = _cvtsh_ss(a.mins[j * ng + (b >> gshift)]) + 8.0f * d;
     }
   }
 }

@@ -1,4 +1,4 @@
-// AVX512_BF16 qmatmul kernel for up to 8 bfloat16 rows of x (decode and batched decode), int4 weights, float
+// AVX512_BF16 qmatmul kernel for up to 11 bfloat16 rows of x (decode and batched decode), int4 weights, float
 // mode: vdpbf16ps multiplies 32 bfloat16 pairs per instruction and adds them in fp32. The int4 values
 // u - 8 (both int4 formats) are exact in bfloat16 and so are the activations, so every product is
 // exact and only the fp32 sums round: the error of an fp32 dot product over the same bfloat16 inputs.
@@ -12,7 +12,7 @@
 //     y = sum_b d_b sum_i (u_bi - 8) x_bi  +  sum_g (m_g + 8 d_g) sum_{i in g} x_i   (int4_asym only)
 //   (centred as the int8 mode is: u d + m = (u - 8) d + (m + 8 d), so the two terms do not cancel;
 //   the driver adds the second with min_term over the per-group sums of x made here).
-// Non-finite values: as the GEMM (qmatmul_gemm_avx512bf16.cpp, at the top).
+// Range of x and non-finite scales: as the GEMM (qmatmul_gemm_avx512bf16.cpp, at the top).
 // A register tile is R = 4 weight rows x up to 4 rows of x: each weight pair is expanded once for the
 // rows of x, each activation load serves the 4 weight rows. One row of x does about 8 vector
 // instructions per 64 weights where the fp32 path (rows_float_m1) does 18.

@@ -8,7 +8,8 @@ Activation modes (act=):
       even) and the block dot products are integer (llama.cpp's CPU scheme): faster on the CPU, at
       the cost of the activations' quantisation error (about 0.4% of each block's max |x|).
 Backends: the C++ CPU kernels (AVX-512 VNNI or AVX2/FMA chosen at run time, OpenMP) for
-float32/float16/bfloat16 x on the CPU; on CUDA, for act="float", the GEMV kernel
+float32/float16/bfloat16 x on the CPU (bfloat16 x with int4 weights: AVX512_BF16 dot products where the CPU has
+them, exact products summed in float32, as accurate as the float32 path on the same bfloat16 inputs); on CUDA, for act="float", the GEMV kernel
 (csrc/cuda/qmatmul_gemv.cu) for at most CUDA_GEMV_MAX_M rows of x and the Triton GEMM
 (kernels/qmatmul.py: dequantisation in the K loop, tensor cores for float16/bfloat16) for more rows, or
 for any M when the extension lacks CUDA; anything else (act="int8" on CUDA, float64) runs the pure-torch
