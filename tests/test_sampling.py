@@ -114,3 +114,28 @@ def test_tiny_temperature_samples_the_argmax(temperature):
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
         got = sample(logits, params, generator=torch.Generator().manual_seed(0))
         assert got.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45, 1e-8])
+def test_tiny_top_p_keeps_the_top_token(top_p):
+    """A top_p below float32's smallest value rounds to 0 against the float32 mass: the top token must stay."""
+    logits = torch.tensor([[1.0, 3.0, -2.0, 2.5], [0.0, -1.0, 7.0, 6.9]])
+    for temperature in (1.0, 2.0):
+        got = sample(logits, SamplingParams(temperature=temperature, top_p=top_p), generator=torch.Generator())
+        assert got.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty", "presence_penalty",
+                                  "frequency_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_sampling_values(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        SamplingParams(**{name: value})
+
+
+def test_seed_range_is_torchs():
+    for seed in (-2 ** 63, -1, 0, 2 ** 64 - 1):
+        SamplingParams(seed=seed).generator("cpu")
+    for seed in (-2 ** 63 - 1, 2 ** 64, 10 ** 30):
+        with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\)"):
+            SamplingParams(seed=seed)

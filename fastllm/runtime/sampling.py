@@ -13,6 +13,7 @@ requests), drawing each sampled row alone so that a seeded request draws what it
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ import torch
 
 MAX_COUNT_PENALTY = 2.0
 """presence_penalty and frequency_penalty lie in [-2, 2], OpenAI's range."""
+SEED_RANGE = (-2 ** 63, 2 ** 64)
+"""torch.Generator.manual_seed takes seeds in [-2**63, 2**64) (a negative seed wraps to seed + 2**64)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class SamplingParams:
         def number(name, v):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+            if not isinstance(v, numbers.Integral) and not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
 
         number("temperature", self.temperature)
         number("top_p", self.top_p)
@@ -55,6 +60,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [-2**63, 2**64) (torch.Generator's range), got {self.seed}")
 
     @property
     def counts_tokens(self) -> bool:
@@ -109,7 +116,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs        # probability of the tokens ranked above
-        drop = mass_before >= params.top_p                 # never drops the top token (mass_before = 0)
+        drop = mass_before >= params.top_p
+        drop[:, 0] = False  # the top token always stays (a top_p below float32's smallest value rounds to 0)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
