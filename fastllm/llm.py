@@ -18,7 +18,8 @@ from typing import Iterator
 
 import torch
 
-from .runtime.generate import TextStream, token_steps
+from .runtime.generate import TextStream, check_prompts, token_steps
+from .runtime.inputs import check_text, encode_chat, stop_strings
 from .runtime.sampling import SamplingParams
 
 
@@ -51,7 +52,15 @@ class LLM:
         from .loading import default_model_path
 
         path = default_model_path() if path is None else os.fspath(path)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available (torch {torch.__version__}, "
+                             f"torch.cuda.is_available() is False); use device='cpu'")
+        if act not in ("float", "int8"):
+            raise ValueError(f"act must be 'float' or 'int8', got {act!r}")
         dtype = dtype or _default_dtype(device)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
@@ -82,7 +91,9 @@ class LLM:
 
     # ---- token level -------------------------------------------------------------------------------
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 64, **sampling) -> list[list[int]]:
-        """Token ids in, generated token ids out (EOS included when produced; no stop strings)."""
+        """Token ids in, generated token ids out (EOS included when produced; no stop strings).
+        prompts: a list of lists of int token ids, each in [0, vocab_size)."""
+        prompts = check_prompts(prompts, self.model.cfg.max_seq_len, self.model.cfg.vocab_size)
         out = [[] for _ in prompts]
         done = [False] * len(prompts)
         with torch.inference_mode():
@@ -94,16 +105,14 @@ class LLM:
         return out
 
     # ---- text level --------------------------------------------------------------------------------
-    def _encode(self, prompt) -> list[int]:
+    def _encode(self, prompt, name: str = "prompt") -> list[int]:
         if not isinstance(prompt, str):
-            raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
-        return self.tokenizer.encode(prompt)
+            raise TypeError(f"a prompt must be a str, got {type(prompt).__name__} ({name})")
+        return self.tokenizer.encode(check_text(prompt, name))
 
     def _pieces(self, prompts: list[list[int]], max_new_tokens: int, stop, sampling) -> Iterator[list[str]]:
         """Per decode step, the new text of every row ("" for a finished row)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        stop = stop_strings(stop)
         params = SamplingParams(**sampling)
         streams = [TextStream(self.tokenizer, stop) for _ in prompts]
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.model.tok_embeddings.weight.device)
@@ -128,9 +137,12 @@ class LLM:
     def generate(self, prompts: str | list[str], max_new_tokens: int = 64, *, stop=None, **sampling):
         """The completion of each prompt (str for a str, list[str] for a list), generated as one batch."""
         single = isinstance(prompts, str)
+        if not single and not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
         batch = [prompts] if single else list(prompts)
         texts = [""] * len(batch)
-        for pieces in self._pieces([self._encode(p) for p in batch], max_new_tokens, stop, sampling):
+        ids = [self._encode(p, "prompts" if single else f"prompts[{i}]") for i, p in enumerate(batch)]
+        for pieces in self._pieces(ids, max_new_tokens, stop, sampling):
             texts = [t + p for t, p in zip(texts, pieces)]
         return texts[0] if single else texts
 
@@ -143,7 +155,8 @@ class LLM:
     def chat(self, messages: list[dict], max_new_tokens: int = 256, *, stream: bool = False, stop=None,
              **sampling):
         """The assistant's reply to a conversation [{"role": "user", "content": ...}, ...], rendered with the
-        model's chat template; an iterator of pieces with stream=True."""
-        ids = self.tokenizer.encode_chat(messages)
+        model's chat template; an iterator of pieces with stream=True. A message's content is a str or
+        OpenAI's text parts [{"type": "text", "text": ...}, ...] (joined), as the server takes them."""
+        ids = encode_chat(self.tokenizer, messages)
         pieces = (p[0] for p in self._pieces([ids], max_new_tokens, stop, sampling))
         return (p for p in pieces if p) if stream else "".join(pieces)

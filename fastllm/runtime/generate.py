@@ -15,18 +15,25 @@ from typing import Iterator
 import torch
 
 from .graphs import decode_stepper
+from .inputs import token_ids
 from .sampling import SamplingParams, sample
 
 
-def check_prompts(prompts: list[list[int]], max_seq_len: int) -> None:
+def check_prompts(prompts, max_seq_len: int, vocab_size: int) -> list[list[int]]:
+    """The prompts as lists of Python ints, checked: a non-empty list of non-empty lists of token ids in
+    [0, vocab_size), each shorter than max_seq_len."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of lists of token ids, got {type(prompts).__name__}")
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt")
+    prompts = [token_ids(p, vocab_size, f"prompts[{i}]") for i, p in enumerate(prompts)]
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty (no tokens); give some text")
         if len(p) >= max_seq_len:
             raise ValueError(f"prompt {i} has {len(p)} tokens, which does not leave room for a new token in "
                              f"the model's context of {max_seq_len} tokens")
+    return prompts
 
 
 def token_steps(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
@@ -36,8 +43,10 @@ def token_steps(model, prompts: list[list[int]], max_new_tokens: int, params: Sa
     caller set `finished[i]` (a (B,) bool tensor it passed in, e.g. on a stop string); the loop ends when
     every row is finished. Finished rows keep being computed (the batch stays rectangular); their tokens
     are to be ignored."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     cfg = model.cfg
-    check_prompts(prompts, cfg.max_seq_len)
+    prompts = check_prompts(prompts, cfg.max_seq_len, cfg.vocab_size)
     device = model.tok_embeddings.weight.device
     b, longest = len(prompts), max(len(p) for p in prompts)
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - longest)

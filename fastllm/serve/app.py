@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..runtime.inputs import chat_messages, check_text, encode_chat, stop_strings, token_ids
 from ..runtime.sampling import SamplingParams
 from .logprobs import CompletionLogprobs, chat_logprobs
 from .scheduler import Engine, Rejected
@@ -118,6 +119,10 @@ def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, 
     async def _rejected(request, exc: Rejected):
         return error(exc.status, str(exc))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):  # a bug: still OpenAI's shape (the traceback is logged)
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
     @app.get("/health")
     async def health():
         if engine.dead is not None:
@@ -134,31 +139,39 @@ def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, 
             raise Rejected(404, f"the model {body.model!r} is not served here; this server serves {model_name!r}")
         if max_tokens is None:
             max_tokens = max(1, engine.context_len - len(prompt_ids))
+        try:
+            stop = stop_strings(body.stop)
+        except ValueError as e:
+            raise Rejected(400, str(e)) from None
         params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
                                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                                 frequency_penalty=body.frequency_penalty)
-        return engine.submit(prompt_ids, max_tokens, params, body.stop, logprobs=body.top_logprobs_count())
+        return engine.submit(prompt_ids, max_tokens, params, stop, logprobs=body.top_logprobs_count())
 
-    def _encode_text(text: str, chat: bool = False, messages=None) -> list[int]:
+    def _encode_text(text: str, messages=None) -> list[int]:
+        """The prompt's token ids (of the chat template's rendering when messages are given), each checked
+        against the model's vocabulary (a tokenizer may know more ids than the model has rows)."""
         if len(text) > engine.context_len * MAX_CHARS_PER_TOKEN:
             raise Rejected(400, f"the prompt has {len(text)} characters, far more than this model's context of "
                                 f"{engine.context_len} tokens can hold")
-        if not chat:
-            return llm.tokenizer.encode(text)
         try:
-            return llm.tokenizer.encode_chat(messages)
-        except Exception as e:  # the template's own refusals (raise_exception) and jinja errors alike
-            raise Rejected(400, f"the chat template cannot render these messages: {e}") from None
+            if messages is None:
+                ids = llm.tokenizer.encode(check_text(text, "prompt"))
+            else:
+                ids = encode_chat(llm.tokenizer, messages)
+            return token_ids(ids, llm.model.cfg.vocab_size, "the prompt's token ids")
+        except (TypeError, ValueError) as e:  # bad text, the template's refusals and failures, ids past the vocab
+            raise Rejected(400, str(e)) from None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         if isinstance(body.prompt, str):
             ids = _encode_text(body.prompt)
         else:
-            ids = body.prompt
-            vocab = llm.config.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise Rejected(400, f"prompt token ids must be in [0, {vocab})")
+            try:
+                ids = token_ids(body.prompt, llm.model.cfg.vocab_size, "prompt")
+            except ValueError as e:
+                raise Rejected(400, f"prompt token ids must be in [0, {llm.model.cfg.vocab_size}): {e}") from None
         req = _prepare(body, ids, body.max_tokens)
         fmt = CompletionLogprobs(llm.tokenizer) if body.logprobs is not None else None
 
@@ -169,9 +182,11 @@ def create_app(llm, *, model_name: str = "fastllm", api_key: str | None = None, 
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = "".join(m["content"] for m in messages)
-        ids = _encode_text(text, chat=True, messages=messages)
+        try:
+            messages = chat_messages([m.model_dump(include={"role", "content"}) for m in body.messages])
+        except ValueError as e:
+            raise Rejected(400, str(e)) from None
+        ids = _encode_text("".join(m["content"] for m in messages), messages)
         req = _prepare(body, ids, body.max_completion_tokens or body.max_tokens)
         first = [True]
 

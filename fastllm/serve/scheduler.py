@@ -36,6 +36,7 @@ import torch
 
 from ..runtime.cpu_graph import CpuGraphStep, cpu_graphs_enabled
 from ..runtime.generate import TextStream
+from ..runtime.inputs import token_ids
 from ..runtime.kv_cache import SCRATCH_BLOCK
 from ..runtime.sampling import SamplingParams, sample_rows, token_logprobs
 
@@ -138,10 +139,14 @@ class Engine:
         """Queue a request (call on the event loop that will read its queue); logprobs = k reports each
         token's log-probability and the k most likely alternatives."""
         self.check(len(prompt), max_tokens)
+        try:  # an id past the vocabulary would fail the whole batch's step, every running request with it
+            prompt = token_ids(prompt, self.model.cfg.vocab_size, "prompt")
+        except (TypeError, ValueError) as e:
+            raise Rejected(400, str(e)) from None
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= self.model.cfg.vocab_size):
             raise Rejected(400, f"logprobs must be an int in [0, {self.model.cfg.vocab_size}], got {logprobs!r}")
-        req = Request(list(prompt), max_tokens, params, tuple(stop), asyncio.get_running_loop(),
+        req = Request(prompt, max_tokens, params, tuple(stop), asyncio.get_running_loop(),
                       logprobs=logprobs)
         with self.cv:
             if self.dead is not None:

@@ -84,9 +84,6 @@ class Message(_Strict):
     content: Union[str, list[TextPart]]
     name: Optional[str] = None
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
