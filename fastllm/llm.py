@@ -51,6 +51,9 @@ class LLM:
         position and kv head: a quarter of fp32's bytes, half of bf16's, for long contexts)."""
         from .loading import default_model_path
 
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike (or None for the bundled model), got "
+                            f"{type(path).__name__}")
         path = default_model_path() if path is None else os.fspath(path)
         try:
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -137,7 +140,7 @@ class LLM:
     def generate(self, prompts: str | list[str], max_new_tokens: int = 64, *, stop=None, **sampling):
         """The completion of each prompt (str for a str, list[str] for a list), generated as one batch."""
         single = isinstance(prompts, str)
-        if not single and not isinstance(prompts, (list, tuple)):
+        if not single and (isinstance(prompts, (bytes, bytearray, dict)) or not hasattr(prompts, "__iter__")):
             raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
         batch = [prompts] if single else list(prompts)
         texts = [""] * len(batch)

@@ -91,6 +91,7 @@ def test_prompts_must_be_text(llm):
     for bad in (None, 5, b"hi"):
         with pytest.raises(TypeError, match="prompts must be a str or a list of str"):
             llm.generate(bad, 3)
+    assert llm.generate((p for p in ["hi", "a"]), 3) == llm.generate(["hi", "a"], 3)  # any iterable of str
 
 
 def test_sampling_values_are_checked(llm):
@@ -132,6 +133,8 @@ def test_load_checks_device_and_act(tiny_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             fastllm.LLM.load(tiny_path, device="cuda")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        fastllm.LLM.load(5, device="cpu")
     with pytest.raises(ValueError, match="device must be a torch device"):
         fastllm.LLM.load(tiny_path, device="bogus")
     with pytest.raises(ValueError, match="act must be 'float' or 'int8', got 'int4'"):
