@@ -34,7 +34,7 @@ def test_synthetic_gguf_loads(tmp_path):
 # 1. the header is walked with bounds checks before GGUFReader (which looped for hours on these)
 
 @pytest.mark.parametrize("edit", ["string-as-array", "tokens-items-as-arrays", "key-length", "tensor-count",
-                                  "string-length", "unknown-type", "tensor-dims"])
+                                  "string-length", "unknown-type", "tensor-dims", "key-not-utf8"])
 def test_corrupt_header_is_refused_at_once(tmp_path, edit):
     path = write_gguf(tmp_path / "bad.gguf")
     if edit == "string-as-array":          # a STRING value's type 8 -> ARRAY 9: the text becomes a 64-bit count
@@ -49,6 +49,8 @@ def test_corrupt_header_is_refused_at_once(tmp_path, edit):
         patch(path, after_key(path, "tokenizer.ggml.tokens") + 16, "Q", 1 << 33)
     elif edit == "unknown-type":
         patch(path, after_key(path, "llama.block_count"), "I", 13)
+    elif edit == "key-not-utf8":
+        patch(path, after_key(path, "llama.block_count") - 1, "B", 0xFF)
     else:
         patch(path, after_key(path, "output_norm.weight"), "I", 7)
     start = time.perf_counter()
