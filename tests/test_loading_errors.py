@@ -259,6 +259,8 @@ def hf_dir(llama_dir, tmp_path):
     (dict(rms_norm_eps="1e-5"), "rms_norm_eps"), (dict(rms_norm_eps=-1.0), "rms_norm_eps"),
     (dict(eos_token_id="x"), "eos_token_id"), (dict(eos_token_id=[1, -1]), "eos_token_id"),
     (dict(hidden_size=DELETE), "lacks the field 'hidden_size'"),
+    (dict(architectures=1.5), "architectures must be a list of strings"),
+    (dict(hidden_size=10**9, vocab_size=3 * 10**9), "sizes describe no possible model"),
 ])
 def test_bad_config_json(hf_dir, changes, match):
     edit_json(hf_dir / "config.json", **changes)

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from .. import _backend
-from ..models import ARCHITECTURES, ModelConfig, build_model
+from ..models import ModelConfig, build_model
 from ..models.config import positive_float, positive_int
 from .gguf_header import check_header, check_tensor_ranges
 from .gguf_tokenizer import tokenizer_from_metadata
-from .names import check_layer_count, name_map
+from .names import check_layer_count, name_map, parameter_shapes
 from .progress import progress
 from .tokenizer import Tokenizer
 
@@ -166,8 +166,7 @@ def load_gguf(path: str, device, dtype: torch.dtype, act: str = "float"):
                          f"{cfg.vocab_size} rows")
     check_layer_count(cfg, [t.name for t in reader.tensors], path)
     names = name_map(cfg, "gguf")
-    with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in ARCHITECTURES[cfg.arch](cfg).named_parameters()}
+    shapes = parameter_shapes(cfg, path)
     tensors, quantized = {}, {}
     for t in progress(reader.tensors, len(reader.tensors), f"loading {os.path.basename(path)}"):
         if t.name not in names:

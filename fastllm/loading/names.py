@@ -73,3 +73,18 @@ def check_layer_count(cfg: ModelConfig, tensor_names, source: str) -> None:
         shown = sorted(found)[:8]
         raise ValueError(f"{source}: the config says {cfg.n_layers} layers, the weights hold tensors of {len(found)} "
                          f"layers (indices {shown}{'...' if len(found) > 8 else ''})")
+
+
+def parameter_shapes(cfg: ModelConfig, source: str) -> dict[str, tuple[int, ...]]:
+    """{fastllm parameter name: shape} of the model `cfg` describes (built on the meta device: no memory);
+    ValueError when the sizes are too large to describe a tensor at all (e.g. a corrupt hidden size of 10**9)."""
+    import torch
+
+    from ..models import ARCHITECTURES
+
+    try:
+        with torch.device("meta"):
+            model = ARCHITECTURES[cfg.arch](cfg)
+    except RuntimeError as e:  # torch: "Storage size calculation overflowed ..."
+        raise ValueError(f"{source}: the config's sizes describe no possible model ({e})") from None
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}

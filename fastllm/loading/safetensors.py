@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..models import ModelConfig, build_model
 from ..models.config import read_json
-from .names import IGNORED_SUFFIXES, check_layer_count, from_hf_layout, name_map
+from .names import IGNORED_SUFFIXES, check_layer_count, from_hf_layout, name_map, parameter_shapes
 from .progress import progress
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -78,6 +78,7 @@ def load_hf_dir(path: str, device, dtype: torch.dtype):
     cfg = ModelConfig.from_hf_dir(path)
     files = weight_files(path)
     check_layer_count(cfg, _tensor_names(files), path)
+    parameter_shapes(cfg, os.path.join(path, "config.json"))  # sizes too large for any tensor: refused here
     tensors = _read(files, name_map(cfg, "hf"), cfg.arch, device, dtype)
     with torch.no_grad():
         return build_model(cfg, tensors, device, dtype), cfg

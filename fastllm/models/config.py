@@ -104,8 +104,8 @@ class ModelConfig:
             raise ValueError(f"{source} must hold a JSON object, got {type(cfg).__name__}")
         model_type = cfg.get("model_type")
         archs = cfg.get("architectures") or []
-        if not isinstance(archs, list):
-            archs = [archs]
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ValueError(f"{source}: architectures must be a list of strings, got {archs!r}")
         for name, hf_archs in SUPPORTED_ARCHITECTURES.items():
             if model_type in (name, "mistral") or any(a in hf_archs for a in archs):
                 break
