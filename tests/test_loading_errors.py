@@ -155,7 +155,8 @@ def test_hf_degenerate_rope_is_refused(changes, match):
 
 # 5. tensor byte ranges
 
-@pytest.mark.parametrize("edit, match", [("type", "overlaps"), ("overlap", "overlaps"), ("misaligned", "multiple of general.alignment"),
+@pytest.mark.parametrize("edit, match", [("type", "overlaps"), ("overlap", "overlaps"),
+                                         ("misaligned", "multiple of general.alignment"),
                                          ("past-end", "past the end|truncated")])
 def test_tensor_ranges_are_checked(tmp_path, edit, match):
     path = write_gguf(tmp_path / "a.gguf", linear_type="Q4_1")
@@ -287,7 +288,8 @@ def test_json_root_must_be_an_object(hf_dir, file):
         Tokenizer.from_hf_dir(str(hf_dir))
 
 
-@pytest.mark.parametrize("eos, match", [("x", "eos_token_id"), (-3, "eos_token_id"), ([1.5], "eos_token_id")])
+@pytest.mark.parametrize("eos, match", [("x", "eos_token_id"), (-3, "eos_token_id"), ([1.5], "eos_token_id"),
+                                        ([1, 320], "eos_token_id .* is outside the vocabulary of 320")])
 def test_bad_generation_config(hf_dir, eos, match):
     (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
     with pytest.raises(ValueError, match=f"generation_config.json: {match}"):

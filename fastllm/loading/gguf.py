@@ -102,8 +102,8 @@ def config_from_gguf(reader, path: str = "") -> ModelConfig:
 
 def tokenizer_from_gguf(reader, path: str = "") -> Tokenizer:
     """The tokenizer embedded in the file (fastllm/loading/gguf_tokenizer.py builds it from tokenizer.*)."""
-    return tokenizer_from_metadata({k: _meta(reader, k, path=path) for k in reader.fields if k.startswith("tokenizer.")},
-                                   path)
+    meta = {k: _meta(reader, k, path=path) for k in reader.fields if k.startswith("tokenizer.")}
+    return tokenizer_from_metadata(meta, path)
 
 
 def dequantized(tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -175,9 +175,10 @@ class ModelConfig:
                 raise ValueError(f"{key} = {not supported} is not supported (fastllm's GPT-2 scales attention "
                                  "scores by 1/sqrt(head_dim) only)")
         inner = cfg.get("n_inner")
+        inner = 4 * dim if inner is None else positive_int(inner, "n_inner")
         return cls(arch="gpt2", vocab_size=positive_int(cfg["vocab_size"], "vocab_size"), dim=dim,
                    n_layers=positive_int(cfg["n_layer"], "n_layer"), n_heads=n_heads, n_kv_heads=n_heads,
-                   head_dim=dim // n_heads, intermediate_size=4 * dim if inner is None else positive_int(inner, "n_inner"),
+                   head_dim=dim // n_heads, intermediate_size=inner,
                    max_seq_len=positive_int(cfg.get("n_positions", 1024), "n_positions"),
                    norm_eps=positive_float(cfg.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon", True),
                    tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
@@ -197,6 +198,9 @@ class ModelConfig:
                     config.eos_token_ids = token_ids(gen["eos_token_id"], "eos_token_id")
                 except ValueError as e:
                     raise ValueError(f"{gen_path}: {e}") from None
+                if any(i >= config.vocab_size for i in config.eos_token_ids):
+                    raise ValueError(f"{gen_path}: eos_token_id {gen['eos_token_id']} is outside the vocabulary of "
+                                     f"{config.vocab_size} (config.json vocab_size)")
         return config
 
 
