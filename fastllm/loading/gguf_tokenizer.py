@@ -49,7 +49,9 @@ def merges_from_scores(tokens: list[str], scores: list[float], types: list[int])
 def _special(meta: dict, tokens: list[str], key: str, path: str) -> tuple[str, int] | None:
     """(text, id) of the special token tokenizer.ggml.{key}_token_id, None when absent; ValueError out of range."""
     i = meta.get(f"tokenizer.ggml.{key}_token_id")
-    if i is not None and not 0 <= int(i) < len(tokens):
+    if i is not None and (isinstance(i, bool) or not isinstance(i, int)):
+        raise ValueError(f"{path}: tokenizer.ggml.{key}_token_id must be an integer, got {i!r}")
+    if i is not None and not 0 <= i < len(tokens):
         raise ValueError(f"{path}: tokenizer.ggml.{key}_token_id {i} is outside the vocabulary of {len(tokens)}")
     return None if i is None else (tokens[int(i)], int(i))
 
@@ -70,7 +72,7 @@ def _byte_level(meta: dict, tokens: list[str], types: list[int], path: str):
     if pre_tokenizer is None:
         raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt-2, "
                          "smollm, llama-bpe)")
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    merges = _merges(meta, path) or []
     tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre == "llama-bpe"))
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
@@ -85,9 +87,9 @@ def _sentencepiece(meta: dict, tokens: list[str], types: list[int], path: str):
     if scores is None or len(scores) != len(tokens):
         raise ValueError(f"{path}: a 'llama' (SentencePiece) GGUF tokenizer needs tokenizer.ggml.scores, one per "
                          f"token ({len(tokens)}), got {None if scores is None else len(scores)}")
-    merges = meta.get("tokenizer.ggml.merges")
-    merges = ([tuple(m.split(" ", 1)) for m in merges] if merges
-              else merges_from_scores(tokens, list(scores), types))
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+        raise ValueError(f"{path}: tokenizer.ggml.scores must be numbers")
+    merges = _merges(meta, path) or merges_from_scores(tokens, list(scores), types)
     unk = _special(meta, tokens, "unknown", path)
     tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=True, byte_fallback=True,
                                  unk_token=unk[0] if unk is not None else None))
@@ -97,6 +99,18 @@ def _sentencepiece(meta: dict, tokens: list[str], types: list[int], path: str):
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return tok
+
+
+def _merges(meta: dict, path: str) -> list[tuple[str, str]] | None:
+    """tokenizer.ggml.merges as (left, right) pairs: each entry is "left right"."""
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is None:
+        return None
+    if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+        bad = next((m for m in merges if not (isinstance(m, str) and " " in m)), merges) \
+            if isinstance(merges, list) else merges
+        raise ValueError(f"{path}: tokenizer.ggml.merges must be strings \"left right\", got {bad!r}")
+    return [tuple(m.split(" ", 1)) for m in merges]
 
 
 _KINDS = {"gpt2": (_byte_level, False), "llama": (_sentencepiece, True)}
@@ -114,11 +128,20 @@ def tokenizer_from_metadata(meta: dict, path: str = "") -> Tokenizer:
     build, bos_by_default = _KINDS[kind]
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError(f"{path}: the GGUF metadata lacks tokenizer.ggml.tokens")
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"{path}: tokenizer.ggml.tokens must be a non-empty array of strings")
+    types = meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
+    if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+        raise ValueError(f"{path}: tokenizer.ggml.token_type must be an array of integers")
     if len(types) != len(tokens):
         raise ValueError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    tok = build(meta, tokens, types, path)
+    try:
+        tok = build(meta, tokens, types, path)
+    except ValueError:
+        raise
+    except Exception as e:  # the tokenizers package raises plain Exceptions on inconsistent vocabularies/merges
+        raise ValueError(f"{path}: the GGUF tokenizer (tokenizer.ggml.tokens / merges) is inconsistent: {e}") from None
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
                             if ty == TOKEN_CONTROL or (ty == TOKEN_UNKNOWN and kind == "llama")])
     tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])

@@ -2,7 +2,12 @@
 prefixes to which ".weight" / ".bias" are appended; "{i}" is the layer index."""
 from __future__ import annotations
 
+import re
+
 from ..models.config import ModelConfig
+
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:blk|layers|h)\.(\d+)\.")
+"""The layer index in a file's tensor name: GGUF blk.N.*, HF Llama model.layers.N.*, GPT-2 (transformer.)h.N.*."""
 
 LLAMA_NAMES: dict[str, tuple[str, str]] = {
     "tok_embeddings": ("model.embed_tokens", "token_embd"),
@@ -58,3 +63,28 @@ def name_map(cfg: ModelConfig, source: str) -> dict[str, str]:
                     # the original GPT-2 checkpoints name the same tensors without "transformer."
                     out[theirs[col][len("transformer."):].format(i=i) + suffix] = ours.format(i=i) + suffix
     return out
+
+
+def check_layer_count(cfg: ModelConfig, tensor_names, source: str) -> None:
+    """ValueError unless the file's layer tensors are numbered 0 .. cfg.n_layers - 1, all of them (checked before
+    name_map builds names for every layer: a corrupt layer count of 10**8 would otherwise run for minutes)."""
+    found = {int(m.group(1)) for n in tensor_names if (m := LAYER_INDEX.search(n))}
+    if len(found) != cfg.n_layers or max(found, default=-1) != cfg.n_layers - 1:  # i.e. found != {0 .. n - 1}
+        shown = sorted(found)[:8]
+        raise ValueError(f"{source}: the config says {cfg.n_layers} layers, the weights hold tensors of {len(found)} "
+                         f"layers (indices {shown}{'...' if len(found) > 8 else ''})")
+
+
+def parameter_shapes(cfg: ModelConfig, source: str) -> dict[str, tuple[int, ...]]:
+    """{fastllm parameter name: shape} of the model `cfg` describes (built on the meta device: no memory);
+    ValueError when the sizes are too large to describe a tensor at all (e.g. a corrupt hidden size of 10**9)."""
+    import torch
+
+    from ..models import ARCHITECTURES
+
+    try:
+        with torch.device("meta"):
+            model = ARCHITECTURES[cfg.arch](cfg)
+    except RuntimeError as e:  # torch: "Storage size calculation overflowed ..."
+        raise ValueError(f"{source}: the config's sizes describe no possible model ({e})") from None
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..models import ModelConfig, build_model
 from ..models.config import read_json
-from .names import IGNORED_SUFFIXES, from_hf_layout, name_map
+from .names import IGNORED_SUFFIXES, check_layer_count, from_hf_layout, name_map, parameter_shapes
 from .progress import progress
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -25,12 +25,18 @@ def weight_files(path: str) -> list[str]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no 'weight_map'")
+        root = os.path.realpath(path)
+        for key, f in weight_map.items():
+            if not isinstance(f, str) or not f:
+                raise ValueError(f"{index}: weight_map[{key!r}] must be a file name, got {f!r}")
+            if os.path.commonpath([root, os.path.realpath(os.path.join(root, f))]) != root:
+                raise ValueError(f"{index}: weight_map[{key!r}] = {f!r} points outside the model directory")
         files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
         for f in files:
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"{f}, a shard listed in {index}, does not exist")
         return files
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
     return files
@@ -55,9 +61,24 @@ def _read(files: list[str], names: dict[str, str], arch: str, device, dtype) -> 
     return out
 
 
+def _tensor_names(files: list[str]) -> list[str]:
+    """The tensor names in the files (their headers only)."""
+    names = []
+    for f in files:
+        try:
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                names += sf.keys()
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return names
+
+
 def load_hf_dir(path: str, device, dtype: torch.dtype):
     """(model, config) from a Hugging Face model directory."""
     cfg = ModelConfig.from_hf_dir(path)
-    tensors = _read(weight_files(path), name_map(cfg, "hf"), cfg.arch, device, dtype)
+    files = weight_files(path)
+    check_layer_count(cfg, _tensor_names(files), path)
+    parameter_shapes(cfg, os.path.join(path, "config.json"))  # sizes too large for any tensor: refused here
+    tensors = _read(files, name_map(cfg, "hf"), cfg.arch, device, dtype)
     with torch.no_grad():
         return build_model(cfg, tensors, device, dtype), cfg

@@ -121,11 +121,22 @@ class Tokenizer:
             tok = _HFTokenizer.from_file(file)
         except Exception as e:  # the tokenizers package raises a plain Exception for malformed files
             raise ValueError(f"{file} is not a valid tokenizer.json: {e}") from None
+        model_config = os.path.join(path, "config.json")
+        if os.path.isfile(model_config):  # ids past the model's embedding rows would fail (or index garbage) later
+            from ..models.config import ModelConfig
+
+            vocab = ModelConfig.from_hf_dir(path).vocab_size
+            top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+            if top >= vocab:
+                raise ValueError(f"{file} has token id {top}, beyond the vocab_size {vocab} of {model_config}")
         config_file = os.path.join(path, "tokenizer_config.json")
         config = read_json(config_file) if os.path.exists(config_file) else {}
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{config_file}: chat_template must be a string, got {type(template).__name__}")
         jinja_file = os.path.join(path, "chat_template.jinja")
         if template is None and os.path.exists(jinja_file):
             with open(jinja_file, encoding="utf-8") as f:
