@@ -27,11 +27,20 @@ def llm(tiny_path):
     return fastllm.LLM.load(tiny_path, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def small_vocab_llm(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_small_vocab")
+def llm_with_small_vocab(path, tokenizer_dir) -> fastllm.LLM:
+    """A model of SMALL_VOCAB ids (written to path) with tokenizer_dir's larger tokenizer, put together by hand:
+    LLM.load refuses such a directory (tests/test_loading_errors.py), but an LLM built from parts must still be
+    checked."""
+    from fastllm.loading.safetensors import load_hf_dir
+
     tiny_llama(path, eos_token_id=None, vocab_size=SMALL_VOCAB)
-    return fastllm.LLM.load(str(path), device="cpu")
+    model, cfg = load_hf_dir(str(path), torch.device("cpu"), torch.float32)
+    return fastllm.LLM(model, Tokenizer.from_hf_dir(str(tokenizer_dir)), cfg)
+
+
+@pytest.fixture(scope="module")
+def small_vocab_llm(tmp_path_factory, tiny_path):
+    return llm_with_small_vocab(tmp_path_factory.mktemp("tiny_small_vocab"), tiny_path)
 
 
 def test_text_must_be_valid_unicode(llm):

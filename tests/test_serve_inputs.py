@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-import fastllm
 from fastllm.runtime.sampling import SamplingParams
-import test_serve
-from test_inputs import SMALL_VOCAB
 from fastllm.serve import Rejected
+
+import test_serve
+from test_inputs import SMALL_VOCAB, llm_with_small_vocab
 from test_serve import NAME, TIMEOUT_S, _assert_error, _post, serving
 from tiny_models import tiny_llama
 
@@ -54,8 +54,8 @@ def test_tiny_top_p_and_content_parts(llm):
 
 
 def test_prompt_tokens_outside_the_vocabulary_get_400(tmp_path):
-    tiny_llama(tmp_path, eos_token_id=None, vocab_size=SMALL_VOCAB)
-    small = fastllm.LLM.load(str(tmp_path), device="cpu")
+    tiny_llama(tmp_path / "tokenizer", eos_token_id=None)
+    small = llm_with_small_vocab(tmp_path / "model", tmp_path / "tokenizer")
     with serving(small) as (url, _):
         _assert_error(_post(url, {"model": NAME, "prompt": "the dog", "max_tokens": 3}), 400,
                       [f"outside the model's vocabulary of {SMALL_VOCAB}"])
