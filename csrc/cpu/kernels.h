@@ -161,6 +161,9 @@ inline void dispatch_rows(int mt, F&& f) {  // mt in [1, kQRows]
   dispatch_upto<kQRows>(mt, f);
 }
 
+template <QFormat F>
+constexpr bool kInt4 = F == QFormat::I4 || F == QFormat::I4Asym;
+
 template <typename F>
 inline void dispatch_qformat(QFormat q, F&& f) {
   switch (q) {
@@ -176,73 +179,6 @@ inline void store_outputs(const QMatmulArgs& a, int64_t m0, int mt, int64_t j, c
   const float b = a.bias ? load_as_float(a.bias, j, a.dt) : 0.0f;
   for (int i = 0; i < mt; ++i)
     store_from_float(static_cast<char*>(a.y) + (m0 + i) * a.y_stride * dtype_size(a.dt), j, out[i] + b, a.dt);
-}
-
-// The GEMMs take at most this many rows of x per pass, so that a tile's outputs and a K chunk of the packed x
-// stay in L2 (each pass dequantises the weights again). M = 512-2048 on SmolLM2's shapes, 2 Zen 4 cores:
-// float activations 103-182 -> 174-187 GFLOP/s, int8 activations 302-401 -> 352-425.
-constexpr int64_t kMaxPassRows = 256;
-
-// f(p) for each pass of at most kMaxPassRows rows, p = a offset to the pass's rows (x, its int8 form, y);
-// false (nothing run) when a fits one pass.
-template <typename Fn>
-inline bool in_row_passes(const QMatmulArgs& a, Fn&& f) {
-  if (a.m <= kMaxPassRows) return false;
-  const int64_t nb = a.k / 32, ng = a.k / a.group;
-  for (int64_t i0 = 0; i0 < a.m; i0 += kMaxPassRows) {
-    QMatmulArgs p = a;
-    p.m = std::min(kMaxPassRows, a.m - i0);
-    if (a.xf) p.xf = a.xf + i0 * a.xf_stride;
-    if (a.xbf) p.xbf = a.xbf + i0 * a.xf_stride;
-    if (a.qx) p.qx = a.qx + i0 * a.k, p.dx = a.dx + i0 * nb;
-    if (a.sx) p.sx = a.sx + i0 * ng;
-    p.y = static_cast<char*>(a.y) + i0 * a.y_stride * dtype_size(a.dt);
-    f(p);
-  }
-  return true;
-}
-
-// The float GEMMs' panels of rows of x: `big` rows each, the last one `small` rows when at most that many are
-// left; padded is the rows they span.
-struct Panels {
-  int64_t big, small, count, padded;
-  bool small_last;
-  Panels(int64_t m, int64_t big_rows, int64_t small_rows)
-      : big(big_rows), small(small_rows), count((m + big_rows - 1) / big_rows),
-        padded(0), small_last(m % big_rows != 0 && m % big_rows <= small_rows) {
-    padded = count * big - (small_last ? big - small : 0);
-  }
-  int64_t rows(int64_t p) const { return small_last && p == count - 1 ? small : big; }
-};
-
-// Prefetches bytes [b0 * block_bytes, b1 * block_bytes) of the packed weight rows [j0, j0 + jn) (row_bytes
-// apart) into L2: the GEMMs' next K chunk of a tile, whose rows are more streams than the hardware prefetchers
-// follow. 4096 x 11008 int4 from DRAM at M = 16 on a 2-core Zen 4: float mode 13.7 -> 9.6-10.4 ms, int8 mode
-// 5.3 -> 4.3-4.7, bfloat16 8.3 -> 5.2-5.4 (into L1 the int8 GEMM's 48 KiB chunks of int8 weights were slower).
-inline void prefetch_rows(const void* w, int64_t row_bytes, int64_t j0, int64_t jn, int64_t b0, int64_t b1,
-                          int64_t block_bytes) {
-  const char* base = static_cast<const char*>(w);
-  for (int64_t jj = 0; jj < jn; ++jj)
-    for (int64_t o = b0 * block_bytes; o < b1 * block_bytes; o += 64)
-      __builtin_prefetch(base + (j0 + jj) * row_bytes + o, 0, 2);  // (prefetcht1 on x86)
-}
-
-// The GEMMs' tiles of at most this many weight rows end in store_tile.
-constexpr int64_t kMaxTileRows = 64;
-
-// Writes y[i][j0 + jj] = ct[jj * ldc + i] * s_jj + bias[j0 + jj] for i < m, jj < jn <= kMaxTileRows, in double
-// and rounded once to dt; s is the per-channel int8 row scale (1 for the group formats).
-inline void store_tile(const QMatmulArgs& a, int64_t j0, int64_t jn, const double* ct, int64_t ldc) {
-  double scale[kMaxTileRows], bias[kMaxTileRows];
-  for (int64_t jj = 0; jj < jn; ++jj) {
-    scale[jj] = a.fmt == QFormat::I8Channel ? static_cast<const float*>(a.scales)[j0 + jj] : 1.0;
-    bias[jj] = a.bias ? load_as_float(a.bias, j0 + jj, a.dt) : 0.0;
-  }
-  const size_t es = dtype_size(a.dt);
-  for (int64_t i = 0; i < a.m; ++i)  // row by row: each row of y gets jn adjacent outputs
-    for (int64_t jj = 0; jj < jn; ++jj)
-      store_from_float(static_cast<char*>(a.y) + i * a.y_stride * es, j0 + jj,
-                       static_cast<float>(ct[jj * ldc + i] * scale[jj] + bias[jj]), a.dt);
 }
 
 inline int64_t chunk_begin(int64_t rows, int64_t nchunks, int64_t c) { return rows * c / nchunks; }

@@ -16,9 +16,6 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 
-template <QFormat F>
-constexpr bool kInt4 = F == QFormat::I4 || F == QFormat::I4Asym;
-
 // One weight row: packed values, scales (f16 per group, or the f32 row scale), mins.
 struct WRow {
   const uint8_t* q;

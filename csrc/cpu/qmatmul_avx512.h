@@ -16,8 +16,6 @@ constexpr int64_t kUnitBytes = 64;  // one zmm of packed weights
 constexpr int64_t kScalePad = 16;          // float scale arrays are read 16 at a time
 
 template <QFormat F>
-constexpr bool kInt4 = F == QFormat::I4 || F == QFormat::I4Asym;
-template <QFormat F>
 constexpr int64_t kUnit = kInt4<F> ? 4 : 2;  // blocks per unit
 // weight rows sharing the activation loads at m = 1 (divides kRowTile); int8 weights: one, the rows
 // interleaved then slow down streaming them from DRAM more than the shared loads gain

@@ -1,22 +1,22 @@
 // AVX2 float-mode qmatmul for many rows of x (prefill), also on AVX-512 CPUs: a register-blocked GEMM in the
-// manner of BLIS on 8-lane vectors and 16 registers. y[i, j] = sum_k x[i, k] W[j, k] (+ bias),
-// W dequantised exactly as formats.py (dequant_block; per-channel int8 applies its row scale to the
-// final sum, as the other paths do).
+// manner of BLIS on 8-lane vectors and 16 registers (run_gemm in qmatmul_gemm.h drives it). y[i, j] =
+// sum_k x[i, k] W[j, k] (+ bias), W dequantised exactly as formats.py (dequant_block; per-channel int8 applies
+// its row scale to the final sum, as the other paths do).
 //   x is packed once per call into panels of 16 rows (the last one of 8 when at most 8 are left),
 //     k-major: the panel of mr rows from row i0 holds (k, r) at xt[i0 * K + k * mr + r] (rows past m
 //     are zeros), so one k step is one or two vector loads (MV = mr / 8).
-//   Each thread takes tiles of kNC weight rows. Per K chunk (at most kKCMax, 32-aligned, the chunks
-//     of a call equal in size) it dequantises the tile's rows into wd (row-major, row stride kWS
-//     floats: the micro-kernel's broadcasts are at constant offsets of one pointer), then for every
-//     panel of x and every micro-tile of kNR weight rows runs the micro-kernel: MV x kNR = 12
-//     accumulators, each k step MV loads of x and kNR broadcasts of weights for 12 FMAs.
-//   The micro-kernel sums a chunk in fp32 from zero and adds it into the tile's outputs in double
-//     (ct, weight-row-major), so the rounding is that of a chunk-long fp32 dot product per chunk
-//     (as a BLAS sgemm's), and the result, bias included, is rounded to the output dtype once.
+//   Per K chunk (at most kKCMax, 32-aligned, the chunks of a call equal in size) a tile's rows are
+//     dequantised into wd (row-major, row stride kWS floats: the micro-kernel's broadcasts are at constant
+//     offsets of one pointer); the micro-kernel then takes kNR weight rows: MV x kNR = 12 accumulators, each
+//     k step MV loads of x and kNR broadcasts of weights for 12 FMAs.
+//   The micro-kernel sums a chunk in fp32 from zero and adds it into the tile's outputs in double, so the
+//     rounding is that of a chunk-long fp32 dot product per chunk (as a BLAS sgemm's), and the result, bias
+//     included, is rounded to the output dtype once.
 #include <algorithm>
 #include <vector>
 
 #include "qmatmul_avx2.h"
+#include "qmatmul_gemm.h"
 
 namespace fastllm::cpu::avx2 {
 namespace {
@@ -28,8 +28,6 @@ template <int MV>
 constexpr int64_t kMR = 8 * MV;
 template <int MV>
 constexpr int kNR = 12 / MV;
-constexpr int64_t kNC = 48;      // weight rows per tile (every kNR divides it)
-static_assert(kNC <= kMaxTileRows, "store_tile");
 constexpr int64_t kKCMax = 256;  // K per chunk: a panel's chunk of x is 8-16 KiB, a micro-tile's weights 6-12
 constexpr int64_t kWS = kKCMax + 16;  // wd's row stride (rows 1 KiB apart would alias in L1)
 
@@ -117,50 +115,55 @@ void dequant_chunk(const QMatmulArgs& a, int64_t j0, int64_t jn, int64_t b0, int
   }
 }
 
+template <QFormat F>
+struct GemmFloat {
+  static constexpr int64_t MR = kMR<2>;
+  const QMatmulArgs& a;
+  const Panels panels;
+  const int64_t chunk_blocks;
+  std::vector<float> xt;
+
+  explicit GemmFloat(const QMatmulArgs& args)
+      : a(args), panels(args.m, MR, kMR<1>), chunk_blocks(equal_chunk_blocks(args.k / kBlock, kKCMax)),
+        xt(panels.padded * args.k) {}
+
+  void pack(int64_t p) { pack_x(a.xf, a.xf_stride, a.m, a.k, p * MR, panels.rows(p), xt.data() + p * MR * a.k); }
+
+  struct Tile {
+    const GemmFloat& g;
+    std::vector<float> wd;
+    int64_t j0 = 0, jn = 0, kc = 0;
+    explicit Tile(const GemmFloat& gemm) : g(gemm), wd(kGemmTileRows * kWS, 0.0f) {}
+
+    void start(int64_t first, int64_t rows) {
+      j0 = first, jn = rows;
+      const int64_t jpad = (jn + kNR<1> - 1) / kNR<1> * kNR<1>;  // a multiple of both kNR
+      std::fill(wd.begin() + jn * kWS, wd.begin() + jpad * kWS, 0.0f);  // padding rows: zero weights
+    }
+
+    void load(int64_t b0, int64_t b1) {
+      dequant_chunk<F>(g.a, j0, jn, b0, b1, wd.data());
+      kc = (b1 - b0) * kBlock;
+    }
+
+    void panel(int64_t p, int64_t b0, int64_t, double* ct, int64_t ldc) const {
+      const int64_t mr = g.panels.rows(p);
+      const float* xp = g.xt.data() + p * MR * g.a.k + b0 * kBlock * mr;
+      if (mr == MR)
+        for (int64_t jj = 0; jj < jn; jj += kNR<2>) micro<2>(xp, wd.data() + jj * kWS, kc, ct + jj * ldc, ldc);
+      else
+        for (int64_t jj = 0; jj < jn; jj += kNR<1>) micro<1>(xp, wd.data() + jj * kWS, kc, ct + jj * ldc, ldc);
+    }
+  };
+};
+
 }  // namespace
 
 template <QFormat F>
 void gemm_float(const QMatmulArgs& a) {
   if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_float<F>(p); })) return;
-  const int64_t m = a.m, k = a.k, nb = k / kBlock;
-  constexpr int64_t MR = kMR<2>;
-  const Panels panels(m, MR, kMR<1>);
-  const int64_t mp = panels.padded;
-  const int64_t nchunks = (nb * kBlock + kKCMax - 1) / kKCMax, chunk_blocks = (nb + nchunks - 1) / nchunks;
-  const int64_t ntiles = (a.n + kNC - 1) / kNC;
-  std::vector<float> xt(mp * k);
-#pragma omp parallel if (m * a.n * k >= kParallelMinElems)
-  {
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < panels.count; ++p)
-      pack_x(a.xf, a.xf_stride, m, k, p * MR, panels.rows(p), xt.data() + p * MR * k);
-    std::vector<float> wd(kNC * kWS, 0.0f);
-    std::vector<double> ct(kNC * mp);
-#pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const int64_t j0 = t * kNC, jn = std::min(kNC, a.n - j0);
-      std::fill(ct.begin(), ct.end(), 0.0);
-      const int64_t jpad = (jn + kNR<1> - 1) / kNR<1> * kNR<1>;  // a multiple of both kNR
-      if (jn < jpad) std::fill(wd.begin() + jn * kWS, wd.begin() + jpad * kWS, 0.0f);  // padding rows: zero weights
-      for (int64_t b0 = 0; b0 < nb; b0 += chunk_blocks) {
-        const int64_t b1 = std::min(nb, b0 + chunk_blocks), kc = (b1 - b0) * kBlock;
-        dequant_chunk<F>(a, j0, jn, b0, b1, wd.data());
-        if (b1 < nb)
-          prefetch_rows(a.w, kInt4<F> ? k / 2 : k, j0, jn, b1, std::min(nb, b1 + chunk_blocks), kInt4<F> ? 16 : 32);
-        for (int64_t p = 0; p < panels.count; ++p) {
-          const int64_t mr = panels.rows(p);
-          const float* xp = xt.data() + p * MR * k + b0 * kBlock * mr;
-          double* cp = ct.data() + p * MR;
-          if (mr == MR) {
-            for (int64_t jj = 0; jj < jn; jj += kNR<2>) micro<2>(xp, wd.data() + jj * kWS, kc, cp + jj * mp, mp);
-          } else {
-            for (int64_t jj = 0; jj < jn; jj += kNR<1>) micro<1>(xp, wd.data() + jj * kWS, kc, cp + jj * mp, mp);
-          }
-        }
-      }
-      store_tile(a, j0, jn, ct.data(), mp);
-    }
-  }
+  GemmFloat<F> g(a);
+  run_gemm<F>(a, g);
 }
 
 template void gemm_float<QFormat::I8Channel>(const QMatmulArgs&);

@@ -1,13 +1,14 @@
 // AVX512_BF16 float-mode qmatmul for many bfloat16 rows of x (prefill), int4 weights: a register-blocked GEMM
-// on vdpbf16ps, which multiplies pairs of bfloat16 and adds both products into an fp32 lane (32 products
-// per instruction, twice the fp32 FMA's). The int4 values u - 8 and the activations are exact in bfloat16,
-// so each product is exact and only the fp32 sums round. Per block b of 32 along K:
+// (run_gemm in qmatmul_gemm.h drives it) on vdpbf16ps, which multiplies pairs of bfloat16 and adds both
+// products into an fp32 lane (32 products per instruction, twice the fp32 FMA's). The int4 values u - 8 and
+// the activations are exact in bfloat16, so each product is exact and only the fp32 sums round. Per block b
+// of 32 along K:
 //   y[i, j] = sum_b d_jb sum_{c in b} (u_jc - 8) x_ic  +  sum_b (m_jb + 8 d_jb) sum_{c in b} x_ic  (int4_asym)
 // (centred as the int8 mode is, so the two terms do not cancel).
 //   x is packed once per call into panels of 16 MV rows (MV = 2; the last panel MV = 1 when at most 16
 //     rows are left): for each pair of elements (2p, 2p + 1) of K, 16 MV dwords, one per row (rows past m
 //     are zeros), so a pair step is MV vector loads; and per block and row the sum of x (int4_asym).
-//   Each thread takes tiles of kNC weight rows. Per K chunk (kKC blocks) it dequantises the tile's rows into
+//   Per K chunk (kKC blocks) a tile's weight rows are dequantised into
 //     wd as bfloat16 u - 8 in K order (a block's low nibbles are its elements 0-15, the high ones 16-31) with
 //     their block scales (and centred mins), then for every panel and micro-tile of NR weight rows runs the
 //     micro-kernel: MV x NR lanes of block sums S (each pair step: MV loads of x, NR broadcast weight pairs,
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "qmatmul_avx512.h"
+#include "qmatmul_gemm.h"
 
 namespace fastllm::cpu::avx512 {
 namespace {
@@ -32,8 +34,6 @@ template <int MV>
 constexpr int64_t kMR = 16 * MV;
 template <int MV>
 constexpr int kNR = 12 / MV;     // MV NR = 12 block sums and 12 accumulators, of 32 zmm
-constexpr int64_t kNC = 48;      // weight rows per tile (every kNR divides it)
-static_assert(kNC <= kMaxTileRows, "store_tile");
 constexpr int64_t kKC = 8;       // blocks per K chunk: a micro-tile's weights 6-12 KiB, a panel's x 16-32 KiB
 constexpr int64_t kPairs = kBlock / 2;
 
@@ -134,57 +134,63 @@ void micro(const uint32_t* xt, const float* sx, const uint32_t* wd, const float*
   add_to_double<NR, MV>(t, ct, ldc);
 }
 
+template <QFormat F>
+struct GemmBf16 {
+  static constexpr int64_t MR = kMR<2>, chunk_blocks = kKC;
+  static constexpr bool kAsym = F == QFormat::I4Asym;
+  const QMatmulArgs& a;
+  const Panels panels;
+  const int64_t nb;
+  std::vector<uint32_t> xt;
+  std::vector<float> sx;
+
+  explicit GemmBf16(const QMatmulArgs& args)
+      : a(args), panels(args.m, MR, kMR<1>), nb(args.k / kBlock), xt(panels.padded * args.k / 2),
+        sx(kAsym ? panels.padded * nb : 0) {}
+
+  void pack(int64_t p) {
+    pack_x(a.xbf, a.xf_stride, a.m, a.k, p * MR, panels.rows(p), xt.data() + p * MR * a.k / 2,
+           kAsym ? sx.data() + p * MR * nb : nullptr);
+  }
+
+  struct Tile {
+    const GemmBf16& g;
+    std::vector<uint32_t> wd;
+    std::vector<float> ds, cs;
+    int64_t j0 = 0, jn = 0;
+    explicit Tile(const GemmBf16& gemm)
+        : g(gemm), wd(kGemmTileRows * kKC * kPairs, 0), ds(kGemmTileRows * kKC, 0.0f), cs(kGemmTileRows * kKC, 0.0f) {}
+
+    void start(int64_t first, int64_t rows) {
+      j0 = first, jn = rows;
+      const int64_t jpad = (jn + kNR<1> - 1) / kNR<1> * kNR<1>;  // a multiple of both kNR
+      std::fill(wd.begin() + jn * kKC * kPairs, wd.begin() + jpad * kKC * kPairs, 0u);  // padding rows: zero
+      std::fill(ds.begin() + jn * kKC, ds.begin() + jpad * kKC, 0.0f);                  // weights and scales
+      std::fill(cs.begin() + jn * kKC, cs.begin() + jpad * kKC, 0.0f);
+    }
+
+    void load(int64_t b0, int64_t b1) { dequant_chunk<F>(g.a, j0, jn, b0, b1, wd.data(), ds.data(), cs.data()); }
+
+    void panel(int64_t p, int64_t b0, int64_t b1, double* ct, int64_t ldc) const {
+      const int64_t mr = g.panels.rows(p);
+      const uint32_t* xp = g.xt.data() + p * MR * g.a.k / 2 + b0 * kPairs * mr;
+      const float* sp = kAsym ? g.sx.data() + p * MR * g.nb + b0 * mr : nullptr;
+      for (int64_t jj = 0; jj < jn; jj += mr == MR ? kNR<2> : kNR<1>) {
+        const uint32_t* w = wd.data() + jj * kKC * kPairs;
+        if (mr == MR) micro<F, 2>(xp, sp, w, ds.data() + jj * kKC, cs.data() + jj * kKC, b1 - b0, ct + jj * ldc, ldc);
+        else micro<F, 1>(xp, sp, w, ds.data() + jj * kKC, cs.data() + jj * kKC, b1 - b0, ct + jj * ldc, ldc);
+      }
+    }
+  };
+};
+
 }  // namespace
 
 template <QFormat F>
 void gemm_bf16(const QMatmulArgs& a) {
   if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_bf16<F>(p); })) return;
-  const int64_t m = a.m, k = a.k, nb = k / kBlock;
-  constexpr int64_t MR = kMR<2>;
-  const Panels panels(m, MR, kMR<1>);
-  const int64_t mp = panels.padded;
-  const int64_t ntiles = (a.n + kNC - 1) / kNC;
-  constexpr bool kAsym = F == QFormat::I4Asym;
-  std::vector<uint32_t> xt(mp * k / 2);
-  std::vector<float> sx(kAsym ? mp * nb : 0);
-#pragma omp parallel if (m * a.n * k >= kParallelMinElems)
-  {
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < panels.count; ++p)
-      pack_x(a.xbf, a.xf_stride, m, k, p * MR, panels.rows(p), xt.data() + p * MR * k / 2,
-             kAsym ? sx.data() + p * MR * nb : nullptr);
-    std::vector<uint32_t> wd(kNC * kKC * kPairs, 0);
-    std::vector<float> ds(kNC * kKC, 0.0f), cs(kNC * kKC, 0.0f);
-    std::vector<double> ct(kNC * mp);
-#pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const int64_t j0 = t * kNC, jn = std::min(kNC, a.n - j0);
-      std::fill(ct.begin(), ct.end(), 0.0);
-      const int64_t jpad = (jn + kNR<1> - 1) / kNR<1> * kNR<1>;  // a multiple of both kNR
-      if (jn < jpad) {  // padding rows: zero weights and scales
-        std::fill(wd.begin() + jn * kKC * kPairs, wd.begin() + jpad * kKC * kPairs, 0u);
-        std::fill(ds.begin() + jn * kKC, ds.begin() + jpad * kKC, 0.0f);
-        std::fill(cs.begin() + jn * kKC, cs.begin() + jpad * kKC, 0.0f);
-      }
-      for (int64_t b0 = 0; b0 < nb; b0 += kKC) {
-        const int64_t b1 = std::min(nb, b0 + kKC);
-        dequant_chunk<F>(a, j0, jn, b0, b1, wd.data(), ds.data(), cs.data());
-        if (b1 < nb) prefetch_rows(a.w, k / 2, j0, jn, b1, std::min(nb, b1 + kKC), 16);  // the next chunk
-        for (int64_t p = 0; p < panels.count; ++p) {
-          const int64_t mr = panels.rows(p);
-          const uint32_t* xp = xt.data() + p * MR * k / 2 + b0 * kPairs * mr;
-          const float* sp = kAsym ? sx.data() + p * MR * nb + b0 * mr : nullptr;
-          double* cp = ct.data() + p * MR;
-          for (int64_t jj = 0; jj < jn; jj += mr == MR ? kNR<2> : kNR<1>) {
-            const uint32_t* w = wd.data() + jj * kKC * kPairs;
-            if (mr == MR) micro<F, 2>(xp, sp, w, ds.data() + jj * kKC, cs.data() + jj * kKC, b1 - b0, cp + jj * mp, mp);
-            else micro<F, 1>(xp, sp, w, ds.data() + jj * kKC, cs.data() + jj * kKC, b1 - b0, cp + jj * mp, mp);
-          }
-        }
-      }
-      store_tile(a, j0, jn, ct.data(), mp);
-    }
-  }
+  GemmBf16<F> g(a);
+  run_gemm<F>(a, g);
 }
 
 template void gemm_bf16<QFormat::I4>(const QMatmulArgs&);

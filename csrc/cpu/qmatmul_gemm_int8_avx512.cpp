@@ -1,10 +1,9 @@
-// AVX-512 int8-mode qmatmul for many rows of x (prefill): a register-blocked GEMM in the manner of BLIS,
-// with VNNI integer dot products. The activations are packed once per call into panels of MR rows; each
-// thread takes tiles of kGemmNC weight rows and, per K chunk, unpacks the tile's rows into int8 buffers
-// the micro-kernel reads, then runs the micro-kernel for every panel of x and every micro-tile of NR
-// weight rows. It sums a chunk from zero in fp32 and adds it into the tile's outputs in double (ct,
-// weight-row-major); the result times the per-channel int8 row scale, plus bias, is rounded to the
-// output dtype once. The math is qmatmul.cpp's int8 mode:
+// AVX-512 int8-mode qmatmul for many rows of x (prefill): a register-blocked GEMM in the manner of BLIS
+// (run_gemm in qmatmul_gemm.h drives it), with VNNI integer dot products. The activations are packed once per
+// call into panels of MR rows; per K chunk a tile's weight rows are unpacked into int8 buffers the
+// micro-kernel reads, which then runs for every panel of x and every micro-tile of NR weight rows. It sums a
+// chunk from zero in fp32 and adds it into the tile's outputs in double; the result times the per-channel
+// int8 row scale, plus bias, is rounded to the output dtype once. The math is qmatmul.cpp's int8 mode:
 // per block b of 32, s_b = sum_i w'_i qx_i (w' = q for int8 weights, u - 8 for both int4 formats), and
 // y = sum_b s_b dx_b d_g(b) (per-channel int8: times the row scale at the end), plus for int4_asym
 // sum_g (m_g + 8 d_g) sx_g.
@@ -27,12 +26,10 @@
 #include <vector>
 
 #include "qmatmul_avx512.h"
+#include "qmatmul_gemm.h"
 
 namespace fastllm::cpu::avx512 {
 namespace {
-
-constexpr int64_t kGemmNC = 48;  // weight rows per tile
-static_assert(kGemmNC <= kMaxTileRows, "store_tile");
 
 constexpr int64_t kQuads = kBlock / 4;  // quads of k per block
 
@@ -41,13 +38,15 @@ struct GemmInt8 {
   static constexpr int64_t MR = 16 * MV, KC = 1024;  // a panel's chunk of x: 32 KiB at MV = 2
   static constexpr int NR = 12 / MV;
   const QMatmulArgs& a;
-  const int64_t nb, ng;
+  const Panels panels;
+  const int64_t nb, ng, chunk_blocks;
   std::vector<uint8_t> xq;
   std::vector<float> dxt, sxt;
 
-  GemmInt8(const QMatmulArgs& args, int64_t panels)
-      : a(args), nb(args.k / kBlock), ng(args.k / args.group), xq(panels * MR * args.k), dxt(panels * MR * nb),
-        sxt(F == QFormat::I4Asym ? panels * MR * ng : 0) {}
+  explicit GemmInt8(const QMatmulArgs& args)
+      : a(args), panels(args.m, MR, MR), nb(args.k / kBlock), ng(args.k / args.group),
+        chunk_blocks(equal_chunk_blocks(nb, KC)), xq(panels.padded * args.k), dxt(panels.padded * nb),
+        sxt(F == QFormat::I4Asym ? panels.padded * ng : 0) {}
 
   void pack(int64_t p) {
     uint32_t* dst = reinterpret_cast<uint32_t*>(xq.data() + p * a.k * MR);
@@ -70,22 +69,32 @@ struct GemmInt8 {
   }
 
   struct Tile {
+    const GemmInt8& g;
     int64_t wsb, cb;  // wq's row stride in bytes; blocks per chunk (the other buffers' row stride)
-    int gmask;        // block b starts a group when (b & gmask) == 0
+    int64_t jn = 0, jpad = 0;
+    int gmask = 0;    // block b starts a group when (b & gmask) == 0
     std::vector<int8_t> wq;
     std::vector<int32_t> wi;
-    std::vector<float> wd, wc;
+    std::vector<float> wd, wc, fs;
+    WRow rows[kGemmTileRows];
     // (wq's rows are 64 bytes longer than the chunk: rows chunk * 32 bytes apart would alias in L1)
-    explicit Tile(int64_t chunk_blocks)
-        : wsb(chunk_blocks * kBlock + 64), cb(chunk_blocks), gmask(0), wq(kGemmNC * wsb, 0), wi(kGemmNC * cb, 0),
-          wd(kGemmNC * cb, 0.0f), wc(F == QFormat::I4Asym ? kGemmNC * cb : 0, 0.0f) {}
+    explicit Tile(const GemmInt8& gemm)
+        : g(gemm), wsb(gemm.chunk_blocks * kBlock + 64), cb(gemm.chunk_blocks), wq(kGemmTileRows * wsb, 0),
+          wi(kGemmTileRows * cb, 0), wd(kGemmTileRows * cb, 0.0f),
+          wc(F == QFormat::I4Asym ? kGemmTileRows * cb : 0, 0.0f),
+          fs(tile_scale_floats<F>(kGemmTileRows, gemm.ng), 0.0f) {}
 
-    void load(const WRow* rows, int64_t jn, int64_t jpad, int64_t b0, int64_t b1) {
-      std::fill(wq.begin() + jn * wsb, wq.begin() + jpad * wsb, int8_t(0));
+    void start(int64_t j0, int64_t rows_in_tile) {
+      jn = rows_in_tile, jpad = (jn + NR - 1) / NR * NR;
+      tile_rows<F>(g.a, j0, jn, kGemmTileRows, fs.data(), rows);
+      gmask = (1 << rows[0].gshift) - 1;
+      std::fill(wq.begin() + jn * wsb, wq.begin() + jpad * wsb, int8_t(0));  // padding rows: zero weights
       std::fill(wi.begin() + jn * cb, wi.begin() + jpad * cb, 0);
       std::fill(wd.begin() + jn * cb, wd.begin() + jpad * cb, 0.0f);
       if constexpr (F == QFormat::I4Asym) std::fill(wc.begin() + jn * cb, wc.begin() + jpad * cb, 0.0f);
-      gmask = (1 << rows[0].gshift) - 1;
+    }
+
+    void load(int64_t b0, int64_t b1) {
       const __m256i eight = _mm256_set1_epi8(8), low = _mm256_set1_epi8(0x0F), c128 = _mm256_set1_epi8(static_cast<char>(0x80));
       for (int64_t jj = 0; jj < jn; ++jj) {
         const WRow& r = rows[jj];
@@ -113,6 +122,10 @@ struct GemmInt8 {
             wc[o] = (b & gmask) == 0 ? std::fma(8.0f, r.d[b >> r.gshift], r.m[b >> r.gshift]) : 0.0f;
         }
       }
+    }
+
+    void panel(int64_t p, int64_t b0, int64_t b1, double* ct, int64_t ldc) const {
+      for (int64_t jj = 0; jj < jpad; jj += NR) g.micro(*this, p, jj, b0, b1, ct + jj * ldc, ldc);
     }
   };
 
@@ -165,45 +178,17 @@ struct GemmInt8 {
   }
 };
 
-template <QFormat F, class G>
-void run_gemm(const QMatmulArgs& a) {
-  const int64_t m = a.m, k = a.k, nb = k / kBlock, ng = k / a.group;
-  const int64_t panels = (m + G::MR - 1) / G::MR, mp = panels * G::MR;
-  const int64_t nchunks = (k + G::KC - 1) / G::KC, chunk_blocks = (nb + nchunks - 1) / nchunks;
-  const int64_t ntiles = (a.n + kGemmNC - 1) / kGemmNC;
-  G g(a, panels);
-#pragma omp parallel if (m * a.n * k >= kParallelMinElems)
-  {
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < panels; ++p) g.pack(p);
-    typename G::Tile tile(chunk_blocks);
-    std::vector<float> fs(tile_scale_floats<F>(kGemmNC, ng), 0.0f);
-    std::vector<double> ct(kGemmNC * mp);
-    WRow rows[kGemmNC];
-#pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const int64_t j0 = t * kGemmNC, jn = std::min(kGemmNC, a.n - j0), jpad = (jn + G::NR - 1) / G::NR * G::NR;
-      tile_rows<F>(a, j0, jn, kGemmNC, fs.data(), rows);
-      std::fill(ct.begin(), ct.end(), 0.0);
-      for (int64_t b0 = 0; b0 < nb; b0 += chunk_blocks) {
-        const int64_t b1 = std::min(nb, b0 + chunk_blocks);
-        tile.load(rows, jn, jpad, b0, b1);
-        if (b1 < nb) prefetch_rows(a.w, kInt4<F> ? k / 2 : k, j0, jn, b1, std::min(nb, b1 + chunk_blocks), kInt4<F> ? 16 : 32);
-        for (int64_t p = 0; p < panels; ++p)
-          for (int64_t jj = 0; jj < jpad; jj += G::NR) g.micro(tile, p, jj, b0, b1, ct.data() + jj * mp + p * G::MR, mp);
-      }
-      store_tile(a, j0, jn, ct.data(), mp);
-    }
-  }
-}
-
 }  // namespace
 
 template <QFormat F>
 void gemm_int8(const QMatmulArgs& a) {
   if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_int8<F>(p); })) return;
-  if (a.m <= 16) run_gemm<F, GemmInt8<F, 1>>(a);  // one-vector panels
-  else run_gemm<F, GemmInt8<F, 2>>(a);
+  auto run = [&](auto mv) {
+    GemmInt8<F, decltype(mv)::value> g(a);
+    run_gemm<F>(a, g);
+  };
+  if (a.m <= 16) run(std::integral_constant<int, 1>{});  // one-vector panels
+  else run(std::integral_constant<int, 2>{});
 }
 
 template void gemm_int8<QFormat::I8Channel>(const QMatmulArgs&);
