@@ -161,6 +161,31 @@ def test_qmatmul_one_and_two_rows_small_k(device, backend, scheme, group):
                     _check(*_case(m, n, k, torch.float32, device, 11 * i + m, scheme, group, i % 2 == 1), act, backend)
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+def test_qmatmul_single_row_weights_that_round(device, backend):
+    """int4_asym weights u d + m that fp32 rounds, m far from d in magnitude (both ways), among ordinary rows in
+    every position of a group of 4 weight rows, x alternating in sign: the AVX-512 M = 1 kernel's factored form
+    (d out of the block sums, the min term apart) would miss the rounding, so such rows take the unfactored one.
+    With m = 1, d = 2^-24 the rounding is most of each result, with m = 2^-24, d = 1 within half an ulp of it
+    (the factored form would still pass the tolerance rule on these: torch's own error in such cancelling sums
+    is larger). Then x with an element of 2^120, for which (u - 8) x sums could overflow where the result does
+    not (no factored form for any row)."""
+    n, k = 11, 64
+    x = torch.ones(1, k, device=device)
+    x[0, 1::2] = -1.0
+    for rows, d, m in (((1, 6), 2.0 ** -24, 1.0), ((4, 10), 1.0, 2.0 ** -24)):
+        q = fastllm.quantize(randn((n, k), torch.float32, device, seed=3, scale=0.05), "int4_asym", 32)
+        for row in rows:
+            q.scales[row], q.mins[row] = d, m
+        _check(x, q, None, "float", backend)
+    xb = randn((1, k), torch.float32, device, seed=4)
+    xb[0, 5] = 2.0 ** 120
+    q.scales[:] = 2.0 ** -20
+    with running_on(backend):
+        assert torch.isfinite(fastllm.qmatmul(xb, q)).all()
+    _check(xb, q, None, "float", backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("scheme,group", [f for f in FORMATS if f[0] != "int8"], ids=str)
 def test_qmatmul_bfloat16_single_row(device, backend, scheme, group):
     """M = 1 with bfloat16 x (on AVX512_BF16 CPUs the vdpbf16ps kernel, two blocks per step): K with an odd
