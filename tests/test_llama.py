@@ -1,6 +1,7 @@
 """fastllm's Llama (fastllm/models/llama.py) loaded from a Hugging Face directory against transformers,
 in float32: logits over a whole sequence, and prefill + decode steps through the static KV cache."""
 import json
+import math
 
 import pytest
 import torch
@@ -131,6 +132,27 @@ def test_bad_config(tmp_path, changes, message):
     _edit_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=message):
         load_hf_dir(str(tmp_path), "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("low", [2.0, 16 / (2 * math.pi)])
+def test_llama3_rope_with_equal_freq_factors(tmp_path, low):
+    """low_freq_factor == high_freq_factor: the smooth band shrinks to the one wavelength 16 / low. Where no frequency
+    falls on it transformers' frequencies are a step between the two scalings, matched exactly; where one does
+    (2 pi / inv_freq_0 = 2 pi = 16 / low) transformers computes NaN (0 / 0), and the config is refused."""
+    from transformers.modeling_rope_utils import _compute_llama3_parameters
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": low, "high_freq_factor": low,
+               "original_max_position_embeddings": 16}
+    hf = tiny_llama(tmp_path, rope_scaling=scaling)
+    expected, _ = _compute_llama3_parameters(hf.config, "cpu")
+    if expected.isfinite().all():
+        model, _ = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+        assert torch.equal(model.rotary.inv_freq, expected)
+        base = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+        assert (expected == base).any() and (expected == base / 8).any()   # a step: kept or divided by factor
+    else:
+        with pytest.raises(ValueError, match=r"config\.json: rope_scaling low_freq_factor == high_freq_factor"):
+            load_hf_dir(str(tmp_path), "cpu", torch.float32)
 
 
 def test_missing_and_corrupt_files(tmp_path):
