@@ -1,5 +1,6 @@
 """fastllm's Llama (fastllm/models/llama.py) loaded from a Hugging Face directory against transformers,
-in float32: logits over a whole sequence, and prefill + decode steps through the static KV cache."""
+in float32: logits over a whole sequence, and prefill + decode steps through the static KV cache; the checks of
+the model's entry points (and GPT-2's) and of its config."""
 import json
 import math
 
@@ -114,6 +115,30 @@ def test_kv_cache_dtype_choice(tmp_path):
         model.new_cache(1, 8, dtype=torch.float16)
     model.kv_cache_dtype = torch.int8
     assert model.new_cache(1, 8).k.dtype == torch.int8 and model.new_cache(1, 8, dtype=torch.float32).k_scale is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_inputs_of_the_model_entry_points_are_checked(tmp_path, arch):
+    """model(tokens) and new_cache(max_len) refuse more positions than the context (128 here): a Llama ran on with
+    rotary angles it never saw, a GPT-2 failed with an IndexError of its position table; the context itself passes.
+    Dynamic (NTK) scaling may go past it (test_logits_match_transformers["dynamic-rope"] does)."""
+    from tiny_models import tiny_gpt2
+
+    (tiny_llama if arch == "llama" else tiny_gpt2)(tmp_path)
+    model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    tokens = torch.randint(0, cfg.vocab_size, (1, cfg.max_seq_len + 1), generator=torch.Generator().manual_seed(0))
+    assert _forward(model, tokens[:, :-1]).shape == (1, 128, cfg.vocab_size)
+    with pytest.raises(ValueError, match="tokens has 129 positions, more than the model's context of 128"):
+        _forward(model, tokens)
+    assert model.new_cache(1, 128).max_len == 128
+    with pytest.raises(ValueError, match="max_len has 129 positions, more than the model's context of 128"):
+        model.new_cache(1, 129)
+    with pytest.raises(TypeError, match="tokens must be an int64 or int32 tensor of token ids, got torch.float32"):
+        _forward(model, tokens.float())
+    with pytest.raises(TypeError, match="got list"):
+        _forward(model, tokens.tolist())
+    with pytest.raises(ValueError, match=r"tokens must have shape \(batch, length\), got \(129,\)"):
+        _forward(model, tokens[0])
 
 
 def _edit_config(path, **changes):
