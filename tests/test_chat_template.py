@@ -79,6 +79,7 @@ HOSTILE = {
     "expandtabs": ("{{ ('\t' * 100000).expandtabs(1000) }}", "str.expandtabs would make"),
     "center": ("{{ 'x' | center(10**10) }}", "the filter center is given 1e\\+10"),
     "ljust": ("{{ 'x'.ljust(10**10) }}", "str.ljust is given 1e\\+10"),
+    "batch": ("{{ [1] | batch(10**9, 0) | list }}", "the filter batch is given 1e\\+09"),
     "percent-width": ("{{ '%099999999999d' % 1 }}", "the % operator's format string has a number"),
     "percent-star": ("{{ '%*d' % (10**10, 1) }}", "the % operator is given"),
     "format-width": ("{{ '{:>99999999999}'.format(1) }}", "str.format's format string has a number"),
@@ -112,5 +113,6 @@ def test_values_within_the_limits_render():
     template = BIG + "{{ (s + s) | length }} {{ ('x' * 5) ~ ([0] * 3) | string }} {{ 2 ** 4000 > 0 }}"
     assert render(compile_template(template), messages=MESSAGES) == f"{MAX_CHARS} xxxxx[0, 0, 0] True"
     big = 10 ** 12   # numbers as values, not widths, may be of any size
-    template = "{{ '%d' % n }} {{ n | string }} {{ '{}'.format(n) }} {{ '%s!' | format(n) }} {{ n | round(2) }}"
-    assert render(compile_template(template), n=big) == f"{big} {big} {big} {big}! {big}"
+    template = ("{{ '%d' % n }} {{ n | string }} {{ '{}'.format(n) }} {{ '%s!' | format(n) }} {{ n | round(2) }} "
+                "{{ x | default(n) }} {{ [n] | select('equalto', n) | list }} {{ '1,2'.split(',', n) }}")
+    assert render(compile_template(template), n=big) == f"{big} {big} {big} {big}! {big} {big} [{big}] ['1', '2']"

@@ -10,9 +10,9 @@ where its size is known in advance:
       container counts its items, each item as often as it occurs) of at most MAX_CHARS: the results of `*`
       (repetition), `+`, `%`, `~`, list / tuple / dict literals, and of every filter and method call;
     - the amplifying calls are estimated before they run: `replace`, `join`, `indent`, `wordwrap`, `expandtabs`,
-      `translate`; a number argument of a filter (after the value filtered) or of a str method is at most
-      MAX_CHARS (widths of `center`, `ljust`, ...), and so is every width in a format string (`'%99999999999s'`,
-      `'{:>{w}}'`: the numbers written in it, and its arguments when it takes widths from them);
+      `translate`; the widths and counts given to `center`, `ljust`, `rjust`, `zfill`, `batch` and `slice` are at
+      most MAX_CHARS, and so is every width in a format string (`'%99999999999s'`, `'{:>{w}}'`: the numbers
+      written in it, and its arguments when it takes widths from them);
     - integers stay within MAX_INT_BITS bits (`*`, `**` on ints);
     - range() gives at most MAX_RANGE numbers; `lipsum` is not offered;
     - the output (the rendered prompt, and each buffer that collects the output of a macro, a `{% set %}` block
@@ -138,6 +138,11 @@ METHOD_SIZES = {"replace": _replace_size, "join": lambda sep, items, *_, **__: _
 larger than their arguments."""
 
 
+WIDTHS = {"center", "ljust", "rjust", "zfill", "batch", "slice"}
+"""Filters and str methods whose number arguments are widths or counts of their result (padding, fill items):
+those numbers are at most MAX_CHARS. Other calls take numbers as values, of any size."""
+
+
 def _bounded_filter(name: str, f):
     """The filter f with its arguments and result checked; `join` takes its items as a list (measured first)."""
     skip = 1 if getattr(f, "jinja_pass_arg", None) is not None else 0   # the context / environment f receives
@@ -150,7 +155,7 @@ def _bounded_filter(name: str, f):
         what = f"the filter {name}"
         if name == "format":
             _check_format(str(args[skip]), args[skip + 1:], kwargs, what)
-        else:   # the arguments after the value filtered
+        elif name in WIDTHS:   # the arguments after the value filtered
             _check_arguments(args[skip + 1:], kwargs, what)
         if name in FILTER_SIZES and FILTER_SIZES[name](*args[skip:], **kwargs) > MAX_CHARS:
             raise _refuse(f"{what} would make more than {MAX_CHARS} characters")
@@ -289,7 +294,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             if name in ("format", "format_map"):
                 mapping = args[0] if name == "format_map" and args and isinstance(args[0], dict) else kwargs
                 _check_format(method.__self__, args, mapping, what)
-            else:
+            elif name in WIDTHS:
                 _check_arguments(args, kwargs, what)
             if name in METHOD_SIZES and METHOD_SIZES[name](method.__self__, *args, **kwargs) > MAX_CHARS:
                 raise _refuse(f"{what} would make more than {MAX_CHARS} characters")
