@@ -1,7 +1,8 @@
 """Checks of generation's inputs (fastllm/runtime/inputs.py, used by fastllm/llm.py and the server): text that
 UTF-8 cannot encode, token ids outside the model's vocabulary or not ints, stop strings, max_new_tokens,
-chat messages (OpenAI content parts, None content, an empty conversation), chat templates that fail, and
-LLM.load's device and act; each gives a ValueError / TypeError naming the argument, before any model work."""
+chat messages (OpenAI content parts, None content, an empty conversation), chat templates that fail or exceed
+their sandbox's limits, and LLM.load's device and act; each gives a ValueError / TypeError naming the argument,
+before any model work."""
 import pytest
 import torch
 
@@ -135,6 +136,15 @@ def test_chat_takes_content_parts_and_refuses_empty_messages(llm):
 def test_a_failing_chat_template_is_a_value_error(llm, template, words):
     tok = Tokenizer(llm.tokenizer.tokenizer, template, llm.tokenizer.special_tokens)
     with pytest.raises(ValueError, match=f"chat template cannot render these messages: {words}"):
+        fastllm.LLM(llm.model, tok, llm.config).chat(HI, 3)
+
+
+@pytest.mark.parametrize("template", ["{{ 'x' * (2 ** 24 + 1) }}", "{% for i in range(10001) %}{% endfor %}",
+                                      "{{ 'ab' * 999999999 }}"])
+def test_a_hostile_chat_template_is_refused(llm, template):
+    """Limits of the template's sandbox (tests/test_chat_template.py has them all): a ValueError, not a hang."""
+    tok = Tokenizer(llm.tokenizer.tokenizer, template, llm.tokenizer.special_tokens)
+    with pytest.raises(ValueError, match="the chat template exceeds its sandbox's limits"):
         fastllm.LLM(llm.model, tok, llm.config).chat(HI, 3)
 
 

@@ -1,6 +1,8 @@
 """fastllm's Llama (fastllm/models/llama.py) loaded from a Hugging Face directory against transformers,
-in float32: logits over a whole sequence, and prefill + decode steps through the static KV cache."""
+in float32: logits over a whole sequence, and prefill + decode steps through the static KV cache; the checks of
+the model's entry points (and GPT-2's) and of its config."""
 import json
+import math
 
 import pytest
 import torch
@@ -115,6 +117,30 @@ def test_kv_cache_dtype_choice(tmp_path):
     assert model.new_cache(1, 8).k.dtype == torch.int8 and model.new_cache(1, 8, dtype=torch.float32).k_scale is None
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_inputs_of_the_model_entry_points_are_checked(tmp_path, arch):
+    """model(tokens) and new_cache(max_len) refuse more positions than the context (128 here): a Llama ran on with
+    rotary angles it never saw, a GPT-2 failed with an IndexError of its position table; the context itself passes.
+    Dynamic (NTK) scaling may go past it (test_logits_match_transformers["dynamic-rope"] does)."""
+    from tiny_models import tiny_gpt2
+
+    (tiny_llama if arch == "llama" else tiny_gpt2)(tmp_path)
+    model, cfg = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+    tokens = torch.randint(0, cfg.vocab_size, (1, cfg.max_seq_len + 1), generator=torch.Generator().manual_seed(0))
+    assert _forward(model, tokens[:, :-1]).shape == (1, 128, cfg.vocab_size)
+    with pytest.raises(ValueError, match="tokens has 129 positions, more than the model's context of 128"):
+        _forward(model, tokens)
+    assert model.new_cache(1, 128).max_len == 128
+    with pytest.raises(ValueError, match="max_len has 129 positions, more than the model's context of 128"):
+        model.new_cache(1, 129)
+    with pytest.raises(TypeError, match="tokens must be an int64 or int32 tensor of token ids, got torch.float32"):
+        _forward(model, tokens.float())
+    with pytest.raises(TypeError, match="got list"):
+        _forward(model, tokens.tolist())
+    with pytest.raises(ValueError, match=r"tokens must have shape \(batch, length\), got \(129,\)"):
+        _forward(model, tokens[0])
+
+
 def _edit_config(path, **changes):
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(changes)
@@ -131,6 +157,27 @@ def test_bad_config(tmp_path, changes, message):
     _edit_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=message):
         load_hf_dir(str(tmp_path), "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("low", [2.0, 16 / (2 * math.pi)])
+def test_llama3_rope_with_equal_freq_factors(tmp_path, low):
+    """low_freq_factor == high_freq_factor: the smooth band shrinks to the one wavelength 16 / low. Where no frequency
+    falls on it transformers' frequencies are a step between the two scalings, matched exactly; where one does
+    (2 pi / inv_freq_0 = 2 pi = 16 / low) transformers computes NaN (0 / 0), and the config is refused."""
+    from transformers.modeling_rope_utils import _compute_llama3_parameters
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": low, "high_freq_factor": low,
+               "original_max_position_embeddings": 16}
+    hf = tiny_llama(tmp_path, rope_scaling=scaling)
+    expected, _ = _compute_llama3_parameters(hf.config, "cpu")
+    if expected.isfinite().all():
+        model, _ = load_hf_dir(str(tmp_path), "cpu", torch.float32)
+        assert torch.equal(model.rotary.inv_freq, expected)
+        base = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+        assert (expected == base).any() and (expected == base / 8).any()   # a step: kept or divided by factor
+    else:
+        with pytest.raises(ValueError, match=r"config\.json: rope_scaling low_freq_factor == high_freq_factor"):
+            load_hf_dir(str(tmp_path), "cpu", torch.float32)
 
 
 def test_missing_and_corrupt_files(tmp_path):

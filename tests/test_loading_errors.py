@@ -3,6 +3,7 @@ tensor and the file (found by fuzzing the loaders): tiny synthetic GGUF files (t
 byte by byte, and tiny Hugging Face directories (tests/tiny_models.py) with edited JSON files."""
 import json
 import math
+import re
 import shutil
 import struct
 import time
@@ -151,6 +152,31 @@ def test_gguf_degenerate_rope_is_refused(tmp_path, key, value):
 def test_hf_degenerate_rope_is_refused(changes, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf({**LLAMA, **changes})
+
+
+# 4b. per-layer hyper-parameters (llama.cpp writes arrays for OpenELM-style models): uniform ones are the scalar
+
+PER_LAYER = {"llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.feed_forward_length": 96}
+
+
+def test_uniform_per_layer_arrays_load_as_the_scalar(tmp_path):
+    """Each array of one value per layer (was refused: "must be an integer") gives the scalar file's model."""
+    arrays = {key: ([n] * 2, 9) for key, n in PER_LAYER.items()}
+    model, _, cfg = load_gguf(write_gguf(tmp_path / "a.gguf", arrays), "cpu", torch.float32)
+    ref, _, ref_cfg = load_gguf(write_gguf(tmp_path / "b.gguf"), "cpu", torch.float32)
+    assert cfg == ref_cfg
+    tokens = torch.tensor([[259, 258, 5, 7]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(tokens), ref(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", list(PER_LAYER))
+@pytest.mark.parametrize("values, match", [("differ", "differs between layers"),
+                                           ("three", "has 3 per-layer values for block_count 2 layers")])
+def test_varying_per_layer_arrays_are_refused(tmp_path, key, values, match):
+    n = PER_LAYER[key]
+    array = [n, n // 2] if values == "differ" else [n] * 3
+    refused(write_gguf(tmp_path / "a.gguf", {key: (array, 9)}), f"{re.escape(key)} {match}")
 
 
 # 5. tensor byte ranges

@@ -31,6 +31,8 @@ from .progress import progress
 from .tokenizer import Tokenizer
 
 SUPPORTED_ARCHS = ("llama",)
+PER_LAYER_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length")
+"""Hyper-parameters llama.cpp may store as an array, one per layer (OpenELM-style models)."""
 
 
 def _open(path: str):
@@ -58,8 +60,19 @@ def _meta(reader, key: str, default=None, path: str = ""):
         raise ValueError(f"{path}: GGUF metadata {key} is not valid UTF-8 ({e})") from None
 
 
+def _uniform(values: list, key: str, n_layers: int):
+    """The one value of a per-layer array whose entries are all equal (fastllm's Llama has uniform layers)."""
+    if len(values) != n_layers:
+        raise ValueError(f"{key} has {len(values)} per-layer values for block_count {n_layers} layers")
+    if any(v != values[0] for v in values):
+        shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+        raise ValueError(f"{key} differs between layers ([{shown}]): fastllm's Llama needs the same in every layer")
+    return values[0]
+
+
 def config_from_gguf(reader, path: str = "") -> ModelConfig:
-    """The ModelConfig of a llama-architecture GGUF file; ValueError naming the key for a missing or bad value."""
+    """The ModelConfig of a llama-architecture GGUF file; ValueError naming the key for a missing or bad value. The
+    PER_LAYER_KEYS may be arrays of one value per layer: all equal, they stand for that value; else refused."""
     arch = _meta(reader, "general.architecture", path=path)
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
@@ -71,6 +84,8 @@ def config_from_gguf(reader, path: str = "") -> ModelConfig:
         value = _meta(reader, f"{arch}.{key}", default, path)
         if value is None:
             raise ValueError(f"the GGUF metadata lacks the required key {arch}.{key}")
+        if key in PER_LAYER_KEYS and isinstance(value, list):
+            value = _uniform(value, f"{arch}.{key}", g("block_count"))
         return check(value, f"{arch}.{key}", **kw)
 
     def tok_id(key):

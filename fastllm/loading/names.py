@@ -77,7 +77,8 @@ def check_layer_count(cfg: ModelConfig, tensor_names, source: str) -> None:
 
 def parameter_shapes(cfg: ModelConfig, source: str) -> dict[str, tuple[int, ...]]:
     """{fastllm parameter name: shape} of the model `cfg` describes (built on the meta device: no memory);
-    ValueError when the sizes are too large to describe a tensor at all (e.g. a corrupt hidden size of 10**9)."""
+    ValueError when the sizes are too large to describe a tensor at all (e.g. a corrupt hidden size of 10**9), or
+    when the model refuses the config (rope.py: llama3 scaling that divides 0 by 0)."""
     import torch
 
     from ..models import ARCHITECTURES
@@ -87,4 +88,6 @@ def parameter_shapes(cfg: ModelConfig, source: str) -> dict[str, tuple[int, ...]
             model = ARCHITECTURES[cfg.arch](cfg)
     except RuntimeError as e:  # torch: "Storage size calculation overflowed ..."
         raise ValueError(f"{source}: the config's sizes describe no possible model ({e})") from None
+    except ValueError as e:  # the model's own checks (rotary scaling without a finite frequency)
+        raise ValueError(f"{source}: {e}") from None
     return {n: tuple(p.shape) for n, p in model.named_parameters()}

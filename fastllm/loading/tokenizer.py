@@ -1,17 +1,17 @@
 """Tokenizer: the `tokenizers` package for text <-> ids, and the chat template rendered with jinja2 the
-way transformers renders it (sandboxed environment, trim_blocks + lstrip_blocks, `raise_exception`,
-`tojson`, `strftime_now`; variables messages, add_generation_prompt, tools and the special tokens).
+way transformers renders it (variables messages, add_generation_prompt, tools and the special tokens), in the
+bounded sandbox of chat_template.py.
 Built from a Hugging Face directory (tokenizer.json + tokenizer_config.json / chat_template.jinja) or,
 by fastllm/loading/gguf.py, from the vocabulary embedded in a GGUF file."""
 from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from ..models.config import read_json
+from . import chat_template
 
 
 def _token_text(tok) -> str | None:
@@ -33,10 +33,6 @@ def _decoder_steps(tokenizer: _HFTokenizer) -> list[dict]:
         return []
     spec = json.loads(tokenizer.decoder.__getstate__())
     return spec["decoders"] if spec["type"] == "Sequence" else [spec]
-
-
-def _raise(message):
-    raise ValueError(f"the chat template refused the messages: {message}")
 
 
 class Tokenizer:
@@ -96,17 +92,9 @@ class Tokenizer:
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise TypeError("messages must be a list of dicts with 'role' and 'content'")
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                               extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-                x, indent=indent, ensure_ascii=ensure_ascii)
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     tools=None, **self.special_tokens)
+            self._template = chat_template.compile_template(self.chat_template)
+        return chat_template.render(self._template, messages=list(messages),
+                                    add_generation_prompt=add_generation_prompt, tools=None, **self.special_tokens)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of the rendered conversation (the template writes any BOS itself, as transformers does)."""

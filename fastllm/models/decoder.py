@@ -43,6 +43,7 @@ class DecoderLM(nn.Module):
         has num_blocks blocks (block 0 is scratch) and whose rows reach at most max_len positions. dtype: the
         model's own (default, unless kv_cache_dtype is set) or torch.int8 (codes with a scale per position and
         kv head: a quarter of fp32's bytes; prefill stores its keys and values quantised, attends to them exact)."""
+        self.check_context(max_len, "max_len")
         p = self.tok_embeddings.weight
         dtype = dtype or self.kv_cache_dtype or p.dtype
         if dtype not in (p.dtype, torch.int8):
@@ -53,6 +54,17 @@ class DecoderLM(nn.Module):
         if block_size is None:
             return StaticKVCache(*args)
         return PagedKVCache(*args, block_size=block_size, num_blocks=num_blocks)
+
+    def check_context(self, n: int, name: str) -> None:
+        """ValueError naming `name` when n positions exceed the model's context cfg.max_seq_len (learned positions
+        have no row past it, rotary ones were not trained there), except with dynamic (NTK) rotary scaling, which
+        exists to stretch the context past it (transformers runs it on longer sequences the same way). The entry
+        points check their inputs with it: forward / hidden (tokens) and new_cache (max_len), which bounds prefill and
+        decode (cache.max_len), so the decode step itself checks nothing."""
+        dynamic = self.rotary is not None and self.cfg.rope_type == "dynamic"
+        if n > self.cfg.max_seq_len and not dynamic:
+            raise ValueError(f"{name} has {n} positions, more than the model's context of {self.cfg.max_seq_len} "
+                             f"(max_position_embeddings)")
 
     def _rotate(self, q, k, cos, sin):
         if cos is None:
@@ -80,7 +92,13 @@ class DecoderLM(nn.Module):
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """The final normed hidden states (B, L, dim) of the cache-free full forward, before lm_head (training
         feeds them to fastllm.linear_cross_entropy with lm_head.weight, so the logits are never formed)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be an int64 or int32 tensor of token ids, got "
+                            f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (batch, length), got {tuple(tokens.shape)}")
         b, l = tokens.shape
+        self.check_context(l, "tokens")
         positions = torch.arange(l, device=tokens.device).expand(b, l)              # (B, L)
         cos, sin = self.rotary(positions) if self.rotary is not None else (None, None)   # (B, L, D)
 

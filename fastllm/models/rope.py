@@ -3,7 +3,10 @@
 For head dim D, frequencies inv_freq_i = theta^(-2i / D), i < D / 2, possibly rescaled:
     linear:  inv_freq / factor                    (positions stretched by `factor`)
     llama3:  low frequencies (wavelength > original_len / low_freq_factor) divided by `factor`, high ones
-             (wavelength < original_len / high_freq_factor) kept, the band between interpolated smoothly
+             (wavelength < original_len / high_freq_factor) kept, the band between interpolated smoothly (as
+             transformers computes it: with low_freq_factor == high_freq_factor the band is one wavelength,
+             original_len / low_freq_factor, where the interpolation divides by zero: such a config is refused
+             if a frequency falls on it, and otherwise the band is empty, a step between the two scalings)
     dynamic: NTK-aware, theta' = theta * (factor * L / L0 - (factor - 1))^(D / (D - 2)) once the sequence
              length L = max position + 1 exceeds L0 = max_position_embeddings (recomputed per call)
 Angles a_{p,i} = p * inv_freq_i; cos/sin are (..., D) with the D/2 angles repeated twice (the
@@ -21,8 +24,9 @@ from .config import ModelConfig
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
-    """theta^(-2i / dim) for i < dim / 2, float32: (dim / 2,)."""
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    """theta^(-2i / dim) for i < dim / 2, float32 on the CPU (also while a model is built on the meta device, so
+    that the frequencies can be checked): (dim / 2,)."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -33,7 +37,12 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     smooth = (old_len / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, smoothed, scaled)
+    inv_freq = torch.where(medium, smoothed, scaled)
+    if not torch.isfinite(inv_freq).all():   # low == high and a wavelength on the band's edge: 0 / 0
+        raise ValueError(f"rope_scaling low_freq_factor == high_freq_factor == {low} puts a frequency's wavelength "
+                         f"exactly on original_max_position_embeddings / low_freq_factor = {old_len / low}, where "
+                         f"llama3 scaling divides 0 by 0 (transformers computes NaN): make high_freq_factor larger")
+    return inv_freq
 
 
 class Rotary(torch.nn.Module):
@@ -48,7 +57,7 @@ class Rotary(torch.nn.Module):
             inv_freq = inv_freq / s["factor"]
         elif kind == "llama3":
             inv_freq = _llama3(inv_freq, s)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def _dynamic_inv_freq(self, seq_len: int) -> torch.Tensor:
         cfg = self.cfg

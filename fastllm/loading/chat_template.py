@@ -1,0 +1,321 @@
+"""Chat templates (jinja2, from tokenizer_config.json or a GGUF file's tokenizer.chat_template) rendered in a
+sandbox with size limits, so that a hostile template refuses with a ValueError instead of hanging or eating the
+memory: `{{ 'x' * 10**10 }}`, `{{ 10 ** (10 ** 10) }}`, `{% for i in range(10**9) %}`, a string doubled in a loop.
+
+The environment is transformers' (ImmutableSandboxedEnvironment: no attribute starting with `_`, no mutation of
+lists and dicts; trim_blocks + lstrip_blocks, the loopcontrols extension, `raise_exception`, `strftime_now`,
+`tojson(ensure_ascii, indent, separators, sort_keys)`) with these bounds, checked before the value is built
+where its size is known in advance:
+    - every string, list, tuple or dict the template builds has a size (characters as printed, roughly: a
+      container counts its items, each item as often as it occurs) of at most MAX_CHARS: the results of `*`
+      (repetition), `+`, `%`, `~`, list / tuple / dict literals, and of every filter and method call;
+    - the amplifying calls are estimated before they run: `replace`, `join`, `indent`, `wordwrap`, `expandtabs`,
+      `translate`; the widths and counts given to `center`, `ljust`, `rjust`, `zfill`, `batch` and `slice` are at
+      most MAX_CHARS, and so is every width in a format string (`'%99999999999s'`, `'{:>{w}}'`: the numbers
+      written in it, and its arguments when it takes widths from them);
+    - integers stay within MAX_INT_BITS bits (`*`, `**` on ints);
+    - range() gives at most MAX_RANGE numbers; `lipsum` is not offered;
+    - the output (the rendered prompt, and each buffer that collects the output of a macro, a `{% set %}` block
+      or a `{% filter %}` block) is at most MAX_CHARS characters; `tojson` stops at it as it writes (and
+      takes an indent of at most MAX_INDENT).
+Not bounded: the time of nested loops, which multiply: each loop visits at most MAX_RANGE numbers or MAX_CHARS
+items, but a nest of k loops with nothing to output runs the product of their lengths (a deep nest of small loops
+is bounded per loop only); recursion stops at Python's recursion limit (a RecursionError, a ValueError for the
+caller). A filter or method without an estimate builds its result before it is measured: at most a small
+multiple of its arguments' size (`upper`, `escape`, `string`, ...). The values the caller passes (the messages, the
+special tokens) are taken as they are.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from datetime import datetime
+
+from jinja2.compiler import CodeGenerator
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+MAX_CHARS = 1 << 24
+"""The largest string, container (as printed) or rendered prompt a template may build: 16M characters, about
+4M tokens, longer than any model's context."""
+MAX_RANGE = 10_000
+"""range() in a template gives at most this many numbers (jinja2's sandbox allows 100000)."""
+MAX_INT_BITS = 4096
+"""Integers a template computes stay within this many bits (about 1233 decimal digits)."""
+MAX_INDENT = 1000
+"""The widest indent tojson takes (templates use 2 or 4)."""
+
+
+def _refuse(what: str) -> ValueError:
+    return ValueError(f"the chat template exceeds its sandbox's limits: {what}")
+
+
+def _size(value, limit: int = MAX_CHARS) -> int:
+    """About the characters str(value) has: a str its length, a list / tuple / dict 2 + its items' sizes + 2 per
+    item (an item each time it occurs, as printing counts it: a shared sublist is measured once, counted at every
+    occurrence); anything else 1. Stops counting once past `limit`."""
+    memo: dict[int, int] = {}
+
+    def size(v) -> int:
+        if isinstance(v, str):
+            return len(v)
+        if not isinstance(v, (list, tuple, dict)):
+            return 1
+        if id(v) not in memo:
+            memo[id(v)] = 0  # a container reached again while it is being measured (none in this sandbox)
+            total = 2
+            for item in (x for kv in v.items() for x in kv) if isinstance(v, dict) else v:
+                total += 2 + size(item)
+                if total > limit:
+                    break
+            memo[id(v)] = total
+        return memo[id(v)]
+
+    return size(value)
+
+
+def _checked(value, what: str):
+    """value, if its size is within MAX_CHARS."""
+    if isinstance(value, (str, list, tuple, dict)) and _size(value) > MAX_CHARS:
+        raise _refuse(f"{what} makes a value of more than {MAX_CHARS} characters")
+    return value
+
+
+def _check_arguments(args, kwargs, what: str) -> None:
+    """Number arguments (widths, counts) of a filter or a str method are at most MAX_CHARS."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a) > MAX_CHARS:
+            raise _refuse(f"{what} is given {a:.6g}, beyond {MAX_CHARS}")
+
+
+def _check_format(fmt: str, args, kwargs, what: str) -> None:
+    """The widths and precisions of a format string ('%99999999s', '{:>99999999}') are at most MAX_CHARS: the numbers
+    written in it, and the number arguments when it takes widths from them ('%*s', '{:>{w}}'); other arguments are
+    values, of any size."""
+    if any(int(n) > MAX_CHARS for n in re.findall(r"\d+", fmt)):
+        raise _refuse(f"{what}'s format string has a number beyond {MAX_CHARS}")
+    if "*" in fmt or re.search(r"\{[^{}]*\{", fmt):
+        _check_arguments(args, kwargs, what)
+
+
+def _replace_size(s, old, new, count=None, *_, **__) -> int:
+    s, old, new = str(s), str(old), str(new)
+    n = s.count(old) if old else len(s) + 1
+    if count is not None and count >= 0:
+        n = min(n, count)
+    return len(s) + n * len(new)
+
+
+def _join_size(items, sep) -> int:
+    return sum(_size(x) for x in items) + len(str(sep)) * len(items)
+
+
+def _indent_size(s, width=4, *_, **__) -> int:
+    s = str(s)
+    return len(s) + (s.count("\n") + 1) * (width if isinstance(width, int) else len(str(width)))
+
+
+def _wordwrap_size(s, width=79, break_long_words=True, wrapstring=None, *_, **__) -> int:
+    s = str(s)
+    return len(s) * (1 + len(wrapstring or "\n"))
+
+
+def _expandtabs_size(s, tabsize=8, *_, **__) -> int:
+    return len(s) + s.count("\t") * max(tabsize, 0)
+
+
+def _translate_size(s, table, *_, **__) -> int:
+    values = table.values() if isinstance(table, dict) else ()
+    return len(s) * max([1, *(len(v) for v in values if isinstance(v, str))])
+
+
+FILTER_SIZES = {"replace": _replace_size, "join": lambda value, d="", *_, **__: _join_size(value, d),
+                "indent": _indent_size, "wordwrap": _wordwrap_size}
+METHOD_SIZES = {"replace": _replace_size, "join": lambda sep, items, *_, **__: _join_size(items, sep),
+                "expandtabs": _expandtabs_size, "translate": _translate_size}
+"""Size estimates, from the call's arguments (a method's first is its str), of the calls whose result can be far
+larger than their arguments."""
+
+
+WIDTHS = {"center", "ljust", "rjust", "zfill", "batch", "slice"}
+"""Filters and str methods whose number arguments are widths or counts of their result (padding, fill items):
+those numbers are at most MAX_CHARS. Other calls take numbers as values, of any size."""
+
+
+def _bounded_filter(name: str, f):
+    """The filter f with its arguments and result checked; `join` takes its items as a list (measured first)."""
+    skip = 1 if getattr(f, "jinja_pass_arg", None) is not None else 0   # the context / environment f receives
+
+    @functools.wraps(f)
+    def run(*args, **kwargs):
+        args = list(args)
+        if name == "join" and len(args) > skip and not isinstance(args[skip], (list, tuple, str)):
+            args[skip] = list(args[skip])
+        what = f"the filter {name}"
+        if name == "format":
+            _check_format(str(args[skip]), args[skip + 1:], kwargs, what)
+        elif name in WIDTHS:   # the arguments after the value filtered
+            _check_arguments(args[skip + 1:], kwargs, what)
+        if name in FILTER_SIZES and FILTER_SIZES[name](*args[skip:], **kwargs) > MAX_CHARS:
+            raise _refuse(f"{what} would make more than {MAX_CHARS} characters")
+        return _checked(f(*args, **kwargs), what)
+
+    return run
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """json.dumps as transformers' tojson filter, written piece by piece and stopped at MAX_CHARS. An indent (a
+    width or a string) is at most MAX_INDENT characters: json writes it once per level of nesting in one piece."""
+    width = indent if isinstance(indent, int) else len(str(indent or ""))
+    if width > MAX_INDENT:
+        raise _refuse(f"the filter tojson is given an indent of {width} characters, more than {MAX_INDENT}")
+    out, n = [], 0
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    for piece in encoder.iterencode(value):
+        n += len(piece)
+        if n > MAX_CHARS:
+            raise _refuse(f"the filter tojson would write more than {MAX_CHARS} characters")
+        out.append(piece)
+    return "".join(out)
+
+
+def _range(*args) -> range:
+    r = range(*args)
+    if len(r) > MAX_RANGE:
+        raise _refuse(f"range{args} has {len(r)} numbers, more than {MAX_RANGE}")
+    return r
+
+
+def _joined(pieces, what: str = "joining the output") -> str:
+    """"".join of the strings `pieces`, if their total length is within MAX_CHARS."""
+    pieces = [p if isinstance(p, str) else str(p) for p in pieces]
+    if sum(map(len, pieces)) > MAX_CHARS:
+        raise _refuse(f"{what} makes more than {MAX_CHARS} characters")
+    return "".join(pieces)
+
+
+class _OutputBuffer(list):
+    """The output a macro, a `{% set %}` block or a `{% filter %}` block collects, at most MAX_CHARS characters."""
+    chars = 0
+
+    def append(self, piece) -> None:
+        self.chars += len(piece)
+        if self.chars > MAX_CHARS:
+            raise _refuse(f"the output of a macro or block reaches more than {MAX_CHARS} characters")
+        super().append(piece)
+
+    def extend(self, pieces) -> None:
+        for piece in pieces:
+            self.append(piece)
+
+
+class _CodeGenerator(CodeGenerator):
+    """jinja2's compiler, with the values the template builds without an operator or a call checked: list, tuple
+    and dict literals, `~` concatenation and the buffers of macros and blocks."""
+
+    def _wrapped(self, check: str, visit, node, frame) -> None:
+        self.write(f"environment.{check}(")
+        visit(node, frame)
+        self.write(")")
+
+    def visit_List(self, node, frame) -> None:
+        self._wrapped("checked_literal", super().visit_List, node, frame)
+
+    def visit_Dict(self, node, frame) -> None:
+        self._wrapped("checked_literal", super().visit_Dict, node, frame)
+
+    def visit_Tuple(self, node, frame) -> None:
+        if node.ctx != "load":   # an assignment target: `{% for a, b in ... %}`
+            return super().visit_Tuple(node, frame)
+        self._wrapped("checked_literal", super().visit_Tuple, node, frame)
+
+    def visit_Concat(self, node, frame) -> None:
+        self.write("environment.checked_join((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+    def buffer(self, frame) -> None:
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.output_buffer()")
+
+
+class BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' chat-template environment with the bounds of this module's docstring."""
+    code_generator_class = _CodeGenerator
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    output_buffer = _OutputBuffer
+
+    def __init__(self):
+        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        self.concat = _joined   # the join of a buffer (the generated code reads environment.concat)
+        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        self.filters["tojson"] = _tojson
+        self.globals.pop("lipsum", None)
+        self.globals.update(range=_range, raise_exception=_raise,
+                            strftime_now=lambda fmt: datetime.now().strftime(fmt))
+
+    @staticmethod
+    def checked_literal(value):
+        return _checked(value, "a literal")
+
+    @staticmethod
+    def checked_join(pieces) -> str:
+        return _joined(pieces, "the ~ operator")
+
+    def call_binop(self, context, operator: str, left, right):
+        what = f"the {operator} operator"
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and n * _size(seq) > MAX_CHARS:
+                    raise _refuse(f"repeating a value of size {_size(seq)} {n} times makes more than {MAX_CHARS} "
+                                  f"characters")
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > \
+                    MAX_INT_BITS + 1:
+                raise _refuse(f"{what} makes an integer of more than {MAX_INT_BITS} bits")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1 and \
+                    right * math.log2(abs(left)) > MAX_INT_BITS:
+                raise _refuse(f"{left} ** {right} makes an integer of more than {MAX_INT_BITS} bits")
+        elif operator == "+":
+            if isinstance(left, (str, list, tuple)) and _size(left) + _size(right) > MAX_CHARS:
+                raise _refuse(f"{what} makes more than {MAX_CHARS} characters")
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left, right if isinstance(right, tuple) else (right,), {}, what)
+        return _checked(super().call_binop(context, operator, left, right), what)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature, see its call)
+        method = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by wrap_str_format
+        name = getattr(method, "__name__", "a function")
+        if isinstance(getattr(method, "__self__", None), str):
+            what = f"str.{name}"
+            if name in ("format", "format_map"):
+                mapping = args[0] if name == "format_map" and args and isinstance(args[0], dict) else kwargs
+                _check_format(method.__self__, args, mapping, what)
+            elif name in WIDTHS:
+                _check_arguments(args, kwargs, what)
+            if name in METHOD_SIZES and METHOD_SIZES[name](method.__self__, *args, **kwargs) > MAX_CHARS:
+                raise _refuse(f"{what} would make more than {MAX_CHARS} characters")
+        return _checked(super().call(__context, __obj, *args, **kwargs), f"calling {name}")
+
+
+def _raise(message):
+    raise ValueError(f"the chat template refused the messages: {message}")
+
+
+def compile_template(source: str):
+    """The jinja2 Template of a chat template's source, in a BoundedEnvironment (jinja2 errors propagate)."""
+    return BoundedEnvironment().from_string(source)
+
+
+def render(template, **variables) -> str:
+    """The text of a compiled chat template for `variables`, written piece by piece and stopped at MAX_CHARS."""
+    out, n = [], 0
+    for piece in template.generate(**variables):
+        n += len(piece)
+        if n > MAX_CHARS:
+            raise _refuse(f"the rendered prompt reaches more than {MAX_CHARS} characters")
+        out.append(piece)
+    return "".join(out)

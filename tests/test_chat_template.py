@@ -1,0 +1,118 @@
+"""The chat template's bounded sandbox (fastllm/loading/chat_template.py): ordinary templates render exactly as
+transformers renders them (ChatML, Llama-3, Mistral-style and one using most of jinja2's features; SmolLM2's own
+template is compared in tests/test_gguf.py), and hostile templates (huge repetitions, powers, ranges, doubling
+loops, amplifying filters and methods, unbounded output) are refused at once with a ValueError naming the chat
+template, before they build the value."""
+import time
+
+import pytest
+
+from fastllm.loading.chat_template import MAX_CHARS, compile_template, render
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+          " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>'"
+          " + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0"
+          " == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if"
+          " add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role']"
+           " == 'assistant' %}{{ message['content'] + eos_token}}{% endif %}{% endfor %}")
+FEATURES = """{%- macro header(role) -%}<{{ role | upper }}>{%- endmacro -%}
+{%- set ns = namespace(system='', count=0) -%}
+{%- for m in messages -%}
+  {%- if m.role == 'system' -%}{%- set ns.system = ns.system ~ m.content.strip() -%}{%- endif -%}
+  {%- set ns.count = ns.count + 1 -%}
+{%- endfor -%}
+{%- set info -%}{{ '%s has %d messages' % ('this chat', ns.count) }} {{ '{:>6}|{}'.format('x', 2 ** 5) }}{%- endset -%}
+{{ bos_token }}{{ info }}
+{% filter upper %}{{ ns.system | replace('helpful', 'useful') }}{% endfilter %}
+{{ {'tools': ['search', 'calc'] * 2, 'n': range(3) | list, 't': (1, 'a')} | tojson(indent=2) }}
+{{ {'b': 1, 'a': 'é'} | tojson(sort_keys=True, separators=(',', ':')) }}{{ ['é'] | tojson(ensure_ascii=True) }}
+{% for m in messages | selectattr('role', 'equalto', 'user') %}{{ header(m.role) }}{{ m.content.split() | join('_') }}
+{{ '-' * 10 }}{{ m.content | center(20) }}|{{ m.content.ljust(8) }}|{{ m.content | indent(2, first=True) }}
+{% endfor %}{% if add_generation_prompt %}{{ header('assistant') }}{% endif %}"""
+
+MESSAGES = [{"role": "system", "content": " You are a helpful bot. "}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 + 2?\nThanks"}]
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>"}
+
+
+@pytest.mark.parametrize("name, template, messages", [
+    ("chatml", CHATML, MESSAGES), ("llama3", LLAMA3, MESSAGES), ("mistral", MISTRAL, MESSAGES[1:]),
+    ("features", FEATURES, MESSAGES)])
+def test_ordinary_templates_render_as_transformers(name, template, messages):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    ours = render(compile_template(template), messages=messages, add_generation_prompt=True, tools=None, **SPECIALS)
+    theirs = render_jinja_template([messages], chat_template=template, add_generation_prompt=True, **SPECIALS)[0][0]
+    assert ours == theirs
+    assert len(ours) > 40
+
+
+def test_template_refusal_is_kept():
+    with pytest.raises(ValueError, match="chat template refused the messages: Conversation roles must alternate"):
+        render(compile_template(MISTRAL), messages=MESSAGES, **SPECIALS)
+
+
+DOUBLING = "{% set ns = namespace(s=VALUE) %}{% for i in range(60) %}{% set ns.s = STEP %}{% endfor %}{{ ns.s }}"
+BIG = f"{{% set s = 'x' * {MAX_CHARS // 2} %}}"
+LINES = "{% set s = 'x\n' * 100000 %}"
+NESTED = "{% for i in range(10000) %}{% for j in range(10000) %}xxxxxxxxxxxxxxxxxxxx{% endfor %}{% endfor %}"
+HOSTILE = {
+    "repeat-string": ("{{ 'x' * 10**10 }}", "repeating a value of size 1 10000000000 times"),
+    "repeat-string-2": ("{{ 'ab' * 999999999 }}", "repeating a value of size 2 999999999 times"),
+    "repeat-list": ("{{ 3 * [1, 2] * 10**8 }}", "repeating a value of size"),
+    "power": ("{{ 10 ** (10 ** 10) }}", r"10 \*\* 10000000000 makes an integer of more than 4096 bits"),
+    "product": ("{% set n = 2 ** 4000 %}{{ n * n }}", r"the \* operator makes an integer"),
+    "range": ("{% for i in range(10**9) %}x{% endfor %}", r"range\(1000000000,\) has 1000000000 numbers"),
+    "concat-doubling": (DOUBLING.replace("VALUE", "'x'").replace("STEP", "ns.s ~ ns.s"), "the ~ operator"),
+    "plus-doubling": (DOUBLING.replace("VALUE", "'x'").replace("STEP", "ns.s + ns.s"), r"the \+ operator"),
+    "list-doubling": (DOUBLING.replace("VALUE", "[1]").replace("STEP", "[ns.s, ns.s]"), "a literal"),
+    "replace-filter": (BIG + "{{ s | replace('x', 'yy') }}", "the filter replace would make"),
+    "replace-method": (BIG + "{{ s.replace('x', 'yy') }}", "str.replace would make"),
+    "join": (BIG + "{{ ([1] * 3) | join(s) }}", "the filter join would make"),
+    "join-method": (BIG + "{{ s.join(['a', 'b', 'c']) }}", "str.join would make"),
+    "indent": (LINES + "{{ s | indent(1000) }}", "the filter indent would make"),
+    "wordwrap": (BIG + "{{ s | wordwrap(5, wrapstring='\n\n\n') }}", "the filter wordwrap would make"),
+    "expandtabs": ("{{ ('\t' * 100000).expandtabs(1000) }}", "str.expandtabs would make"),
+    "center": ("{{ 'x' | center(10**10) }}", "the filter center is given 1e\\+10"),
+    "ljust": ("{{ 'x'.ljust(10**10) }}", "str.ljust is given 1e\\+10"),
+    "batch": ("{{ [1] | batch(10**9, 0) | list }}", "the filter batch is given 1e\\+09"),
+    "percent-width": ("{{ '%099999999999d' % 1 }}", "the % operator's format string has a number"),
+    "percent-star": ("{{ '%*d' % (10**10, 1) }}", "the % operator is given"),
+    "format-width": ("{{ '{:>99999999999}'.format(1) }}", "str.format's format string has a number"),
+    "format-filter": ("{{ '%099999999999d' | format(1) }}", "the filter format's format string"),
+    "tojson": ("{{ ([[1] * 1000] * 1000) | tojson(indent=1000) }}", "the filter tojson would write"),
+    "tojson-indent": ("{{ [1] | tojson(indent=10**9) }}", "the filter tojson is given an indent of 1000000000"),
+    "output": (NESTED, "the rendered prompt reaches more than"),
+    "macro": ("{% macro f() %}" + NESTED + "{% endmacro %}{{ f() | length }}", "the output of a macro or block"),
+    "set-block": ("{% set x %}" + NESTED + "{% endset %}{{ x | length }}", "the output of a macro or block"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_templates_are_refused(case):
+    template, words = HOSTILE[case]
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"chat template exceeds its sandbox's limits: {words}"):
+        render(compile_template(template), messages=MESSAGES, **SPECIALS)
+    assert time.perf_counter() - start < 30   # a refusal, not a hang (each takes well under a second here)
+
+
+def test_lipsum_is_not_offered():
+    from jinja2 import UndefinedError
+
+    with pytest.raises(UndefinedError, match="lipsum"):
+        render(compile_template("{{ lipsum(10**9) }}"), messages=MESSAGES)
+
+
+def test_values_within_the_limits_render():
+    """Large but bounded values pass: the limits are on size, not on the operators."""
+    template = BIG + "{{ (s + s) | length }} {{ ('x' * 5) ~ ([0] * 3) | string }} {{ 2 ** 4000 > 0 }}"
+    assert render(compile_template(template), messages=MESSAGES) == f"{MAX_CHARS} xxxxx[0, 0, 0] True"
+    big = 10 ** 12   # numbers as values, not widths, may be of any size
+    template = ("{{ '%d' % n }} {{ n | string }} {{ '{}'.format(n) }} {{ '%s!' | format(n) }} {{ n | round(2) }} "
+                "{{ x | default(n) }} {{ [n] | select('equalto', n) | list }} {{ '1,2'.split(',', n) }}")
+    assert render(compile_template(template), n=big) == f"{big} {big} {big} {big}! {big} {big} [{big}] ['1', '2']"
