@@ -163,12 +163,10 @@ def test_qmatmul_one_and_two_rows_small_k(device, backend, scheme, group):
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 def test_qmatmul_single_row_weights_that_round(device, backend):
     """int4_asym weights u d + m that fp32 rounds, m far from d in magnitude (both ways), among ordinary rows in
-    every position of a group of 4 weight rows, x alternating in sign: the AVX-512 M = 1 kernel's factored form
-    (d out of the block sums, the min term apart) would miss the rounding, so such rows take the unfactored one.
-    With m = 1, d = 2^-24 the rounding is most of each result, with m = 2^-24, d = 1 within half an ulp of it
-    (the factored form would still pass the tolerance rule on these: torch's own error in such cancelling sums
-    is larger). Then x with an element of 2^120, for which (u - 8) x sums could overflow where the result does
-    not (no factored form for any row)."""
+    every position of a group of 4 weight rows (the AVX-512 M = 1 kernel's register tiles), x alternating in sign:
+    the weights are the rounded values, as formats.py dequantises them. With m = 1, d = 2^-24 the rounding is
+    most of each result, with m = 2^-24, d = 1 within half an ulp of it. Then x with an element of 2^120 against
+    scales of 2^-20: products of x with the unscaled (u - 8) would overflow where the result does not."""
     n, k = 11, 64
     x = torch.ones(1, k, device=device)
     x[0, 1::2] = -1.0

@@ -3,9 +3,7 @@
 // quantises bit-identically to the reference) and holds the portable scalar path; the SIMD paths
 // are qmatmul_avx2.cpp and qmatmul_avx512.cpp (chosen at run time). All parallelise over output
 // channels (OpenMP) and read each weight row once for all rows of x.
-//   float mode: y = sum_k x[k] * W[k], W dequantised exactly in fp32 (q * d, (u - 8) * d, u * d + m). Where every
-//               u d + m is exact in fp32, the AVX-512 int4 kernel for one row of x takes d out of each block
-//               sum and adds int4_asym's centred min term apart (as the int8 mode below): the same value.
+//   float mode: y = sum_k x[k] * W[k], W dequantised exactly in fp32 (q * d, (u - 8) * d, u * d + m).
 //   int8 mode:  per block b of 32: s_b = sum_i wq_i * qx_i (integer; wq = q, or u - 8 for both
 //               int4 formats), then y = sum_b s_b * dx_b * d_g(b), plus for I4Asym
 //               sum_g (m_g + 8 d_g) * sx_g with sx_g = sum over the group's blocks of dx_b * sum_i qx_i

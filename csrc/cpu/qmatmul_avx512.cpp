@@ -254,6 +254,18 @@ void float_tile(const FloatActs& p, const WRow* rows, int64_t jn, int64_t row_by
   });
 }
 
+// sum_g (m_g + 8 d_g) * sx_g (int4_asym, int8 mode; see qmatmul.cpp).
+inline float min_term(const WRow& r, const float* sx, int64_t ng) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= ng; g += 16)
+    acc = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.0f), _mm512_loadu_ps(r.d + g), _mm512_loadu_ps(r.m + g)),
+                          _mm512_loadu_ps(sx + g), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; g < ng; ++g) s += (r.m[g] + 8.0f * r.d[g]) * sx[g];
+  return s;
+}
+
 // The row tiles of a call are cut into one contiguous range per thread, walked in order by its owner
 // (one sequential stream per thread, which the prefetchers follow: SmolLM2's 3072 x 576 at m = 1
 // from DRAM on a 2-core Zen 4, 105 -> 62 us with dynamic scheduling of single tiles before); a thread

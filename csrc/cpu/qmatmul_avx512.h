@@ -33,12 +33,9 @@ struct Acts {
   int64_t units;
 };
 
-// Float mode, int4, m = 1: x re-laid for rows_float_m1 (qmatmul_m1_avx512.cpp has the layout), the sum of x per
-// group (int4_asym), and whether x allows the factored form there (finite, |x| < 2^100).
+// Float mode, int4, m = 1: x re-laid for rows_float_m1 (qmatmul_m1_avx512.cpp has the layout).
 struct FloatM1Acts {
   std::vector<float> xk;  // units * 128
-  std::vector<float> sxg;  // k / group
-  bool factor;
 };
 FloatM1Acts prepare_float_m1(const QMatmulArgs& a);
 
@@ -145,18 +142,6 @@ inline void tile_rows(const QMatmulArgs& a, int64_t j0, int64_t jn, int64_t cap,
     rows[jj] = {static_cast<const uint8_t*>(a.w) + j * row_bytes, fd + jj * ng, fm + jj * ng, 0.0f, gshift};
     if constexpr (F == QFormat::I8Channel) rows[jj].s32 = static_cast<const float*>(a.scales)[j];
   }
-}
-
-// sum_g (m_g + 8 d_g) * sx_g (int4_asym's centred min term; see qmatmul.cpp).
-inline float min_term(const WRow& r, const float* sx, int64_t ng) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 16 <= ng; g += 16)
-    acc = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.0f), _mm512_loadu_ps(r.d + g), _mm512_loadu_ps(r.m + g)),
-                          _mm512_loadu_ps(sx + g), acc);
-  float s = _mm512_reduce_add_ps(acc);
-  for (; g < ng; ++g) s += (r.m[g] + 8.0f * r.d[g]) * sx[g];
-  return s;
 }
 
 // The 64 bytes of unit t of a row with nb blocks (the last unit masked to the row's end).

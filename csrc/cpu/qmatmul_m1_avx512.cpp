@@ -5,8 +5,6 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <type_traits>
 
 #include "qmatmul_avx512.h"
@@ -112,13 +110,13 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
 // odd k) of that block, so w >> 4k indexes (vpermps reads the low 4 bits) a table of u - 8 (int4) or u
 // (int4_asym), and the activations are re-laid once per call to match (prepare_float_m1). The weights
 // are formats.py's exact values, (u - 8) d or u d + m rounded once, with d and m as vectors spanning
-// the unit's 4 blocks (per lane), then FMAs with x.
-// Factored (the rows' weights pass factorable and x p.factor): d comes out of each unit's sums instead,
-//   x . W = sum_b d_b sum_{c in b} (u_c - 8) x_c  +  sum_g (m_g + 8 d_g) sum_{c in g} x_c  (int4_asym),
-// which saves one operation per 16 weights (SmolLM2's 3072 x 576: 18% faster) and is exact when every
-// weight u d + m is exact in fp32 (factorable), so its rounding stays that of an fp32 dot product (a version
-// factoring out rounded weights reached 1.8x torch's error on random int4_asym cases, against 1.15x).
-template <QFormat F, int R, bool Wide, bool Factored>
+// the unit's 4 blocks (per lane), then FMAs with x. Factoring d out of each block and adding
+// sum_g (m_g + 8 d_g) sum(x_g) apart saves one FMA per 16 weights but not the shift and vpermps, on which
+// this loop waits: 6-10% faster on SmolLM2's 3072 x 576 (2-core Zen 4), and only exact where every u d + m
+// is exact in fp32 (f16 exponents of m and d within [-9, 12] of each other), a per-row check that cost
+// as much; with rounded weights factored out the error reached 1.8x torch's on random int4_asym cases
+// against 1.15x for this.
+template <QFormat F, int R, bool Wide>
 void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t ng, double* out) {
   const uint8_t* q[R];
   const float* d[R];
@@ -127,9 +125,8 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
   const int ushift = Wide ? gshift - 2 : 0;  // unit t is in group t >> ushift
   const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          2 + gshift);
-  constexpr bool kScaledTable = F == QFormat::I4Asym && !Factored;  // u for u d + m, else u - 8
-  const __m512 table = kScaledTable ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-                                    : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512 table = F == QFormat::I4Asym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                                            : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   __m512 acc[R][2];
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
@@ -149,22 +146,14 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
     for (int k = 0; k < 8; ++k) xv[k] = _mm512_loadu_ps(x + 16 * k);
     for (int r = 0; r < R; ++r) {
       const __m512i w = decltype(masked)::value ? load_unit<F>(q[r], t, nb) : _mm512_loadu_si512(q[r] + t * kUnitBytes);
-      const __m512 dv = scales(r, t, lanes);
-      if constexpr (Factored) {
-        __m512 s = _mm512_setzero_ps();
-        for (int k = 0; k < 8; ++k)
-          s = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(w, 4 * k), table), xv[k], s);
-        acc[r][u] = _mm512_fmadd_ps(s, dv, acc[r][u]);
-      } else {
-        const __m512 mv = F == QFormat::I4Asym ? mins(r, t, lanes) : _mm512_setzero_ps();
-        __m512 s = acc[r][u];
-        for (int k = 0; k < 8; ++k) {  // w exactly as formats.py: (u - 8) d, or u d + m rounded once
-          const __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4 * k), table);
-          const __m512 wk = F == QFormat::I4Asym ? _mm512_fmadd_ps(v, dv, mv) : _mm512_mul_ps(v, dv);
-          s = _mm512_fmadd_ps(wk, xv[k], s);
-        }
-        acc[r][u] = s;
+      const __m512 dv = scales(r, t, lanes), mv = F == QFormat::I4Asym ? mins(r, t, lanes) : _mm512_setzero_ps();
+      __m512 s = acc[r][u];
+      for (int k = 0; k < 8; ++k) {  // w exactly as formats.py: (u - 8) d, or u d + m rounded once
+        const __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4 * k), table);
+        const __m512 wk = F == QFormat::I4Asym ? _mm512_fmadd_ps(v, dv, mv) : _mm512_mul_ps(v, dv);
+        s = _mm512_fmadd_ps(wk, xv[k], s);
       }
+      acc[r][u] = s;
     }
   };
   const int64_t ahead = kAheadPassesFloat * R * nb * 16;
@@ -179,36 +168,7 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
   int u = 0;
   for (; t < full; ++t, u ^= 1) unit(t, u, std::false_type{});
   for (; t < units; ++t, u ^= 1) unit(t, u, std::true_type{});
-  for (int r = 0; r < R; ++r) {
-    out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
-    if constexpr (Factored && F == QFormat::I4Asym) out[r] += min_term(rows[r], p.sxg.data(), ng);
-  }
-}
-
-// Whether row r's weights allow rows_float_m1's factored form: for every group, d finite and (int4_asym) m finite
-// with u d + m exact in fp32 for every u in [0, 15]. d and m are f16 values: with E the exponent of a value's unit
-// in the last place (max(e, -14) - 10 for an f16 of exponent e), u d + m is an integer times 2^min(E_d, E_m),
-// below 2^24 in magnitude (so exact) when d or m is 0 or E_m - E_d is in [-9, 12].
-template <QFormat F>
-bool factorable(const WRow& r, int64_t ng) {
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity()), lowest = _mm512_set1_ps(-14.0f);
-  for (int64_t g = 0; g < ng; g += 16) {
-    const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (ng - g)) - 1);
-    const __m512 d = _mm512_maskz_loadu_ps(k, r.d + g);
-    __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(d), inf, _CMP_LT_OQ);  // (NaN: not less)
-    if constexpr (F == QFormat::I4Asym) {
-      const __m512 m = _mm512_maskz_loadu_ps(k, r.m + g);
-      const __m512 e = _mm512_sub_ps(_mm512_max_ps(_mm512_getexp_ps(m), lowest),  // E_m - E_d
-                                     _mm512_max_ps(_mm512_getexp_ps(d), lowest));
-      const __mmask16 near = _mm512_cmp_ps_mask(e, _mm512_set1_ps(-9.0f), _CMP_GE_OQ) &
-                             _mm512_cmp_ps_mask(e, _mm512_set1_ps(12.0f), _CMP_LE_OQ);
-      const __mmask16 zero = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ) |
-                             _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_EQ_OQ);
-      ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(m), inf, _CMP_LT_OQ) & (near | zero);
-    }
-    if ((ok & k) != k) return false;
-  }
-  return true;
+  for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
 // f(std::integral_constant<int, R>) for the tile's rows R = kM1Rows at a time, then the rest one by
@@ -232,16 +192,8 @@ void for_row_groups(int64_t jn, double* part, Fn&& f) {
 
 FloatM1Acts prepare_float_m1(const QMatmulArgs& a) {
   const int64_t nb = a.k / kBlock, units = (nb + 3) / 4;
-  FloatM1Acts p{std::vector<float>(units * 128, 0.0f), std::vector<float>(a.k / a.group, 0.0f), true};
+  FloatM1Acts p{std::vector<float>(units * 128, 0.0f)};
   const float* x = a.xf;
-  for (int64_t g = 0; g < a.k / a.group; ++g) {
-    double s = 0.0;
-    for (int64_t c = g * a.group; c < (g + 1) * a.group; ++c) {
-      s += x[c];
-      p.factor = p.factor && std::fabs(x[c]) < 0x1p100f;  // (NaN: false)
-    }
-    p.sxg[g] = static_cast<float>(s);
-  }
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t t = b / 4, lb = (b % 4) * 4;  // lanes lb .. lb + 3 hold this block
     float* dst = p.xk.data() + t * 128;
@@ -266,14 +218,8 @@ void tile_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t jn, int64_t n
   if constexpr (kInt4<F>) {
     const bool wide = (int64_t(1) << rows[0].gshift) >= 4;
     for_row_groups<F>(jn, part, [&](auto r, int64_t jj, double* out) {
-      constexpr int R = decltype(r)::value;
-      bool factor = p.factor;
-      for (int i = 0; i < R && factor; ++i) factor = factorable<F>(rows[jj + i], ng);
-      dispatch_bool(wide, [&](auto w) {
-        dispatch_bool(factor, [&](auto f) {
-          rows_float_m1<F, R, decltype(w)::value, decltype(f)::value>(p, rows + jj, nb, ng, out);
-        });
-      });
+      if (wide) rows_float_m1<F, decltype(r)::value, true>(p, rows + jj, nb, ng, out);
+      else rows_float_m1<F, decltype(r)::value, false>(p, rows + jj, nb, ng, out);
     });
   }
 }
