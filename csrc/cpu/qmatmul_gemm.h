@@ -83,17 +83,20 @@ inline int64_t equal_chunk_blocks(int64_t nb, int64_t max_k) {
   return (nb + nchunks - 1) / nchunks;
 }
 
-// The GEMMs' driver, in the manner of BLIS. y = x W^T for the rows of one pass (in_row_passes):
+// The GEMMs' driver, in the manner of BLIS: y = x W^T, per pass of rows (in_row_passes):
 //   x is packed once into panels (g.panels; g.pack(p) in parallel over panels);
 //   each thread takes tiles of kGemmTileRows weight rows (dynamic schedule); per K chunk of g.chunk_blocks blocks
 //     of 32 it loads the tile's weights into its own buffers (tile.load), prefetches the next chunk into L2 and
 //     runs the micro-kernels for every panel (tile.panel), which add the chunk's sums into the tile's outputs
 //     ct (double, weight-row-major, row stride panels.padded; panel p from row p * panels.big);
 //   store_tile rounds each output (times the int8 row scale, plus bias) once.
-// G has panels, chunk_blocks, pack(p), and G::Tile, one per thread, made as Tile(g), with start(j0, jn) (a new
-// tile of jn rows from weight row j0), load(b0, b1) (its blocks [b0, b1)) and panel(p, b0, b1, ct, ldc).
+// G, made as G(a) per pass, has panels, chunk_blocks, pack(p), and G::Tile, one per thread, made as Tile(g), with
+// start(j0, jn) (a new tile of jn rows from weight row j0), load(b0, b1) (its blocks [b0, b1)) and
+// panel(p, b0, b1, ct, ldc).
 template <QFormat F, class G>
-void run_gemm(const QMatmulArgs& a, G& g) {
+void run_gemm(const QMatmulArgs& a) {
+  if (in_row_passes(a, [](const QMatmulArgs& p) { run_gemm<F, G>(p); })) return;
+  G g(a);
   const int64_t nb = a.k / 32, mp = g.panels.padded, ntiles = (a.n + kGemmTileRows - 1) / kGemmTileRows;
   const int64_t row_bytes = kInt4<F> ? a.k / 2 : a.k, block_bytes = kInt4<F> ? 16 : 32;
 #pragma omp parallel if (a.m * a.n * a.k >= kParallelMinElems)

@@ -161,9 +161,7 @@ struct GemmFloat {
 
 template <QFormat F>
 void gemm_float(const QMatmulArgs& a) {
-  if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_float<F>(p); })) return;
-  GemmFloat<F> g(a);
-  run_gemm<F>(a, g);
+  run_gemm<F, GemmFloat<F>>(a);
 }
 
 template void gemm_float<QFormat::I8Channel>(const QMatmulArgs&);

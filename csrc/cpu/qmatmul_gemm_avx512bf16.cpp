@@ -188,9 +188,7 @@ struct GemmBf16 {
 
 template <QFormat F>
 void gemm_bf16(const QMatmulArgs& a) {
-  if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_bf16<F>(p); })) return;
-  GemmBf16<F> g(a);
-  run_gemm<F>(a, g);
+  run_gemm<F, GemmBf16<F>>(a);
 }
 
 template void gemm_bf16<QFormat::I4>(const QMatmulArgs&);

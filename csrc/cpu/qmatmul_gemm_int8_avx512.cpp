@@ -182,13 +182,8 @@ struct GemmInt8 {
 
 template <QFormat F>
 void gemm_int8(const QMatmulArgs& a) {
-  if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_int8<F>(p); })) return;
-  auto run = [&](auto mv) {
-    GemmInt8<F, decltype(mv)::value> g(a);
-    run_gemm<F>(a, g);
-  };
-  if (a.m <= 16) run(std::integral_constant<int, 1>{});  // one-vector panels
-  else run(std::integral_constant<int, 2>{});
+  if (a.m <= 16) run_gemm<F, GemmInt8<F, 1>>(a);  // one-vector panels
+  else run_gemm<F, GemmInt8<F, 2>>(a);
 }
 
 template void gemm_int8<QFormat::I8Channel>(const QMatmulArgs&);
