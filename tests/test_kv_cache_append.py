@@ -33,13 +33,16 @@ CASES = {
     "paged-int8-rope-q": dict(lens=[31, 0, 16], lnew=3, cache=torch.int8, page=16, rotary=40, q_heads=4),
     "contig-int8-fp32": dict(lens=[5, 9], lnew=2, cache=torch.int8, dtype=torch.float32),
     "contig-fp32-plain": dict(lens=[1, 12], lnew=4, cache=torch.float32),
+    # 3 kv heads, 6 query heads (SmolLM2-135M has 3 kv heads): not powers of two, so tiles have padding rows
+    "paged-int8-rope-q-3-kv-heads": dict(lens=[5, 0], lnew=2, cache=torch.int8, page=16, rotary=40, q_heads=6,
+                                         hkv=3),
 }
 
 
 def _setup(case, device, seed=0):
     lens, lnew, cache = case["lens"], case["lnew"], case["cache"]
     dtype = case.get("dtype", torch.bfloat16 if cache == torch.int8 else cache)
-    hkv, d = 2, 40
+    hkv, d = case.get("hkv", 2), 40
     kc, vc, sl, table, ks, vs = make_cache(lens, hkv, d, cache, device, page=case.get("page"),
                                            capacity=max(lens) + lnew + 3, seed=seed)
     if table is not None:  # the blocks the new tokens go to (make_cache marks blocks past a length unused)
