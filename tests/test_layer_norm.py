@@ -15,7 +15,8 @@ def _run(x, ns, w, b, backend, g, eps=1e-5):
     """(y, dx, dw, db) from fastllm on `backend`, torch in the same dtype, and the float64 reference."""
     outs = []
     for kind in ("ours", "torch", "ref"):
-        cast = (lambda t: t.detach().double()) if kind == "ref" else (lambda t: t.detach().clone())
+        # detach keeps a view's strides (clone would make a row-strided view contiguous)
+        cast = (lambda t: t.detach().double()) if kind == "ref" else (lambda t: t.detach())
         xi = cast(x).requires_grad_()
         wi = None if w is None else cast(w).requires_grad_()
         bi = None if b is None else cast(b).requires_grad_()
@@ -62,6 +63,15 @@ def test_layer_norm_large_mean_and_strides(device, backend):
     wt = randn((48,), torch.bfloat16, device, seed=10)
     _check_all(*_run(xt, (48,), wt, None, backend, randn((6, 48), torch.bfloat16, device, seed=11)))
 
+
+
+@pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
+def test_layer_norm_rows_split_over_threads(device, backend):
+    """64 x 520 elements, over the C++ kernels' parallel threshold (2^15): the rows are cut into chunks per
+    thread, whose partial dweight and dbias sums are then added up."""
+    x = randn((64, 520), torch.float32, device, seed=21, shift=1.0)
+    w, b = randn((520,), torch.float32, device, seed=22), randn((520,), torch.float32, device, seed=23)
+    _check_all(*_run(x, (520,), w, b, backend, randn((64, 520), torch.float32, device, seed=24)))
 
 def test_layer_norm_fallbacks_and_empty():
     x64 = torch.randn(3, 8, dtype=torch.float64)
