@@ -70,7 +70,8 @@ def _written(args):
 def test_matches_reference(device, backend, name):
     case = CASES[name]
     args = _setup(case, device)
-    before = {k: v.clone() for k, v in args.items() if k in ("k_cache", "v_cache", "k_scale", "v_scale") and v is not None}
+    before = {k: v.clone() for k, v in args.items()
+              if k in ("k_cache", "v_cache", "k_scale", "v_scale") and v is not None}
     expected = {k: v.clone() for k, v in before.items()}
     exp_args = dict(args, **expected)
     exp_q = ref.kv_cache_append(*(exp_args[k] for k in ("k_cache", "v_cache", "k_new", "v_new", "cache_seqlens",

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fastllm
-from helpers import DTYPES, assert_close, compile_check, compile_sm90, device_backends, randn, running_on, sm90_resources
+from helpers import (DTYPES, assert_close, compile_check, compile_sm90, device_backends, randn, running_on,
+                     sm90_resources)
 
 # Row lengths 1, 7 (one partial SIMD block), 8, 33, 1536 (SmolLM2's MLP), 4099; 0-D to 3-D; enough elements
 # (3 x 16384) for the C++ kernel's parallel rows.
