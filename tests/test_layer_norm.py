@@ -101,6 +101,8 @@ def test_layer_norm_bad_input():
         fastllm.layer_norm(x, (2, 4, 8))
     with pytest.raises(TypeError, match="normalized_shape"):
         fastllm.layer_norm(x, "8")
+    with pytest.raises(ValueError, match="normalized_shape must name at least one dimension"):
+        fastllm.layer_norm(x, ())
     with pytest.raises(ValueError, match="weight"):
         fastllm.layer_norm(x, (8,), torch.ones(7))
     with pytest.raises(ValueError, match="bias"):

@@ -75,7 +75,7 @@ def test_int8_activation_quantisation_is_bit_identical():
     would differ."""
     k = 64
     x = torch.randn(3, k) * 3
-    x[0, :32] = torch.arange(32) - 15.5  # amax 15.5 makes x * 127 / amax hit many .5 ties
+    x[0, :32] = torch.cat([torch.tensor([127.0]), torch.arange(-15, 16) + 0.5])  # 127 / amax = 1: exact .5 ties
     # amax a = 3.8047821: 127 / a divided once (as the kernels do) is 33.379047, but rounded twice (1 / a, then
     # times 127) 33.379044; these x then round to different integers with the two factors
     a = torch.tensor(3.8047821)

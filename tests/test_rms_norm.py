@@ -107,6 +107,8 @@ def test_rms_norm_empty_and_bad_input():
         fastllm.rms_norm(torch.ones(3, 4, dtype=torch.int32), (4,))
     with pytest.raises(ValueError, match="normalized_shape"):
         fastllm.rms_norm(x, (5,))
+    with pytest.raises(ValueError, match="normalized_shape must name at least one dimension"):
+        fastllm.rms_norm(x, [])
     with pytest.raises(ValueError, match="weight"):
         fastllm.rms_norm(x, (4,), torch.ones(5))
     with pytest.raises(ValueError, match="eps"):
