@@ -476,6 +476,8 @@ def test_bad_input():
         (ValueError, "attn_mask", dict(attn_mask=torch.ones(4, 5, dtype=torch.bool), enable_gqa=True)),
         (ValueError, "attn_mask", dict(attn_mask=torch.ones(2, 1, 4, 3, 5, dtype=torch.bool), enable_gqa=True)),
         (TypeError, "attn_mask", dict(attn_mask=torch.ones(3, 5, dtype=torch.int32), enable_gqa=True)),
+        (TypeError, "attn_mask must be a torch.Tensor", dict(attn_mask=[[True] * 5] * 3, enable_gqa=True)),
+        (ValueError, "need a heads dimension", dict(key=torch.randn(5, 8), value=torch.randn(5, 8), enable_gqa=True)),
         (ValueError, "enable_gqa", dict()),  # Hq = 4, Hkv = 2 without enable_gqa
         (ValueError, "key", dict(query=torch.randn(1, 3, 3, 8), enable_gqa=True)),  # 3 heads, 2 kv heads
         (ValueError, "query", dict(query=torch.randn(8), key=torch.randn(8), value=torch.randn(8))),
