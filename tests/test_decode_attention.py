@@ -283,7 +283,7 @@ def test_cuda_graph_capture_and_replay(backend, cache):
     ks, vs = (None, None) if ks is None else (ks.nan_to_num(0.0), vs.nan_to_num(0.0))
     pos = torch.arange(512, device=dev)[:, None] * 10000 ** (-torch.arange(d // 2, device=dev) / (d // 2))
     cos, sin = torch.cat([pos.cos()] * 2, -1), torch.cat([pos.sin()] * 2, -1)
-    k_new, v_new = randn((3, 1, hkv, d), torch.bfloat16, dev, seed=1), randn((3, 1, hkv, d), torch.bfloat16, dev, seed=2)
+    k_new, v_new = (randn((3, 1, hkv, d), torch.bfloat16, dev, seed=s) for s in (1, 2))
     q = randn((3, 1, hq, d), torch.bfloat16, dev, seed=3)
 
     def step(kc, vc, ks, vs):
