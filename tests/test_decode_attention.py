@@ -208,10 +208,10 @@ def test_bad_input():
     ks = torch.ones(kc.shape[:3])
     cases = [
         (TypeError, "q", dict(q=q.int())),
-        (ValueError, "q", dict(q=q[0])),
+        (ValueError, "q must be 4-D", dict(q=q[0])),
         (TypeError, "k_cache", dict(q=q.half())),
         (ValueError, "v_cache", dict(v_cache=vc[:, :8])),
-        (ValueError, "kv heads", dict(q=torch.randn(2, 1, 3, 16))),
+        (ValueError, "k_cache has 2 kv heads, which must divide q's 3 heads", dict(q=torch.randn(2, 1, 3, 16))),
         (ValueError, "head dim", dict(q=torch.randn(2, 1, 4, 8))),
         (TypeError, "cache_seqlens", dict(cache_seqlens=sl.long())),
         (ValueError, "cache_seqlens", dict(cache_seqlens=sl[:1])),
@@ -226,6 +226,9 @@ def test_bad_input():
         (ValueError, "k_scale must be float32 of shape", dict(k_cache=kc.to(torch.int8), v_cache=vc.to(torch.int8),
                                                               k_scale=ks[:, :8], v_scale=ks)),
         (ValueError, "k_cache must be 4-D", dict(k_cache=kc[..., 0], v_cache=vc[..., 0])),
+        (ValueError, "q's head dim 300 exceeds", dict(q=torch.randn(2, 1, 4, 300),
+                                                      k_cache=kc.new_zeros(*kc.shape[:3], 300),
+                                                      v_cache=vc.new_zeros(*vc.shape[:3], 300))),
         (TypeError, "k_cache must be float32, float16, bfloat16, int8", dict(k_cache=kc.to(torch.int16),
                                                                              v_cache=vc.to(torch.int16))),
         (ValueError, "num_splits", dict(num_splits=0)),

@@ -165,7 +165,7 @@ def test_append_then_decode_matches_reference():
 def test_bad_input():
     args = _setup(CASES["paged-int8-rope-q"], "cpu")
     cases = [
-        (ValueError, "k_new", dict(k_new=args["k_new"][0])),
+        (ValueError, "k_new must be 4-D", dict(k_new=args["k_new"][0])),
         (ValueError, "v_new", dict(v_new=args["v_new"][:, :1])),
         (TypeError, "k_new", dict(k_new=args["k_new"].int())),
         (TypeError, "k_cache", dict(k_cache=args["k_cache"].half(), v_cache=args["v_cache"].half(), k_scale=None,
@@ -177,6 +177,7 @@ def test_bad_input():
         (ValueError, "cos and sin", dict(sin=None)),
         (ValueError, "q is only", dict(cos=None, sin=None)),
         (ValueError, "R even", dict(cos=args["cos"][:, :39], sin=args["sin"][:, :39])),
+        (ValueError, "sin \\(64, 38\\) must have cos's shape", dict(sin=args["sin"][:, :38])),
         (ValueError, "positions", dict(cos=args["cos"][:20], sin=args["sin"][:20])),
         (ValueError, "q must be", dict(q=args["q"][:, :1])),
         (TypeError, "q has dtype", dict(q=args["q"].half())),

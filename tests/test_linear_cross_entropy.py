@@ -93,6 +93,8 @@ def test_linear_cross_entropy_bad_input():
     lce = fastllm.linear_cross_entropy
     with pytest.raises(TypeError, match="input"):
         lce(h.long(), w, t)
+    with pytest.raises(ValueError, match="input must have at least one dimension"):
+        lce(torch.tensor(1.0), w, t)
     with pytest.raises(ValueError, match="weight"):
         lce(h, torch.randn(10, 7), t)
     with pytest.raises(TypeError, match="weight"):
