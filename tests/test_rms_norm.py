@@ -111,8 +111,10 @@ def test_rms_norm_empty_and_bad_input():
         fastllm.rms_norm(x, [])
     with pytest.raises(ValueError, match="weight"):
         fastllm.rms_norm(x, (4,), torch.ones(5))
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):  # (the C++ kernel checks it too)
         fastllm.rms_norm(x, (4,), eps=-1e-3)
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        fastllm.add_rms_norm(torch.tensor(1.0), torch.tensor(2.0))
     with pytest.raises(ValueError, match="residual"):
         fastllm.add_rms_norm(x, torch.randn(3, 5))
     with pytest.raises(TypeError, match="residual"):
