@@ -1,5 +1,6 @@
 """fastllm.attention against a float64 reference and torch's SDPA in the same dtype, forward and gradients,
 on every backend (the Triton kernels run on CPU tensors under TRITON_INTERPRET=1: shapes stay small)."""
+import contextlib
 import os
 import random
 import sys
@@ -221,7 +222,8 @@ def _explicit(q, k, v, mask, scale):
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_return_lse_and_its_gradient(device, backend, dtype):
-    """lse = logsumexp of the scores (natural log); a loss that uses it back-propagates through it."""
+    """lse = logsumexp of the scores (natural log); a loss that uses it back-propagates through it (the backward
+    on the same backend: the dlse term of its delta)."""
     b, h, lq, lk, d = 1, 2, 33, 40, 32
     mask = randn((lq, lk), torch.float32, device, seed=9)
     w = randn((b, h, lq), torch.float32, device, seed=10)
@@ -230,13 +232,13 @@ def test_return_lse_and_its_gradient(device, backend, dtype):
     for kind in ("ours", "torch", "ref"):
         dt = torch.float64 if kind == "ref" else dtype
         q, k, v = (randn((b, h, n, d), dt, device, seed=i).requires_grad_() for i, n in enumerate((lq, lk, lk)))
-        if kind == "ours":
-            with running_on(backend):
+        with running_on(backend) if kind == "ours" else contextlib.nullcontext():
+            if kind == "ours":
                 out, lse = attention(q, k, v, attn_mask=mask, scale=0.3, return_lse=True)
-        else:
-            out, lse = _explicit(q, k, v, mask.to(dt), 0.3)
-        assert lse.dtype == (torch.float64 if kind == "ref" else torch.float32)
-        ((out * g.to(dt)).sum() + (lse * w.to(lse.dtype)).sum()).backward()
+            else:
+                out, lse = _explicit(q, k, v, mask.to(dt), 0.3)
+            assert lse.dtype == (torch.float64 if kind == "ref" else torch.float32)
+            ((out * g.to(dt)).sum() + (lse * w.to(lse.dtype)).sum()).backward()
         res.append((out, lse, q.grad, k.grad, v.grad))
     for name, o, t, r in zip(("out", "lse", "dq", "dk", "dv"), *res):
         assert_close(name, o, t, r)
@@ -386,7 +388,8 @@ def test_cpu_flash_path(monkeypatch, strided, gqa):
     real = _attention_cpu._flash
     monkeypatch.setattr(_attention_cpu, "_flash", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     hkv = 2 if gqa else 4
-    q, k, v = (randn((2, h, n, 64), torch.float32, "cpu", seed=i) for i, (h, n) in enumerate(((4, 20), (hkv, 30), (hkv, 30))))
+    q, k, v = (randn((2, h, n, 64), torch.float32, "cpu", seed=i)
+               for i, (h, n) in enumerate(((4, 20), (hkv, 30), (hkv, 30))))
     t = {n: x[..., ::2] if n == strided else x[..., :32] for n, x in (("q", q), ("k", k), ("v", v))}
     out = attention(t["q"], t["k"], t["v"], is_causal=True, scale=0.2, enable_gqa=gqa)
     assert len(calls) == (strided == "none")
@@ -432,11 +435,14 @@ def test_cpu_flash_backward(monkeypatch, gqa, with_lse):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
 def test_triton_small_tiles(device, causal):
-    """Forced 16 x 16 tiles: many blocks, so the full / diagonal / edge key ranges all occur (Lq < and > Lk)."""
+    """Forced 16 x 16 tiles: many blocks, so the full / diagonal / edge key ranges all occur (Lq < and > Lk).
+    Bottom-right, also Lk - Lq = 14 and 1 (mod 16): the diagonal then ends one or two keys before, or one key
+    past, a tile boundary, where an off-by-one in a block range (the forward's full / masked key blocks, the
+    backward's first and fully-seeing query blocks) drops or unmasks a key."""
     from fastllm.kernels import attention as tk
 
     cfg = tk.AttnConfig(16, 16, 4, 1)
-    for lq, lk in ((50, 70), (70, 50)):
+    for lq, lk in ((50, 70), (70, 50)) + (((20, 34), (18, 19)) if causal == "bottom_right" else ()):
         q, k, v = (randn((1, h, n, 24), torch.float32, device, seed=i) for i, (h, n) in
                    enumerate(((4, lq), (2, lk), (2, lk))))
         mask = (torch.rand(1, 4, lq, lk, generator=torch.Generator().manual_seed(lq)) > 0.1).to(device)
@@ -470,6 +476,8 @@ def test_bad_input():
         (ValueError, "attn_mask", dict(attn_mask=torch.ones(4, 5, dtype=torch.bool), enable_gqa=True)),
         (ValueError, "attn_mask", dict(attn_mask=torch.ones(2, 1, 4, 3, 5, dtype=torch.bool), enable_gqa=True)),
         (TypeError, "attn_mask", dict(attn_mask=torch.ones(3, 5, dtype=torch.int32), enable_gqa=True)),
+        (TypeError, "attn_mask must be a torch.Tensor", dict(attn_mask=[[True] * 5] * 3, enable_gqa=True)),
+        (ValueError, "need a heads dimension", dict(key=torch.randn(5, 8), value=torch.randn(5, 8), enable_gqa=True)),
         (ValueError, "enable_gqa", dict()),  # Hq = 4, Hkv = 2 without enable_gqa
         (ValueError, "key", dict(query=torch.randn(1, 3, 3, 8), enable_gqa=True)),  # 3 heads, 2 kv heads
         (ValueError, "query", dict(query=torch.randn(8), key=torch.randn(8), value=torch.randn(8))),

@@ -43,7 +43,8 @@ def _run(lq, lk, hq, hkv, d, dtype, causal, backend, device, seed, deterministic
     results = []
     for kind in ("ours", "torch", "ref"):
         dt = torch.float64 if kind == "ref" else dtype
-        leaves = [_packed(lens, h, d, dt, device, seed + i) for i, (lens, h) in enumerate(((lq, hq), (lk, hkv), (lk, hkv)))]
+        leaves = [_packed(lens, h, d, dt, device, seed + i)
+                  for i, (lens, h) in enumerate(((lq, hq), (lk, hkv), (lk, hkv)))]
         if kind == "ours":
             with running_on(backend):
                 out = attention_varlen(*leaves, _cu(lq, device), _cu(lk, device), max(lq), max(lk),
@@ -135,7 +136,8 @@ def test_deterministic_backward_is_bit_identical(device, backend):
     lq, lk = [9, 40, 1], [30, 40, 17]
     grads = []
     for _ in range(2):
-        leaves = [_packed(lens, h, 24, torch.bfloat16, device, i) for i, (lens, h) in enumerate(((lq, 4), (lk, 2), (lk, 2)))]
+        leaves = [_packed(lens, h, 24, torch.bfloat16, device, i)
+                  for i, (lens, h) in enumerate(((lq, 4), (lk, 2), (lk, 2)))]
         with running_on(backend):
             out = attention_varlen(*leaves, _cu(lq, device), _cu(lk, device), 40, 40, is_causal=True,
                                    deterministic=True)
@@ -149,7 +151,8 @@ def test_deterministic_backward_is_bit_identical(device, backend):
 def test_dropout_uses_the_kernels_own_mask(device, backend):
     """With dropout, each sequence gets the kernel's keep mask rows for its queries (keys from 0)."""
     lq, lk, hq, hkv, d, p = [7, 20], [12, 25], 4, 2, 16, 0.3
-    leaves = [_packed(lens, h, d, torch.float32, device, i) for i, (lens, h) in enumerate(((lq, hq), (lk, hkv), (lk, hkv)))]
+    leaves = [_packed(lens, h, d, torch.float32, device, i)
+              for i, (lens, h) in enumerate(((lq, hq), (lk, hkv), (lk, hkv)))]
     g = randn((sum(lq), hq, d), torch.float32, device, seed=5)
     cu_q, cu_k = _cu(lq, device), _cu(lk, device)
     torch.manual_seed(99)
@@ -202,6 +205,8 @@ def _bad(**overrides):
     (dict(key=torch.randn(14, 3, 16), value=torch.randn(14, 3, 16)), "key has 3 heads, which must divide"),
     (dict(value=torch.randn(13, 2, 16)), "value .* must have key's"),
     (dict(key=torch.randn(14, 2, 16, dtype=torch.float16)), "key has dtype torch.float16"),
+    (dict(key=torch.randn(14, 2, 8)), "key's head dim 8 must equal query's 16"),
+    (dict(cu_seqlens_q=[0, 3, 10]), "cu_seqlens_q must be a torch.Tensor"),
     (dict(query=torch.randn(10, 4, 300), key=torch.randn(14, 2, 300), value=torch.randn(14, 2, 300)),
      "exceeds the supported maximum 256"),
 ])

@@ -208,10 +208,10 @@ def test_bad_input():
     ks = torch.ones(kc.shape[:3])
     cases = [
         (TypeError, "q", dict(q=q.int())),
-        (ValueError, "q", dict(q=q[0])),
+        (ValueError, "q must be 4-D", dict(q=q[0])),
         (TypeError, "k_cache", dict(q=q.half())),
         (ValueError, "v_cache", dict(v_cache=vc[:, :8])),
-        (ValueError, "kv heads", dict(q=torch.randn(2, 1, 3, 16))),
+        (ValueError, "k_cache has 2 kv heads, which must divide q's 3 heads", dict(q=torch.randn(2, 1, 3, 16))),
         (ValueError, "head dim", dict(q=torch.randn(2, 1, 4, 8))),
         (TypeError, "cache_seqlens", dict(cache_seqlens=sl.long())),
         (ValueError, "cache_seqlens", dict(cache_seqlens=sl[:1])),
@@ -223,6 +223,14 @@ def test_bad_input():
         (ValueError, "k_cache", dict(block_table=None)),
         (ValueError, "k_scale is only", dict(k_scale=ks)),
         (ValueError, "k_scale is required", dict(k_cache=kc.to(torch.int8), v_cache=vc.to(torch.int8))),
+        (ValueError, "k_scale must be float32 of shape", dict(k_cache=kc.to(torch.int8), v_cache=vc.to(torch.int8),
+                                                              k_scale=ks[:, :8], v_scale=ks)),
+        (ValueError, "k_cache must be 4-D", dict(k_cache=kc[..., 0], v_cache=vc[..., 0])),
+        (ValueError, "q's head dim 300 exceeds", dict(q=torch.randn(2, 1, 4, 300),
+                                                      k_cache=kc.new_zeros(*kc.shape[:3], 300),
+                                                      v_cache=vc.new_zeros(*vc.shape[:3], 300))),
+        (TypeError, "k_cache must be float32, float16, bfloat16, int8", dict(k_cache=kc.to(torch.int16),
+                                                                             v_cache=vc.to(torch.int16))),
         (ValueError, "num_splits", dict(num_splits=0)),
         (TypeError, "causal", dict(causal=1)),
         (TypeError, "scale", dict(scale="x")),
@@ -278,7 +286,7 @@ def test_cuda_graph_capture_and_replay(backend, cache):
     ks, vs = (None, None) if ks is None else (ks.nan_to_num(0.0), vs.nan_to_num(0.0))
     pos = torch.arange(512, device=dev)[:, None] * 10000 ** (-torch.arange(d // 2, device=dev) / (d // 2))
     cos, sin = torch.cat([pos.cos()] * 2, -1), torch.cat([pos.sin()] * 2, -1)
-    k_new, v_new = randn((3, 1, hkv, d), torch.bfloat16, dev, seed=1), randn((3, 1, hkv, d), torch.bfloat16, dev, seed=2)
+    k_new, v_new = (randn((3, 1, hkv, d), torch.bfloat16, dev, seed=s) for s in (1, 2))
     q = randn((3, 1, hq, d), torch.bfloat16, dev, seed=3)
 
     def step(kc, vc, ks, vs):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastllm
+from fastllm.runtime.generate import TextStream
 from fastllm.runtime.sampling import SamplingParams, sample, sample_rows
 from tiny_models import tiny_llama
 
@@ -72,6 +73,24 @@ def test_stop_strings_and_streaming(tiny):
     assert "".join(llm.stream("the dog", max_new_tokens=24, stop=stop)) == cut
 
 
+
+class _ByteTokenizer:
+    """Token i is the byte i: a character may take several tokens, and text decodes with U+FFFD for a partial one."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
+    """Token by token: half a UTF-8 character is not returned (no U+FFFD), a tail that may begin a stop string
+    waits (two characters of a three-character one), and the stop string cuts the text before it."""
+    s = TextStream(_ByteTokenizer(), stop=("abc",))
+    assert [s.push(t) for t in "x\u00e9 ab".encode()] == ["x", "", "\u00e9", " ", "", ""]
+    assert s.push(ord("c")) == "" and s.stopped and s.text == "x\u00e9 "
+    s = TextStream(_ByteTokenizer(), stop=("abc",))
+    assert [s.push(t) for t in b"abd"] == ["", "", "abd"]  # not the stop string after all
+    assert [s.push(t) for t in b"ab"] == ["", ""] and s.finish() == "ab" and not s.stopped
+
 def test_chat_template(tiny):
     _, llm = tiny
     messages = [{"role": "user", "content": "hello"}]
@@ -112,7 +131,8 @@ def test_int8_kv_cache_generates(tiny_path):
 
 def test_sample_rows_draws_each_row_alone():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=5, seed=1), SamplingParams(temperature=0.7, seed=2)]
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=5, seed=1),
+              SamplingParams(temperature=0.7, seed=2)]
     got = sample_rows(logits, params, [p.generator("cpu") for p in params])
     want = [int(sample(logits[i:i + 1], p, None, p.generator("cpu"))) for i, p in enumerate(params)]
     assert got.tolist() == want

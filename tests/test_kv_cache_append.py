@@ -33,13 +33,16 @@ CASES = {
     "paged-int8-rope-q": dict(lens=[31, 0, 16], lnew=3, cache=torch.int8, page=16, rotary=40, q_heads=4),
     "contig-int8-fp32": dict(lens=[5, 9], lnew=2, cache=torch.int8, dtype=torch.float32),
     "contig-fp32-plain": dict(lens=[1, 12], lnew=4, cache=torch.float32),
+    # 3 kv heads, 6 query heads (SmolLM2-135M has 3 kv heads): not powers of two, so tiles have padding rows
+    "paged-int8-rope-q-3-kv-heads": dict(lens=[5, 0], lnew=2, cache=torch.int8, page=16, rotary=40, q_heads=6,
+                                         hkv=3),
 }
 
 
 def _setup(case, device, seed=0):
     lens, lnew, cache = case["lens"], case["lnew"], case["cache"]
     dtype = case.get("dtype", torch.bfloat16 if cache == torch.int8 else cache)
-    hkv, d = 2, 40
+    hkv, d = case.get("hkv", 2), 40
     kc, vc, sl, table, ks, vs = make_cache(lens, hkv, d, cache, device, page=case.get("page"),
                                            capacity=max(lens) + lnew + 3, seed=seed)
     if table is not None:  # the blocks the new tokens go to (make_cache marks blocks past a length unused)
@@ -67,7 +70,8 @@ def _written(args):
 def test_matches_reference(device, backend, name):
     case = CASES[name]
     args = _setup(case, device)
-    before = {k: v.clone() for k, v in args.items() if k in ("k_cache", "v_cache", "k_scale", "v_scale") and v is not None}
+    before = {k: v.clone() for k, v in args.items()
+              if k in ("k_cache", "v_cache", "k_scale", "v_scale") and v is not None}
     expected = {k: v.clone() for k, v in before.items()}
     exp_args = dict(args, **expected)
     exp_q = ref.kv_cache_append(*(exp_args[k] for k in ("k_cache", "v_cache", "k_new", "v_new", "cache_seqlens",
@@ -161,7 +165,7 @@ def test_append_then_decode_matches_reference():
 def test_bad_input():
     args = _setup(CASES["paged-int8-rope-q"], "cpu")
     cases = [
-        (ValueError, "k_new", dict(k_new=args["k_new"][0])),
+        (ValueError, "k_new must be 4-D", dict(k_new=args["k_new"][0])),
         (ValueError, "v_new", dict(v_new=args["v_new"][:, :1])),
         (TypeError, "k_new", dict(k_new=args["k_new"].int())),
         (TypeError, "k_cache", dict(k_cache=args["k_cache"].half(), v_cache=args["v_cache"].half(), k_scale=None,
@@ -173,6 +177,7 @@ def test_bad_input():
         (ValueError, "cos and sin", dict(sin=None)),
         (ValueError, "q is only", dict(cos=None, sin=None)),
         (ValueError, "R even", dict(cos=args["cos"][:, :39], sin=args["sin"][:, :39])),
+        (ValueError, "sin \\(64, 38\\) must have cos's shape", dict(sin=args["sin"][:, :38])),
         (ValueError, "positions", dict(cos=args["cos"][:20], sin=args["sin"][:20])),
         (ValueError, "q must be", dict(q=args["q"][:, :1])),
         (TypeError, "q has dtype", dict(q=args["q"].half())),

@@ -15,7 +15,8 @@ def _run(x, ns, w, b, backend, g, eps=1e-5):
     """(y, dx, dw, db) from fastllm on `backend`, torch in the same dtype, and the float64 reference."""
     outs = []
     for kind in ("ours", "torch", "ref"):
-        cast = (lambda t: t.detach().double()) if kind == "ref" else (lambda t: t.detach().clone())
+        # detach keeps a view's strides (clone would make a row-strided view contiguous)
+        cast = (lambda t: t.detach().double()) if kind == "ref" else (lambda t: t.detach())
         xi = cast(x).requires_grad_()
         wi = None if w is None else cast(w).requires_grad_()
         bi = None if b is None else cast(b).requires_grad_()
@@ -63,6 +64,15 @@ def test_layer_norm_large_mean_and_strides(device, backend):
     _check_all(*_run(xt, (48,), wt, None, backend, randn((6, 48), torch.bfloat16, device, seed=11)))
 
 
+
+@pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
+def test_layer_norm_rows_split_over_threads(device, backend):
+    """64 x 520 elements, over the C++ kernels' parallel threshold (2^15): the rows are cut into chunks per
+    thread, whose partial dweight and dbias sums are then added up."""
+    x = randn((64, 520), torch.float32, device, seed=21, shift=1.0)
+    w, b = randn((520,), torch.float32, device, seed=22), randn((520,), torch.float32, device, seed=23)
+    _check_all(*_run(x, (520,), w, b, backend, randn((64, 520), torch.float32, device, seed=24)))
+
 def test_layer_norm_fallbacks_and_empty():
     x64 = torch.randn(3, 8, dtype=torch.float64)
     torch.testing.assert_close(fastllm.layer_norm(x64, (8,)), F.layer_norm(x64, (8,)))
@@ -91,13 +101,15 @@ def test_layer_norm_bad_input():
         fastllm.layer_norm(x, (2, 4, 8))
     with pytest.raises(TypeError, match="normalized_shape"):
         fastllm.layer_norm(x, "8")
+    with pytest.raises(ValueError, match="normalized_shape must name at least one dimension"):
+        fastllm.layer_norm(x, ())
     with pytest.raises(ValueError, match="weight"):
         fastllm.layer_norm(x, (8,), torch.ones(7))
     with pytest.raises(ValueError, match="bias"):
         fastllm.layer_norm(x, (8,), torch.ones(8), torch.ones(2, 4))
     with pytest.raises(TypeError, match="weight"):
         fastllm.layer_norm(x, (8,), torch.ones(8, dtype=torch.int32))
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):  # (the C++ kernel checks it too)
         fastllm.layer_norm(x, (8,), eps=-1.0)
     with pytest.raises(ValueError, match="weight"):
         fastllm.layer_norm(x, (8,), torch.ones(8, device="meta"))

@@ -18,7 +18,7 @@ CASES = [((37, 45), 301), ((70, 150), 129), ((2, 9, 33), 17)]
 
 def _run(h, w, t, backend=None, **kw):
     """loss, dh, dw of the fused op (or, with backend=None, of torch's unfused F.linear + F.cross_entropy)."""
-    h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()  # a view keeps its strides (clone would not)
     with running_on(backend) if backend else contextlib.nullcontext():
         if backend is None:
             loss = F.cross_entropy(F.linear(h, w).flatten(0, -2), t.flatten(), **kw)
@@ -64,6 +64,7 @@ def test_linear_cross_entropy_reductions_and_smoothing(device, backend, reductio
     big = randn((19, 52), torch.bfloat16, device, seed=4)
     h = big[:, 5:45]  # strided rows: taken without a copy
     t = torch.where(t == -100, 7, t)  # an ignore_index inside the vocabulary
+    t = torch.stack([t, t.flip(0)], -1)[:, 0]  # the same targets as a strided column
     _compare(h, w.bfloat16(), t, backend, reduction=reduction, label_smoothing=smoothing, ignore_index=7)
 
 
@@ -92,6 +93,8 @@ def test_linear_cross_entropy_bad_input():
     lce = fastllm.linear_cross_entropy
     with pytest.raises(TypeError, match="input"):
         lce(h.long(), w, t)
+    with pytest.raises(ValueError, match="input must have at least one dimension"):
+        lce(torch.tensor(1.0), w, t)
     with pytest.raises(ValueError, match="weight"):
         lce(h, torch.randn(10, 7), t)
     with pytest.raises(TypeError, match="weight"):

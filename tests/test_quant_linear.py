@@ -92,6 +92,10 @@ def test_from_linear_and_bad_input():
         QuantLinear(40, 8)
     with pytest.raises(ValueError, match="act"):
         QuantLinear(64, 8, act="fp8")
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):  # the module checks x alone
+        q(torch.ones(5, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 64\)"):
+        q(torch.randn(5, 63))
     with pytest.raises(ValueError, match="0.proj"):
         fastllm.quantize_model(torch.nn.Sequential(torch.nn.ModuleDict({"proj": torch.nn.Linear(48, 8)})), "int4", 32)
     sd = q.state_dict()

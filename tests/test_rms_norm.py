@@ -25,8 +25,8 @@ def _three_ways(ours_fn, torch_fn, inputs, g, backend, scales=None):
         return [None if t is None else cast(t).requires_grad_() for t in inputs]
 
     with running_on(backend):
-        ours = _grads(ours_fn, leaves(lambda t: t.detach().clone()), g)
-    theirs = _grads(torch_fn, leaves(lambda t: t.detach().clone()), g)
+        ours = _grads(ours_fn, leaves(lambda t: t.detach()), g)  # detach keeps a view's strides (clone would not)
+    theirs = _grads(torch_fn, leaves(lambda t: t.detach()), g)
     g64 = tuple(t.double() for t in g) if isinstance(g, tuple) else g.double()
     ref = _grads(torch_fn, leaves(lambda t: t.detach().double()), g64)
     for i, (o, t, r) in enumerate(zip(ours, theirs, ref)):
@@ -50,6 +50,16 @@ def test_rms_norm_matches_reference(device, backend, dtype, shape, ns, with_weig
     _three_ways(lambda x, w: fastllm.rms_norm(x, ns, w, eps), lambda x, w: F.rms_norm(x, ns, w, eps), [x, w], g,
                 backend, {1: norm_dx_scale(x, g, w, len(ns), centered=False)})
 
+
+
+@pytest.mark.parametrize("device,backend", device_backends("rms_norm"))
+def test_rms_norm_rows_split_over_threads(device, backend):
+    """64 x 520 elements, over the C++ kernels' parallel threshold (2^15): the rows are cut into chunks per
+    thread, whose partial dweight sums are then added up."""
+    x = randn((64, 520), torch.float32, device, seed=21, shift=0.5)
+    w, g = randn((520,), torch.float32, device, seed=22), randn((64, 520), torch.float32, device, seed=23)
+    _three_ways(lambda x, w: fastllm.rms_norm(x, (520,), w, 1e-6), lambda x, w: F.rms_norm(x, (520,), w, 1e-6),
+                [x, w], g, backend, {1: norm_dx_scale(x, g, w, 1, centered=False)})
 
 def _add_rms_torch(x, r, w, eps):
     s = x + r
@@ -97,10 +107,14 @@ def test_rms_norm_empty_and_bad_input():
         fastllm.rms_norm(torch.ones(3, 4, dtype=torch.int32), (4,))
     with pytest.raises(ValueError, match="normalized_shape"):
         fastllm.rms_norm(x, (5,))
+    with pytest.raises(ValueError, match="normalized_shape must name at least one dimension"):
+        fastllm.rms_norm(x, [])
     with pytest.raises(ValueError, match="weight"):
         fastllm.rms_norm(x, (4,), torch.ones(5))
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):  # (the C++ kernel checks it too)
         fastllm.rms_norm(x, (4,), eps=-1e-3)
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        fastllm.add_rms_norm(torch.tensor(1.0), torch.tensor(2.0))
     with pytest.raises(ValueError, match="residual"):
         fastllm.add_rms_norm(x, torch.randn(3, 5))
     with pytest.raises(TypeError, match="residual"):

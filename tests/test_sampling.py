@@ -106,6 +106,32 @@ def test_greedy_generation_with_penalties_matches_reference(llm, penalties):
     assert got != llm.generate_ids([prompt], max_new_tokens=16)[0]
 
 
+def _filtered_probs(logits, temperature, top_k, top_p):
+    """float64: softmax(logits / T) restricted to the top_k tokens, or to the smallest set of the most likely tokens
+    whose mass reaches top_p (one filter at a time), renormalised."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    keep, mass = torch.zeros_like(p, dtype=torch.bool), 0.0
+    for rank, j in enumerate(p.argsort(descending=True).tolist()):
+        if (top_k and rank >= top_k) or mass >= top_p:
+            break
+        keep[j], mass = True, mass + float(p[j])
+    return torch.where(keep, p, 0.0) / p[keep].sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, 0, 1.0), (2.0, 0, 1.0), (2.0, 3, 1.0), (0.5, 0, 0.9),
+                                                     (2.0, 0, 0.8)])
+def test_draws_follow_the_tempered_filtered_distribution(temperature, top_k, top_p):
+    """The frequencies of 4000 seeded draws are within 5 standard errors of softmax(logits / T) after top-k or
+    top-p (which acts on the tempered probabilities: at T = 1 the last two cases would keep another token)."""
+    n, logits = 4000, torch.tensor([2.0, 1.0, 0.0, -1.0])
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    got = sample(logits.expand(n, 4), params, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(got, minlength=4).double() / n
+    want = _filtered_probs(logits, temperature, top_k, top_p)
+    assert torch.equal(freq > 0, want > 0), (freq, want)
+    assert ((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt()).all(), (freq, want)
+
+
 @pytest.mark.parametrize("temperature", [1e-300, 1e-30, 1e-8])
 def test_tiny_temperature_samples_the_argmax(temperature):
     """A temperature just above 0 divides the logits into overflow: the best token must still win (no NaN)."""

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fastllm
-from helpers import DTYPES, assert_close, compile_check, compile_sm90, device_backends, randn, running_on, sm90_resources
+from helpers import (DTYPES, assert_close, compile_check, compile_sm90, device_backends, randn, running_on,
+                     sm90_resources)
 
 # Row lengths 1, 7 (one partial SIMD block), 8, 33, 1536 (SmolLM2's MLP), 4099; 0-D to 3-D; enough elements
 # (3 x 16384) for the C++ kernel's parallel rows.
@@ -15,7 +16,7 @@ SHAPES = [(), (1,), (7,), (3, 8), (2, 33), (1, 1, 1536), (5, 4099), (3, 16384)]
 
 def _check(gate, up, dtype, backend, seed):
     dy = randn(gate.shape, dtype, gate.device, seed=seed)
-    ours = [t.clone().requires_grad_() for t in (gate, up)]
+    ours = [t.detach().requires_grad_() for t in (gate, up)]  # keeps a view's strides (clone would not)
     theirs = [t.clone().requires_grad_() for t in (gate, up)]
     ref = [t.detach().double().requires_grad_() for t in (gate, up)]
     with running_on(backend):
@@ -46,6 +47,16 @@ def test_silu_mul_halves_of_a_fused_projection(device, backend):
     gu = randn((5, 2 * 300), torch.float32, device, seed=5, scale=3.0)
     gate, up = gu.split(300, -1)
     _check(gate, up, torch.float32, backend, seed=6)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("silu_mul"))
+@pytest.mark.parametrize("strided", ["gate", "up"])
+def test_silu_mul_inputs_with_different_row_strides(device, backend, strided):
+    """One input contiguous, the other a column slice of a wider tensor: each is read with its own row stride."""
+    wide = randn((5, 320), torch.float32, device, seed=7, scale=3.0)[:, 7:307]
+    dense = randn((5, 300), torch.float32, device, seed=8, scale=3.0)
+    gate, up = (wide, dense) if strided == "gate" else (dense, wide)
+    _check(gate, up, torch.float32, backend, seed=9)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("silu_mul"))
