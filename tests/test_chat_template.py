@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from fastllm.loading import chat_template
 from fastllm.loading.chat_template import MAX_CHARS, compile_template, render
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
@@ -77,24 +78,42 @@ HOSTILE = {
     "indent": (LINES + "{{ s | indent(1000) }}", "the filter indent would make"),
     "wordwrap": (BIG + "{{ s | wordwrap(5, wrapstring='\n\n\n') }}", "the filter wordwrap would make"),
     "expandtabs": ("{{ ('\t' * 100000).expandtabs(1000) }}", "str.expandtabs would make"),
-    "center": ("{{ 'x' | center(10**10) }}", "the filter center is given 1e\\+10"),
-    "ljust": ("{{ 'x'.ljust(10**10) }}", "str.ljust is given 1e\\+10"),
-    "batch": ("{{ [1] | batch(10**9, 0) | list }}", "the filter batch is given 1e\\+09"),
-    "percent-width": ("{{ '%099999999999d' % 1 }}", "the % operator's format string has a number"),
+    "center": ("{{ 'x' | center(10**10) }}", "the filter center is given 10000000000"),
+    "ljust": ("{{ 'x'.ljust(10**10) }}", "str.ljust is given 10000000000"),
+    "batch": ("{{ [1] | batch(10**9, 0) | list }}", "the filter batch is given 1000000000"),
+    "percent-width": ("{{ '%099999999999d' % 1 }}", "the % operator's format string has a width"),
     "percent-star": ("{{ '%*d' % (10**10, 1) }}", "the % operator is given"),
-    "format-width": ("{{ '{:>99999999999}'.format(1) }}", "str.format's format string has a number"),
+    "format-width": ("{{ '{:>99999999999}'.format(1) }}", "str.format's format string has a width"),
     "format-filter": ("{{ '%099999999999d' | format(1) }}", "the filter format's format string"),
     "tojson": ("{{ ([[1] * 1000] * 1000) | tojson(indent=1000) }}", "the filter tojson would write"),
     "tojson-indent": ("{{ [1] | tojson(indent=10**9) }}", "the filter tojson is given an indent of 1000000000"),
     "output": (NESTED, "the rendered prompt reaches more than"),
     "macro": ("{% macro f() %}" + NESTED + "{% endmacro %}{{ f() | length }}", "the output of a macro or block"),
     "set-block": ("{% set x %}" + NESTED + "{% endset %}{{ x | length }}", "the output of a macro or block"),
+    "center-huge": ("{{ 'x' | center(10**400) }}", "the filter center is given a number of 401 digits"),
+    "format-repeats": ("{% set s = 'x' * 1000000 %}{{ ('{0}' * 1000).format(s) }}", "str.format would make more"),
+    "percent-repeats": ("{% set s = 'x' * 1000000 %}{{ ('%(a)s' * 1000) % {'a': s} }}", "the % operator would make"),
+    "map-center": ("{{ range(10000) | map('center', 16000000) | list | length }}", "the filter map makes items"),
+    "namespace": ("{% set s = 'x' * 16000000 %}{% set ns = namespace(a=s) %}{{ ([ns] * 1000) | string | length }}",
+                  "repeating a value of size"),
+    "dict-items": ("{% set d = {'a': 'x' * 16000000} %}{{ ([d.items()] * 1000) | string | length }}",
+                   "repeating a value of size"),
+    "translate-list": ("{% set b = 'y' * 100000 %}{{ ('a' * 100000).translate([b] * 98) }}", "str.translate would"),
+    "sum-lists": ("{{ ('x' * 100000) | batch(1) | sum(start=[]) | length }}", "the filter sum adds numbers only"),
+    "float-overflow": ("{{ 2.0 ** 10000 }}", "rendering the chat template fails: OverflowError"),
+    "recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "rendering the chat template fails: Recursion"),
+    "loops-without-output": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                             "rendering the chat template takes more than"),
+    "exponential-macro": ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+                          "rendering the chat template takes more than"),
 }
 
 
 @pytest.mark.parametrize("case", list(HOSTILE))
-def test_hostile_templates_are_refused(case):
+def test_hostile_templates_are_refused(case, monkeypatch):
     template, words = HOSTILE[case]
+    # the time limit's cases quickly; the others get their own refusal first even on a slow machine
+    monkeypatch.setattr(chat_template, "MAX_SECONDS", 0.5 if "takes more than" in words else 60.0)
     start = time.perf_counter()
     with pytest.raises(ValueError, match=f"chat template exceeds its sandbox's limits: {words}"):
         render(compile_template(template), messages=MESSAGES, **SPECIALS)
@@ -116,3 +135,24 @@ def test_values_within_the_limits_render():
     template = ("{{ '%d' % n }} {{ n | string }} {{ '{}'.format(n) }} {{ '%s!' | format(n) }} {{ n | round(2) }} "
                 "{{ x | default(n) }} {{ [n] | select('equalto', n) | list }} {{ '1,2'.split(',', n) }}")
     assert render(compile_template(template), n=big) == f"{big} {big} {big} {big}! {big} {big} [{big}] ['1', '2']"
+
+
+def test_constant_filters_do_not_run_while_compiling():
+    """jinja2's optimizer would fold constant filter calls into the compiled code (50 strings of 16M characters
+    while compiling, before any limit ran): it is off, so they run, one at a time, when rendered."""
+    template = compile_template("{% set a = 'x' | center(16000000) %}" * 50 + "{{ a | length }}")
+    assert render(template) == "16000000"
+
+
+def test_bytes_are_not_offered():
+    from jinja2.exceptions import SecurityError
+
+    for source in ("{{ ('x'.encode() * 10**10) | length }}", "{{ (1).to_bytes(10**10, 'big') | length }}"):
+        with pytest.raises(SecurityError):
+            render(compile_template(source))
+
+
+def test_numbers_in_format_strings_and_fill_values_render():
+    """Digits in a format string's text and batch's fill value are not widths."""
+    source = "{{ 'ts 1700000000 %s' % 'x' }} {{ '{0} 12345678901'.format('y') }} {{ [1] | batch(2, 10**9) | list }}"
+    assert render(compile_template(source)) == "ts 1700000000 x y 12345678901 [[1, 1000000000]]"

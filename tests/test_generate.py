@@ -73,7 +73,6 @@ def test_stop_strings_and_streaming(tiny):
     assert "".join(llm.stream("the dog", max_new_tokens=24, stop=stop)) == cut
 
 
-
 class _ByteTokenizer:
     """Token i is the byte i: a character may take several tokens, and text decodes with U+FFFD for a partial one."""
 
@@ -90,6 +89,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
     s = TextStream(_ByteTokenizer(), stop=("abc",))
     assert [s.push(t) for t in b"abd"] == ["", "", "abd"]  # not the stop string after all
     assert [s.push(t) for t in b"ab"] == ["", ""] and s.finish() == "ab" and not s.stopped
+
 
 def test_chat_template(tiny):
     _, llm = tiny

@@ -64,7 +64,6 @@ def test_layer_norm_large_mean_and_strides(device, backend):
     _check_all(*_run(xt, (48,), wt, None, backend, randn((6, 48), torch.bfloat16, device, seed=11)))
 
 
-
 @pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
 def test_layer_norm_rows_split_over_threads(device, backend):
     """64 x 520 elements, over the C++ kernels' parallel threshold (2^15): the rows are cut into chunks per
@@ -72,6 +71,7 @@ def test_layer_norm_rows_split_over_threads(device, backend):
     x = randn((64, 520), torch.float32, device, seed=21, shift=1.0)
     w, b = randn((520,), torch.float32, device, seed=22), randn((520,), torch.float32, device, seed=23)
     _check_all(*_run(x, (520,), w, b, backend, randn((64, 520), torch.float32, device, seed=24)))
+
 
 def test_layer_norm_fallbacks_and_empty():
     x64 = torch.randn(3, 8, dtype=torch.float64)

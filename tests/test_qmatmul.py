@@ -160,6 +160,7 @@ def test_qmatmul_one_and_two_rows_small_k(device, backend, scheme, group):
                 if _takes(backend, m, act):
                     _check(*_case(m, n, k, torch.float32, device, 11 * i + m, scheme, group, i % 2 == 1), act, backend)
 
+
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 def test_qmatmul_single_row_weights_that_round(device, backend):
     """int4_asym weights u d + m that fp32 rounds, m far from d in magnitude (both ways), among ordinary rows in

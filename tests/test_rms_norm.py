@@ -51,7 +51,6 @@ def test_rms_norm_matches_reference(device, backend, dtype, shape, ns, with_weig
                 backend, {1: norm_dx_scale(x, g, w, len(ns), centered=False)})
 
 
-
 @pytest.mark.parametrize("device,backend", device_backends("rms_norm"))
 def test_rms_norm_rows_split_over_threads(device, backend):
     """64 x 520 elements, over the C++ kernels' parallel threshold (2^15): the rows are cut into chunks per
@@ -60,6 +59,7 @@ def test_rms_norm_rows_split_over_threads(device, backend):
     w, g = randn((520,), torch.float32, device, seed=22), randn((64, 520), torch.float32, device, seed=23)
     _three_ways(lambda x, w: fastllm.rms_norm(x, (520,), w, 1e-6), lambda x, w: F.rms_norm(x, (520,), w, 1e-6),
                 [x, w], g, backend, {1: norm_dx_scale(x, g, w, 1, centered=False)})
+
 
 def _add_rms_torch(x, r, w, eps):
     s = x + r

@@ -182,6 +182,7 @@ struct GemmInt8 {
 
 template <QFormat F>
 void gemm_int8(const QMatmulArgs& a) {
+  if (in_row_passes(a, [](const QMatmulArgs& p) { gemm_int8<F>(p); })) return;  // (panels chosen per pass)
   if (a.m <= 16) run_gemm<F, GemmInt8<F, 1>>(a);  // one-vector panels
   else run_gemm<F, GemmInt8<F, 2>>(a);
 }

@@ -18,12 +18,15 @@ where its size is known in advance:
     - the output (the rendered prompt, and each buffer that collects the output of a macro, a `{% set %}` block
       or a `{% filter %}` block) is at most MAX_CHARS characters; `tojson` stops at it as it writes (and
       takes an indent of at most MAX_INDENT).
-Not bounded: the time of nested loops, which multiply: each loop visits at most MAX_RANGE numbers or MAX_CHARS
-items, but a nest of k loops with nothing to output runs the product of their lengths (a deep nest of small loops
-is bounded per loop only); recursion stops at Python's recursion limit (a RecursionError, a ValueError for the
-caller). A filter or method without an estimate builds its result before it is measured: at most a small
-multiple of its arguments' size (`upper`, `escape`, `string`, ...). The values the caller passes (the messages, the
-special tokens) are taken as they are.
+    - the time: compiling (jinja2's constant folding is off, so nothing runs then) and rendering stop after
+      MAX_SECONDS, checked at every line the template's code runs (its loops, macros, blocks), so nested loops
+      and recursive macros that output nothing are bounded too;
+    - bytes are not offered (`encode`, `to_bytes`), nor `sum` of anything but numbers (quadratic for lists);
+    - recursion past Python's limit, integer-to-float overflow and running out of memory refuse as the limits do.
+A single C-level call (a filter, a method, an operator) is not interrupted by the time limit: those are the ones
+with the size checks above; one without an estimate builds its result before it is measured, at most a small
+multiple of its arguments' size (`upper`, `escape`, `string`, ...). The values the caller passes (the messages,
+the special tokens) are taken as they are.
 """
 from __future__ import annotations
 
@@ -31,16 +34,22 @@ import functools
 import json
 import math
 import re
+import sys
+import time
+from collections.abc import Iterator
 from datetime import datetime
 
 from jinja2.compiler import CodeGenerator
+from jinja2.runtime import Namespace
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 MAX_CHARS = 1 << 24
 """The largest string, container (as printed) or rendered prompt a template may build: 16M characters, about
 4M tokens, longer than any model's context."""
-MAX_RANGE = 10_000
-"""range() in a template gives at most this many numbers (jinja2's sandbox allows 100000)."""
+MAX_RANGE = 100_000
+"""range() in a template gives at most this many numbers (as jinja2's sandbox)."""
+MAX_SECONDS = 5.0
+"""The longest a template may take to compile or render (an ordinary chat template takes well under 10 ms)."""
 MAX_INT_BITS = 4096
 """Integers a template computes stay within this many bits (about 1233 decimal digits)."""
 MAX_INDENT = 1000
@@ -52,14 +61,19 @@ def _refuse(what: str) -> ValueError:
 
 
 def _size(value, limit: int = MAX_CHARS) -> int:
-    """About the characters str(value) has: a str its length, a list / tuple / dict 2 + its items' sizes + 2 per
-    item (an item each time it occurs, as printing counts it: a shared sublist is measured once, counted at every
-    occurrence); anything else 1. Stops counting once past `limit`."""
+    """About the characters str(value) has: a str (or bytes) its length, a list / tuple / dict (a dict view, a
+    namespace's attributes) 2 + its items' sizes + 2 per item (an item each time it occurs, as printing counts it:
+    a shared sublist is measured once, counted at every occurrence); anything else 1. Stops counting once past
+    `limit`."""
     memo: dict[int, int] = {}
 
     def size(v) -> int:
-        if isinstance(v, str):
+        if isinstance(v, (str, bytes, bytearray)):
             return len(v)
+        if isinstance(v, Namespace):   # printed as <Namespace {...}>: its attributes
+            v = dict(object.__getattribute__(v, "_Namespace__attrs"))
+        elif isinstance(v, (type({}.keys()), type({}.values()), type({}.items()))):
+            v = list(v)
         if not isinstance(v, (list, tuple, dict)):
             return 1
         if id(v) not in memo:
@@ -76,27 +90,54 @@ def _size(value, limit: int = MAX_CHARS) -> int:
 
 
 def _checked(value, what: str):
-    """value, if its size is within MAX_CHARS."""
-    if isinstance(value, (str, list, tuple, dict)) and _size(value) > MAX_CHARS:
+    """value, if its size is within MAX_CHARS; an iterator (map, select, batch, ...) is measured item by item as it
+    is consumed."""
+    if isinstance(value, Iterator) and not isinstance(value, (str, list, tuple, dict)):
+        return _measured(value, what)
+    if _size(value) > MAX_CHARS:
         raise _refuse(f"{what} makes a value of more than {MAX_CHARS} characters")
     return value
+
+
+def _measured(items: Iterator, what: str):
+    total = 0
+    for item in items:
+        total += 2 + _size(item)
+        if total > MAX_CHARS:
+            raise _refuse(f"{what} makes items of more than {MAX_CHARS} characters")
+        yield item
 
 
 def _check_arguments(args, kwargs, what: str) -> None:
     """Number arguments (widths, counts) of a filter or a str method are at most MAX_CHARS."""
     for a in (*args, *kwargs.values()):
         if isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a) > MAX_CHARS:
-            raise _refuse(f"{what} is given {a:.6g}, beyond {MAX_CHARS}")
+            shown = str(a) if len(str(a)) <= 20 else f"a number of {len(str(a))} digits"
+            raise _refuse(f"{what} is given {shown}, beyond {MAX_CHARS}")
+
+
+_PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[a-zA-Z%]")
+_BRACE_FIELD = re.compile(r"\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}")
 
 
 def _check_format(fmt: str, args, kwargs, what: str) -> None:
-    """The widths and precisions of a format string ('%99999999s', '{:>99999999}') are at most MAX_CHARS: the numbers
-    written in it, and the number arguments when it takes widths from them ('%*s', '{:>{w}}'); other arguments are
-    values, of any size."""
-    if any(int(n) > MAX_CHARS for n in re.findall(r"\d+", fmt)):
-        raise _refuse(f"{what}'s format string has a number beyond {MAX_CHARS}")
-    if "*" in fmt or re.search(r"\{[^{}]*\{", fmt):
+    """A format string's output ('%99999999s', '{:>99999999}', '{0}' * 1000 applied to a long string) is at most
+    MAX_CHARS: its widths and precisions (written in it, or taken from number arguments: '%*s', '{:>{w}}') are at
+    most MAX_CHARS, and its length plus, per field, the widest width and the largest argument is within it."""
+    widths = [int(n) for m in _PERCENT_FIELD.finditer(fmt) for n in m.groups() if n and n != "*"]
+    braces = _BRACE_FIELD.findall(fmt)
+    widths += [int(n) for field in braces if ":" in field for n in re.findall(r"\d+", field.split(":", 1)[1])]
+    if any(w > MAX_CHARS for w in widths):
+        raise _refuse(f"{what}'s format string has a width beyond {MAX_CHARS}")
+    if "*" in fmt or any(field.count("{") > 1 for field in braces):
         _check_arguments(args, kwargs, what)
+    fields = len(_PERCENT_FIELD.findall(fmt)) + len(braces)
+    values = [*args, *(kwargs.values() if isinstance(kwargs, dict) else ())]
+    if len(args) == 1 and isinstance(args[0], dict):   # '%(a)s' % {...}
+        values += list(args[0].values())
+    largest = max([_size(v) for v in values] + [max(widths, default=0), 0])
+    if len(fmt) + fields * largest > MAX_CHARS:
+        raise _refuse(f"{what} would make more than {MAX_CHARS} characters ({fields} fields of up to {largest})")
 
 
 def _replace_size(s, old, new, count=None, *_, **__) -> int:
@@ -126,7 +167,7 @@ def _expandtabs_size(s, tabsize=8, *_, **__) -> int:
 
 
 def _translate_size(s, table, *_, **__) -> int:
-    values = table.values() if isinstance(table, dict) else ()
+    values = table.values() if isinstance(table, dict) else table if isinstance(table, (list, tuple)) else ()
     return len(s) * max([1, *(len(v) for v in values if isinstance(v, str))])
 
 
@@ -139,8 +180,10 @@ larger than their arguments."""
 
 
 WIDTHS = {"center", "ljust", "rjust", "zfill", "batch", "slice"}
-"""Filters and str methods whose number arguments are widths or counts of their result (padding, fill items):
-those numbers are at most MAX_CHARS. Other calls take numbers as values, of any size."""
+"""Filters and str methods whose first argument (width, linecount, slots) is a width or count of their result
+(padding, fill items): it is at most MAX_CHARS. Other arguments (batch's fill_with) and other calls take numbers as
+values, of any size."""
+WIDTH_NAMES = ("width", "linecount", "slots")
 
 
 def _bounded_filter(name: str, f):
@@ -153,10 +196,13 @@ def _bounded_filter(name: str, f):
         if name == "join" and len(args) > skip and not isinstance(args[skip], (list, tuple, str)):
             args[skip] = list(args[skip])
         what = f"the filter {name}"
+        if name == "sum" and not isinstance(kwargs.get("start", args[skip + 2] if len(args) > skip + 2 else 0),
+                                            (int, float)):
+            raise _refuse("the filter sum adds numbers only (a list or str start makes it quadratic)")
         if name == "format":
             _check_format(str(args[skip]), args[skip + 1:], kwargs, what)
-        elif name in WIDTHS:   # the arguments after the value filtered
-            _check_arguments(args[skip + 1:], kwargs, what)
+        elif name in WIDTHS:   # the first argument after the value filtered
+            _check_arguments(args[skip + 1:skip + 2], {k: v for k, v in kwargs.items() if k in WIDTH_NAMES}, what)
         if name in FILTER_SIZES and FILTER_SIZES[name](*args[skip:], **kwargs) > MAX_CHARS:
             raise _refuse(f"{what} would make more than {MAX_CHARS} characters")
         return _checked(f(*args, **kwargs), what)
@@ -249,13 +295,18 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     output_buffer = _OutputBuffer
 
     def __init__(self):
-        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        # optimized=False: jinja2's optimizer would run constant expressions (filters included) while compiling
+        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
+                         optimized=False)
         self.concat = _joined   # the join of a buffer (the generated code reads environment.concat)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
         self.filters["tojson"] = _tojson
         self.globals.pop("lipsum", None)
         self.globals.update(range=_range, raise_exception=_raise,
                             strftime_now=lambda fmt: datetime.now().strftime(fmt))
+
+    def is_safe_attribute(self, obj, attr: str, value) -> bool:
+        return attr not in _NO_ATTRIBUTES and super().is_safe_attribute(obj, attr, value)
 
     @staticmethod
     def checked_literal(value):
@@ -295,27 +346,70 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
                 mapping = args[0] if name == "format_map" and args and isinstance(args[0], dict) else kwargs
                 _check_format(method.__self__, args, mapping, what)
             elif name in WIDTHS:
-                _check_arguments(args, kwargs, what)
+                _check_arguments(args[:1], {k: v for k, v in kwargs.items() if k in WIDTH_NAMES}, what)
             if name in METHOD_SIZES and METHOD_SIZES[name](method.__self__, *args, **kwargs) > MAX_CHARS:
                 raise _refuse(f"{what} would make more than {MAX_CHARS} characters")
         return _checked(super().call(__context, __obj, *args, **kwargs), f"calling {name}")
+
+
+_NO_ATTRIBUTES = frozenset({"encode", "to_bytes", "from_bytes"})
+"""Attributes a template may not read: the ways to bytes, whose methods the size checks do not follow."""
 
 
 def _raise(message):
     raise ValueError(f"the chat template refused the messages: {message}")
 
 
+class _Deadline:
+    """Raises the refusal once MAX_SECONDS have passed, checked at every line of the template's own code (its
+    loops, macros and blocks: frames of code compiled from "<template>") while it is set as the trace function."""
+
+    def __init__(self, what: str):
+        self.what, self.end = what, time.monotonic() + MAX_SECONDS
+
+    def __call__(self, frame, event, arg):
+        if frame.f_code.co_filename != "<template>":
+            return None   # no line events in jinja2's or Python's own code
+        self.check()
+        return self.line
+
+    def line(self, frame, event, arg):
+        self.check()
+        return self.line
+
+    def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise _refuse(f"{self.what} takes more than {MAX_SECONDS:g} s")
+
+
+def _bounded(what: str, run):
+    """run() under the _Deadline, with recursion past Python's limit, overflow and running out of memory refused as
+    the size limits are (the previous trace function is restored after)."""
+    previous = sys.gettrace()
+    sys.settrace(_Deadline(what))
+    try:
+        return run()
+    except (RecursionError, OverflowError, MemoryError) as e:
+        raise _refuse(f"{what} fails: {type(e).__name__}: {str(e)[:200]}") from e
+    finally:
+        sys.settrace(previous)
+
+
 def compile_template(source: str):
     """The jinja2 Template of a chat template's source, in a BoundedEnvironment (jinja2 errors propagate)."""
-    return BoundedEnvironment().from_string(source)
+    return _bounded("compiling the chat template", lambda: BoundedEnvironment().from_string(source))
 
 
 def render(template, **variables) -> str:
-    """The text of a compiled chat template for `variables`, written piece by piece and stopped at MAX_CHARS."""
-    out, n = [], 0
-    for piece in template.generate(**variables):
-        n += len(piece)
-        if n > MAX_CHARS:
-            raise _refuse(f"the rendered prompt reaches more than {MAX_CHARS} characters")
-        out.append(piece)
-    return "".join(out)
+    """The text of a compiled chat template for `variables`, written piece by piece and stopped at MAX_CHARS and
+    after MAX_SECONDS."""
+    def run() -> str:
+        out, n = [], 0
+        for piece in template.generate(**variables):
+            n += len(piece)
+            if n > MAX_CHARS:
+                raise _refuse(f"the rendered prompt reaches more than {MAX_CHARS} characters")
+            out.append(piece)
+        return "".join(out)
+
+    return _bounded("rendering the chat template", run)

@@ -57,7 +57,8 @@ class Rotary(torch.nn.Module):
             inv_freq = inv_freq / s["factor"]
         elif kind == "llama3":
             inv_freq = _llama3(inv_freq, s)
-        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
+        # (to the device a new tensor gets here: get_default_device ignores `with torch.device(...)` before torch 2.8)
+        self.register_buffer("inv_freq", inv_freq.to(torch.empty(0).device), persistent=False)
 
     def _dynamic_inv_freq(self, seq_len: int) -> torch.Tensor:
         cfg = self.cfg
