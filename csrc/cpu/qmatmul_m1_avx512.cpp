@@ -111,11 +111,11 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
 // (int4_asym), and the activations are re-laid once per call to match (prepare_float_m1). The weights
 // are formats.py's exact values, (u - 8) d or u d + m rounded once, with d and m as vectors spanning
 // the unit's 4 blocks (per lane), then FMAs with x. Factoring d out of each block and adding
-// sum_g (m_g + 8 d_g) sum(x_g) apart saves one FMA per 16 weights but not the shift and vpermps, on which
-// this loop waits: 6-10% faster on SmolLM2's 3072 x 576 (2-core Zen 4), and only exact where every u d + m
-// is exact in fp32 (f16 exponents of m and d within [-9, 12] of each other), a per-row check that cost
-// as much; with rounded weights factored out the error reached 1.8x torch's on random int4_asym cases
-// against 1.15x for this.
+// sum_g (m_g + 8 d_g) sum(x_g) apart saves one of the 4 vector operations per 16 weights: 6-10% faster on
+// SmolLM2's 3072 x 576 (2-core Zen 4), and only exact where every u d + m is exact in fp32 (f16 exponents
+// of m and d within [-9, 12] of each other), a per-row check that cost as much; with rounded weights
+// factored out the error reached 1.8x torch's on random int4_asym cases against 1.15x for this. Nibbles
+// made floats without vpermps (OR-ed into 2^23's bits, then 2^23 subtracted) were 12% slower.
 template <QFormat F, int R, bool Wide>
 void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t ng, double* out) {
   const uint8_t* q[R];
