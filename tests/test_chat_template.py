@@ -104,6 +104,16 @@ HOSTILE = {
     "recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "rendering the chat template fails: Recursion"),
     "loops-without-output": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
                              "rendering the chat template takes more than"),
+    "kept-alive": ("{% macro f(n) %}{% set s = 'y' * 16000000 %}{% if n %}{{ f(n - 1) }}{% endif %}"
+                   "{{ s | length }}{% endmacro %}{{ f(100) | length }}", "rendering the chat template builds more"),
+    "many-variables": ("".join(f"{{% set a{i} = 'y' * 16000000 %}}" for i in range(20)),
+                       "rendering the chat template builds more than"),
+    "round": ("{{ 1 | round(-30000000) }}", "the filter round is given a precision beyond 1000"),
+    "striptags": ("{{ ('<>' * 8000000) | striptags | length }}", "the filter striptags is given more than"),
+    "huge-int": ("{% set a = ('f' * 4000000) | int(base=16) %}{{ a > 0 }}", "the filter int makes an integer of"),
+    "map-select": ("{{ ('x' * 16000000) | map('lower') | map('upper') | select('none') | list | length }}",
+                   "rendering the chat template takes more than"),
+    "nested-blocks": ("{% for i in [1] %}" * 25 + "{% endfor %}" * 25, "compiling the chat template fails"),
     "exponential-macro": ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
                           "rendering the chat template takes more than"),
 }
@@ -137,11 +147,15 @@ def test_values_within_the_limits_render():
     assert render(compile_template(template), n=big) == f"{big} {big} {big} {big}! {big} {big} [{big}] ['1', '2']"
 
 
-def test_constant_filters_do_not_run_while_compiling():
-    """jinja2's optimizer would fold constant filter calls into the compiled code (50 strings of 16M characters
-    while compiling, before any limit ran): it is off, so they run, one at a time, when rendered."""
-    template = compile_template("{% set a = 'x' | center(16000000) %}" * 50 + "{{ a | length }}")
-    assert render(template) == "16000000"
+def test_constant_expressions_do_not_run_while_compiling():
+    """jinja2 would fold constant expressions (filters included) into the compiled code, before any limit ran: 40
+    strings of 16M characters while compiling. Nothing runs then; rendering builds them one at a time, within
+    MAX_BUILT in all."""
+    for statement in ("{% set a = 'x' | center(16000000) %}{{ a | length }}", "{{ 'x' | center(16000000) | length }}"):
+        template = compile_template(statement * 40)   # (a value built here would count against the compile)
+        with pytest.raises(ValueError, match="rendering the chat template builds more than"):
+            render(template)
+        assert render(compile_template(statement * 2)) == "16000000" * 2
 
 
 def test_bytes_are_not_offered():
@@ -156,3 +170,18 @@ def test_numbers_in_format_strings_and_fill_values_render():
     """Digits in a format string's text and batch's fill value are not widths."""
     source = "{{ 'ts 1700000000 %s' % 'x' }} {{ '{0} 12345678901'.format('y') }} {{ [1] | batch(2, 10**9) | list }}"
     assert render(compile_template(source)) == "ts 1700000000 x y 12345678901 [[1, 1000000000]]"
+
+
+def test_positional_percent_formats_count_each_argument_once():
+    """'%s ... %s' % (a, b) makes about len(a) + len(b): a 10M-character message in a ChatML-style format renders."""
+    source = "{{ '<|im_start|>%s\\n%s<|im_end|>' % (m.role, m.content) }}"
+    m = {"role": "user", "content": "x" * 10_000_000}
+    assert len(render(compile_template(source), m=m)) == len("<|im_start|>user\n<|im_end|>") + 10_000_000
+
+
+def test_format_keys_are_scanned_in_linear_time():
+    """100000 unterminated '%(' keys: Python's own ValueError, not a quadratic scan by the format check first."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="incomplete format key"):
+        render(compile_template("{{ ('%(' * 100000) % {} }}"))
+    assert time.perf_counter() - start < 30   # (the unbounded key pattern took 22 s)

@@ -35,10 +35,12 @@ import json
 import math
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
 
+from jinja2 import nodes
 from jinja2.compiler import CodeGenerator
 from jinja2.runtime import Namespace
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -50,6 +52,13 @@ MAX_RANGE = 100_000
 """range() in a template gives at most this many numbers (as jinja2's sandbox)."""
 MAX_SECONDS = 5.0
 """The longest a template may take to compile or render (an ordinary chat template takes well under 10 ms)."""
+MAX_BUILT = 8 * MAX_CHARS
+"""The characters a render may build in all (the sizes of every value checked, added up): bounds the memory that
+values kept alive at once (a recursion, many variables) hold, and the time spent building them."""
+MAX_ROUND_DIGITS = 1000
+"""The largest precision round() takes (Python computes 10 ** precision)."""
+MAX_STRIPTAGS_WORK = 10 ** 9
+"""striptags' work bound, tags x characters (markupsafe's loop re-slices the string per tag)."""
 MAX_INT_BITS = 4096
 """Integers a template computes stay within this many bits (about 1233 decimal digits)."""
 MAX_INDENT = 1000
@@ -89,22 +98,39 @@ def _size(value, limit: int = MAX_CHARS) -> int:
     return size(value)
 
 
+_render = threading.local()
+"""The _Deadline of the render (or compile) running in this thread, as `active` (None outside one)."""
+
+
+def _charge(size: int) -> None:
+    """Adds `size` characters to what this thread's render has built (MAX_BUILT)."""
+    deadline = getattr(_render, "active", None)
+    if deadline is not None:
+        deadline.charge(size)
+
+
 def _checked(value, what: str):
-    """value, if its size is within MAX_CHARS; an iterator (map, select, batch, ...) is measured item by item as it
-    is consumed."""
+    """value, if its size is within MAX_CHARS (an int within MAX_INT_BITS); an iterator (map, select, batch, ...) is
+    measured item by item as it is consumed. Its size counts towards MAX_BUILT."""
     if isinstance(value, Iterator) and not isinstance(value, (str, list, tuple, dict)):
         return _measured(value, what)
-    if _size(value) > MAX_CHARS:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+        raise _refuse(f"{what} makes an integer of more than {MAX_INT_BITS} bits")
+    size = _size(value)
+    if size > MAX_CHARS:
         raise _refuse(f"{what} makes a value of more than {MAX_CHARS} characters")
+    _charge(size)
     return value
 
 
 def _measured(items: Iterator, what: str):
     total = 0
     for item in items:
+        _check_time()
         total += 2 + _size(item)
         if total > MAX_CHARS:
             raise _refuse(f"{what} makes items of more than {MAX_CHARS} characters")
+        _charge(2 + _size(item))
         yield item
 
 
@@ -116,14 +142,16 @@ def _check_arguments(args, kwargs, what: str) -> None:
             raise _refuse(f"{what} is given {shown}, beyond {MAX_CHARS}")
 
 
-_PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[a-zA-Z%]")
+_PERCENT_FIELD = re.compile(r"%(?:\([^)]{0,256}\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[a-zA-Z%]")
 _BRACE_FIELD = re.compile(r"\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}")
 
 
 def _check_format(fmt: str, args, kwargs, what: str) -> None:
     """A format string's output ('%99999999s', '{:>99999999}', '{0}' * 1000 applied to a long string) is at most
     MAX_CHARS: its widths and precisions (written in it, or taken from number arguments: '%*s', '{:>{w}}') are at
-    most MAX_CHARS, and its length plus, per field, the widest width and the largest argument is within it."""
+    most MAX_CHARS, and so is the output's estimate: the format's length plus the arguments' sizes and the widths
+    for positional '%' fields (each argument used once), or plus per field the widest width and the largest argument
+    where fields can repeat an argument ('%(name)s', '{0}')."""
     widths = [int(n) for m in _PERCENT_FIELD.finditer(fmt) for n in m.groups() if n and n != "*"]
     braces = _BRACE_FIELD.findall(fmt)
     widths += [int(n) for field in braces if ":" in field for n in re.findall(r"\d+", field.split(":", 1)[1])]
@@ -135,9 +163,14 @@ def _check_format(fmt: str, args, kwargs, what: str) -> None:
     values = [*args, *(kwargs.values() if isinstance(kwargs, dict) else ())]
     if len(args) == 1 and isinstance(args[0], dict):   # '%(a)s' % {...}
         values += list(args[0].values())
-    largest = max([_size(v) for v in values] + [max(widths, default=0), 0])
-    if len(fmt) + fields * largest > MAX_CHARS:
-        raise _refuse(f"{what} would make more than {MAX_CHARS} characters ({fields} fields of up to {largest})")
+    sizes = [_size(v) for v in values]
+    if braces or "%(" in fmt:
+        largest = max(sizes + [max(widths, default=0), 0])
+        estimate = len(fmt) + fields * largest
+    else:
+        estimate = len(fmt) + sum(sizes) + sum(widths)
+    if estimate > MAX_CHARS:
+        raise _refuse(f"{what} would make more than {MAX_CHARS} characters (about {estimate})")
 
 
 def _replace_size(s, old, new, count=None, *_, **__) -> int:
@@ -196,6 +229,11 @@ def _bounded_filter(name: str, f):
         if name == "join" and len(args) > skip and not isinstance(args[skip], (list, tuple, str)):
             args[skip] = list(args[skip])
         what = f"the filter {name}"
+        if name == "round" and any(isinstance(a, int) and abs(a) > MAX_ROUND_DIGITS
+                                   for a in (*args[skip + 1:skip + 2], kwargs.get("precision", 0))):
+            raise _refuse(f"the filter round is given a precision beyond {MAX_ROUND_DIGITS}")
+        if name == "striptags" and str(args[skip]).count("<") * len(str(args[skip])) > MAX_STRIPTAGS_WORK:
+            raise _refuse(f"the filter striptags is given more than {MAX_STRIPTAGS_WORK} tags x characters")
         if name == "sum" and not isinstance(kwargs.get("start", args[skip + 2] if len(args) > skip + 2 else 0),
                                             (int, float)):
             raise _refuse("the filter sum adds numbers only (a list or str start makes it quadratic)")
@@ -283,6 +321,12 @@ class _CodeGenerator(CodeGenerator):
             self.write(", ")
         self.write("))")
 
+    def _output_child_to_const(self, node, frame, finalize):
+        """Only literal text is made a constant while compiling: jinja2 would evaluate `{{ expression }}` there."""
+        if not isinstance(node, nodes.TemplateData):
+            raise nodes.Impossible()
+        return super()._output_child_to_const(node, frame, finalize)
+
     def buffer(self, frame) -> None:
         frame.buffer = self.temporary_identifier()
         self.writeline(f"{frame.buffer} = environment.output_buffer()")
@@ -361,16 +405,17 @@ def _raise(message):
 
 
 class _Deadline:
-    """Raises the refusal once MAX_SECONDS have passed, checked at every line of the template's own code (its
-    loops, macros and blocks: frames of code compiled from "<template>") while it is set as the trace function."""
+    """Raises the refusal once MAX_SECONDS have passed, checked at every Python call and at every line of the
+    template's own code (its loops, macros and blocks: frames of code compiled from "<template>") while it is set as
+    the trace function; and once the values checked add up to more than MAX_BUILT characters."""
 
     def __init__(self, what: str):
-        self.what, self.end = what, time.monotonic() + MAX_SECONDS
+        self.what, self.end, self.built = what, time.monotonic() + MAX_SECONDS, 0
 
     def __call__(self, frame, event, arg):
+        self.check()
         if frame.f_code.co_filename != "<template>":
             return None   # no line events in jinja2's or Python's own code
-        self.check()
         return self.line
 
     def line(self, frame, event, arg):
@@ -381,18 +426,32 @@ class _Deadline:
         if time.monotonic() > self.end:
             raise _refuse(f"{self.what} takes more than {MAX_SECONDS:g} s")
 
+    def charge(self, size: int) -> None:
+        self.built += size
+        if self.built > MAX_BUILT:
+            raise _refuse(f"{self.what} builds more than {MAX_BUILT} characters in all")
+
+
+def _check_time() -> None:
+    deadline = getattr(_render, "active", None)
+    if deadline is not None:
+        deadline.check()
+
 
 def _bounded(what: str, run):
-    """run() under the _Deadline, with recursion past Python's limit, overflow and running out of memory refused as
-    the size limits are (the previous trace function is restored after)."""
-    previous = sys.gettrace()
-    sys.settrace(_Deadline(what))
+    """run() under a _Deadline, with recursion past Python's limit, overflow, running out of memory and Python's own
+    syntax errors (too deeply nested blocks) refused as the size limits are (the previous trace function is restored
+    after)."""
+    previous, outer = sys.gettrace(), getattr(_render, "active", None)
+    _render.active = deadline = _Deadline(what)
+    sys.settrace(deadline)
     try:
         return run()
-    except (RecursionError, OverflowError, MemoryError) as e:
+    except (RecursionError, OverflowError, MemoryError, SyntaxError) as e:   # (SyntaxError: Python's, from nesting)
         raise _refuse(f"{what} fails: {type(e).__name__}: {str(e)[:200]}") from e
     finally:
         sys.settrace(previous)
+        _render.active = outer
 
 
 def compile_template(source: str):
