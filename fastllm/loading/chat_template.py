@@ -18,9 +18,12 @@ where its size is known in advance:
     - the output (the rendered prompt, and each buffer that collects the output of a macro, a `{% set %}` block
       or a `{% filter %}` block) is at most MAX_CHARS characters; `tojson` stops at it as it writes (and
       takes an indent of at most MAX_INDENT).
-    - the time: compiling (jinja2's constant folding is off, so nothing runs then) and rendering stop after
-      MAX_SECONDS, checked at every line the template's code runs (its loops, macros, blocks), so nested loops
-      and recursive macros that output nothing are bounded too;
+    - the values checked add up to at most MAX_BUILT characters per render (what recursion or many variables
+      keep alive at once); round's precision, striptags' tags x characters and int results are bounded;
+    - the time: compiling (no constant folding: nothing of the template runs then) and rendering stop after
+      MAX_SECONDS, checked at every line the template's code runs (its loops, macros, blocks) and at every
+      Python call (the per-item loops of filters), so nested loops and recursive macros that output nothing are
+      bounded too;
     - bytes are not offered (`encode`, `to_bytes`), nor `sum` of anything but numbers (quadratic for lists);
     - recursion past Python's limit, integer-to-float overflow and running out of memory refuse as the limits do.
 A single C-level call (a filter, a method, an operator) is not interrupted by the time limit: those are the ones
