@@ -130,10 +130,11 @@ def _measured(items: Iterator, what: str):
     total = 0
     for item in items:
         _check_time()
-        total += 2 + _size(item)
+        size = 2 + _size(item)
+        total += size
         if total > MAX_CHARS:
             raise _refuse(f"{what} makes items of more than {MAX_CHARS} characters")
-        _charge(2 + _size(item))
+        _charge(size)
         yield item
 
 
