@@ -66,26 +66,31 @@ def extension():
 
 def why_not(backend: str, device: torch.device) -> str | None:
     """None when `backend` can run on `device` in this process, else the reason it cannot."""
+    return why_not_on(backend, device.type)
+
+
+def why_not_on(backend: str, device_type: str) -> str | None:
+    """why_not for a device type ("cpu", "cuda", ...): what the dispatcher asks on every call."""
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the C++ CPU kernels take CPU tensors, not {device_type}"
+        return None if _C is not None else _C_ERROR
     if backend == "torch":
         return None
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"the C++ CPU kernels take CPU tensors, not {device.type}"
-        return None if _C is not None else _C_ERROR
     if backend == "cuda":
-        if device.type != "cuda":
-            return f"the CUDA kernels take CUDA tensors, not {device.type}"
+        if device_type != "cuda":
+            return f"the CUDA kernels take CUDA tensors, not {device_type}"
         if _C is None:
             return _C_ERROR
         if not _C.has_cuda:
             return f"fastllm._C was built without CUDA ({_C.no_cuda_reason})"
         return None
     if backend == "triton":
-        if device.type == "cpu":
+        if device_type == "cpu":
             if not triton_interpreting():
                 return "Triton runs on CPU only under TRITON_INTERPRET=1"
-        elif device.type != "cuda":
-            return f"Triton kernels take CUDA tensors, not {device.type}"
+        elif device_type != "cuda":
+            return f"Triton kernels take CUDA tensors, not {device_type}"
         mod, reason = _triton_status()
         return None if mod is not None else reason
     raise ValueError(f"unknown backend {backend!r}")

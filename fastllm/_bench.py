@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 import fastllm
 
-GPU_SHAPES = [(4096, 4096), (16384, 8192), (8192, 32768)]
-CPU_SHAPES = [(1024, 1024), (4096, 4096)]
+# (8, 4096): a decode step's few rows, where the time is the per-call overhead (Python, dispatch, launch).
+GPU_SHAPES = [(8, 4096), (4096, 4096), (16384, 8192), (8192, 32768)]
+CPU_SHAPES = [(8, 4096), (1024, 1024), (4096, 4096)]
 GPU_DTYPES = [torch.bfloat16, torch.float32]
 CPU_DTYPES = [torch.float32, torch.bfloat16]
 OPS = ("softmax", "layer_norm", "rms_norm")

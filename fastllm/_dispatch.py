@@ -57,33 +57,45 @@ def _unsupported(tensors: tuple[torch.Tensor | None, ...]) -> str | None:
     return None
 
 
+_NO_SKIPS: dict[str, str] = {}
+
+
+def _record(op: str, backend: str, skipped: dict[str, str]) -> None:
+    """Log the decision, keeping the logged object when it is the same (selection runs on every call)."""
+    last = _log.get(op)
+    if last is None or last.backend != backend or last.skipped != skipped:
+        _log[op] = Decision(backend, dict(skipped))
+
+
 def select(op: str, *tensors: torch.Tensor | None, limits: dict[str, str | None] | None = None) -> str:
     """Name of the backend that runs `op` on these tensors (the first is the main input).
     limits: {backend: why it cannot take this call, or None}, for an op's own limits (shapes, modes)."""
-    limits = limits or {}
-    device = tensors[0].device
+    device_type = tensors[0].device.type
     forced = _forced.get()
     if forced is not None:
-        allowed = PREFERENCE[op].get(device.type, ("torch",)) + FORCIBLE.get(op, ())
+        allowed = PREFERENCE[op].get(device_type, ("torch",)) + FORCIBLE.get(op, ())
         reason = None if forced in allowed else f"{op} has no {forced} path"
         if reason is None and forced != "torch":
-            reason = _backend.why_not(forced, device) or _unsupported(tensors) or limits.get(forced)
+            reason = _backend.why_not_on(forced, device_type) or _unsupported(tensors) or (limits or {}).get(forced)
         if reason is not None:
-            raise ValueError(f"backend {forced!r} was forced for {op} on {device.type}, but {reason}")
-        _log[op] = Decision(forced, {"(forced)": f"use_backend({forced!r})"})
+            raise ValueError(f"backend {forced!r} was forced for {op} on {device_type}, but {reason}")
+        _record(op, forced, {"(forced)": f"use_backend({forced!r})"})
         return forced
-    skipped: dict[str, str] = {}
-    for name in PREFERENCE[op].get(device.type, ("torch",)):
+    skipped = _NO_SKIPS
+    candidates = PREFERENCE[op].get(device_type)
+    for name in candidates or ("torch",):
         if name == "torch":
             break
-        reason = _backend.why_not(name, device) or _unsupported(tensors) or limits.get(name)
+        reason = _backend.why_not_on(name, device_type) or _unsupported(tensors) or (limits and limits.get(name))
         if reason is None:
-            _log[op] = Decision(name, skipped)
+            _record(op, name, skipped)
             return name
+        if skipped is _NO_SKIPS:
+            skipped = {}
         skipped[name] = reason
-    if device.type not in PREFERENCE[op]:
-        skipped[device.type] = f"no fastllm kernel for {device.type} tensors"
-    _log[op] = Decision("torch", skipped)
+    if candidates is None:
+        skipped = {**skipped, device_type: f"no fastllm kernel for {device_type} tensors"}
+    _record(op, "torch", skipped)
     return "torch"
 
 

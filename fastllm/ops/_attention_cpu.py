@@ -29,8 +29,9 @@ _GQA_IN_PLACE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lq: int, lk: int, masked: bool, is_causal: bool,
             bottom_right: bool, dropout_p: float) -> bool:
     """Whether flash_fwd computes the op for q, k and v's dtype, device, head dims and strides and these lengths."""
-    return (_flash is not None and q.device.type == "cpu" and q.dtype in _DTYPES and v.shape[-1] == q.shape[-1]
-            and all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in (q, k, v))
+    return (_flash is not None and q.is_cpu and q.dtype in _DTYPES and v.shape[-1] == q.shape[-1]
+            and (q.stride(-1) == 1 or q.shape[-1] == 1) and (k.stride(-1) == 1 or k.shape[-1] == 1)
+            and (v.stride(-1) == 1 or v.shape[-1] == 1)
             and not masked and dropout_p == 0.0 and not (is_causal and bottom_right and lq != lk)
             and lq > 0 and lk > 0)
 
@@ -44,7 +45,8 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out, lse = _flash(q, k, v, 0.0, is_causal, scale=scale)
-    return out, lse.float() * _LOG2E
+    lse2 = torch.empty(*lse.shape, dtype=torch.float32)  # contiguous (B, Hq, Lq), as the op returns it
+    return out, torch.mul(lse, _LOG2E, out=lse2)
 
 
 def flash_bwd(dout: torch.Tensor, dlse2: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -2,6 +2,7 @@
 kernels, and the calls into fastllm._C (CPU directly; CUDA on the tensor's device and stream)."""
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from typing import Sequence
@@ -37,20 +38,23 @@ def check_like(name: str, t, ref_name: str, ref: torch.Tensor) -> None:
 def check_normalized_shape(normalized_shape, x: torch.Tensor) -> list[int]:
     """normalized_shape as a list of ints; x's trailing dimensions must equal it."""
     if isinstance(normalized_shape, (int, torch.SymInt)):
-        normalized_shape = (normalized_shape,)
-    if isinstance(normalized_shape, torch.Size):
-        normalized_shape = tuple(normalized_shape)
-    if not isinstance(normalized_shape, Sequence) or not all(isinstance(d, int) for d in normalized_shape):
+        ns = [normalized_shape]
+    elif isinstance(normalized_shape, (tuple, list)) or (isinstance(normalized_shape, Sequence)
+                                                          and not isinstance(normalized_shape, (str, bytes))):
+        ns = list(normalized_shape)
+    else:
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
-    ns = [int(d) for d in normalized_shape]
-    if len(ns) == 0:
+    for d in ns:
+        if not isinstance(d, int):
+            raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+        if d < 0:
+            raise ValueError(f"normalized_shape must not contain negative sizes, got {tuple(ns)}")
+    if not ns:
         raise ValueError("normalized_shape must name at least one dimension")
-    if any(d < 0 for d in ns):
-        raise ValueError(f"normalized_shape must not contain negative sizes, got {tuple(ns)}")
-    if len(ns) > x.dim() or list(x.shape[x.dim() - len(ns):]) != ns:
+    if len(ns) > x.dim() or x.shape[x.dim() - len(ns):] != tuple(ns):
         raise ValueError(f"normalized_shape {tuple(ns)} does not match the trailing dimensions of input of shape "
                          f"{tuple(x.shape)}")
-    return ns
+    return [int(d) for d in ns]
 
 
 def check_param(name: str, t, x: torch.Tensor, shape: Sequence[int]) -> None:
@@ -89,11 +93,20 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.empty for a kernel's output. On CPU, large outputs are advised onto transparent huge
     pages before the kernel writes them: a fresh 64 MiB tensor otherwise takes 16384 page faults,
     which cost more than the kernel itself."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if device.type == "cpu" and out.numel() * out.element_size() >= HUGE_PAGE_MIN_BYTES:
+    return _advised(torch.empty(*shape, dtype=dtype, device=device))  # (unpacked: a tuple or Size parses slower)
+
+
+def new_output_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous kernel output of t's shape, dtype and device (new_output's huge pages included): its rows
+    view has row stride = the row length."""
+    return _advised(torch.empty_like(t, memory_format=torch.contiguous_format))
+
+
+def _advised(out: torch.Tensor) -> torch.Tensor:
+    if out.is_cpu and out.nbytes >= HUGE_PAGE_MIN_BYTES:
         ext = _backend.extension()
         if ext is not None:
-            ext.advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
+            ext.advise_huge_pages(out.data_ptr(), out.nbytes)
     return out
 
 
@@ -129,17 +142,21 @@ def recording_into(graph) -> None:
     _recording.graph = graph
 
 
+@functools.lru_cache(maxsize=None)
+def _c_function(name: str):
+    return getattr(_backend.extension(), name)
+
+
 def run_c(backend: str, name: str, device: torch.device, *args):
     """Call fastllm._C.<backend>_<name>(*args); CUDA calls get the current stream of `device`
     appended and run with that device current. A CPU call is also recorded while recording_into a graph."""
-    ext = _backend.extension()
     if backend == "cpu":
         graph = getattr(_recording, "graph", None)
         if graph is not None:
-            return getattr(ext, "record_cpu_" + name)(graph, *args)
-        return getattr(ext, "cpu_" + name)(*args)
+            return _c_function("record_cpu_" + name)(graph, *args)
+        return _c_function("cpu_" + name)(*args)
     with torch.cuda.device(device):
-        return getattr(ext, "cuda_" + name)(*args, torch.cuda.current_stream(device).cuda_stream)
+        return _c_function("cuda_" + name)(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
 def cuda_workspace(rows: int, cols: int, device: torch.device) -> torch.Tensor:
@@ -173,16 +190,18 @@ def _plain_eager(args) -> bool:
     return True
 
 
-def call_op(op, *args, mutated: tuple[int, ...] = ()):
+def call_op(op, *args, mutated: tuple[int, ...] = (), direct=None):
     """op(*args) for a fastllm custom op, entering its implementation directly when the dispatcher would
     change nothing (_plain_eager): that saves some 15 us a call, which a decode step of a small model pays
     hundreds of times. Under autograd, torch.compile, dispatch modes, fake tensors or functorch, the custom op
     runs as ever. For ops with one implementation for every device (no register_kernel). mutated: the
     positions of the arguments the op writes in place (its mutates_args): on the direct path their version
-    counters are bumped here, as the dispatcher would (autograd then sees the writes)."""
+    counters are bumped here, as the dispatcher would (autograd then sees the writes). direct: what runs in
+    place of the implementation on the direct path, where nothing will differentiate the result: the same
+    arguments and results, except that outputs kept only for the backward (a norm's statistics) may be None."""
     impl = getattr(op, "_init_fn", None)
     if impl is not None and _plain_eager(args):
-        out = impl(*args)
+        out = (direct or impl)(*args)
         written = [args[i] for i in mutated if args[i] is not None]
         if written:
             torch.autograd.graph.increment_version(written)

@@ -130,20 +130,21 @@ def check_positions(cache_seqlens: torch.Tensor, block_table: torch.Tensor | Non
     """The positions an op touches must lie in the cache, and the block-table entries of the blocks holding them
     in [0, num_blocks): [0, cache_seqlens[b]) for attention (new=None), [cache_seqlens[b], cache_seqlens[b] + new)
     for an append of `new` tokens. Reads the values on the host (see values_checkable)."""
-    lens = cache_seqlens.detach().to("cpu", torch.int64)
-    if lens.numel() == 0:
+    values = cache_seqlens.tolist()  # (a few Python ints: cheaper than tensor ops for a decode step's batch)
+    if not values:
         return
-    b = int(lens.argmin())
-    if lens[b] < 0:
-        raise ValueError(f"cache_seqlens[{b}] = {int(lens[b])} is negative")
-    end = lens + (new or 0)
-    b = int(end.argmax())
-    if end[b] > layout.capacity:
+    lowest = min(values)
+    if lowest < 0:
+        raise ValueError(f"cache_seqlens[{values.index(lowest)}] = {lowest} is negative")
+    highest = max(values)
+    if highest + (new or 0) > layout.capacity:
         extra = f" + {new} new tokens" if new is not None else ""
-        raise ValueError(f"cache_seqlens[{b}] = {int(lens[b])}{extra} exceeds the cache capacity of "
+        raise ValueError(f"cache_seqlens[{values.index(highest)}] = {highest}{extra} exceeds the cache capacity of "
                          f"{layout.capacity} positions")
     if block_table is None:
         return
+    lens = torch.tensor(values, dtype=torch.int64)
+    end = lens + (new or 0)
     table = block_table.detach().to("cpu", torch.int64)
     cols = torch.arange(table.shape[1])
     first = lens // layout.page if new is not None else torch.zeros_like(lens)

@@ -24,7 +24,7 @@ from ..reference.attention import attention_bwd as _ref_bwd
 from ..reference.attention import attention_fwd as _ref_fwd
 from ..reference.attention import dropout_keep as _ref_keep
 from ._attention_cpu import flash_bwd, flash_fwd
-from ._common import check_same_device, check_tensor, kernels
+from ._common import call_op, check_same_device, check_tensor, kernels
 
 MAX_HEAD_DIM = 256
 """Largest head dim (of query/key and of value) accepted, on every backend alike, so that code which runs
@@ -49,9 +49,30 @@ def _empty_like_layout(ref: torch.Tensor, last: int, dtype: torch.dtype | None =
     return torch.empty((b, h, l, last), dtype=dtype, device=ref.device)
 
 
+def _lse2_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _fwd_outputs(q: torch.Tensor, v: torch.Tensor):
-    lse2_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return _empty_like_layout(q, v.shape[-1]), torch.empty(q.shape[:3], dtype=lse2_dtype, device=q.device)
+    return _empty_like_layout(q, v.shape[-1]), torch.empty(q.shape[:3], dtype=_lse2_dtype(q), device=q.device)
+
+
+def _layout_strides(ref: torch.Tensor, last: int) -> tuple[int, ...]:
+    """The strides of _empty_like_layout(ref, last)."""
+    b, h, l, _ = ref.shape
+    if ref.stride(1) < ref.stride(2):
+        return (l * h * last, last, h * last, 1)
+    return (h * l * last, l * last, last, 1)
+
+
+def _in_layout(out: torch.Tensor, lse2: torch.Tensor, q: torch.Tensor):
+    """(out, lse2) computed by a backend that chose its own layout, as the op returns them: out laid out as
+    _empty_like_layout(q, Dv), lse2 contiguous in _lse2_dtype(q); copies only what is laid out otherwise."""
+    if out.stride() != _layout_strides(q, out.shape[-1]):
+        out = _empty_like_layout(q, out.shape[-1]).copy_(out)
+    if lse2.dtype != _lse2_dtype(q) or not lse2.is_contiguous():
+        lse2 = torch.empty(*q.shape[:3], dtype=_lse2_dtype(q), device=q.device).copy_(lse2)
+    return out, lse2
 
 
 def _bwd_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -75,16 +96,13 @@ def _keep(q: torch.Tensor, k: torch.Tensor, dropout_p: float, seed: int):
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
                is_causal: bool, bottom_right: bool, dropout_p: float, seed: int,
                deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse2 = _fwd_outputs(q, v)
     if select("attention", q, k, v) == "triton":
+        out, lse2 = _fwd_outputs(q, v)
         return _tk().attention_fwd(q, k, v, mask, scale=scale, is_causal=is_causal, bottom_right=bottom_right,
                                    dropout_p=dropout_p, seed=seed, out=out)
-    ref_out, ref_lse2 = (flash_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p)
-                         or _ref_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p,
-                                     _keep(q, k, dropout_p, seed)))
-    out.copy_(ref_out)
-    lse2.copy_(ref_lse2)
-    return out, lse2
+    return _in_layout(*(flash_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p)
+                        or _ref_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p,
+                                    _keep(q, k, dropout_p, seed))), q)
 
 
 @_attention.register_fake
@@ -142,6 +160,9 @@ _attention.register_autograd(_backward, setup_context=_setup)
 
 # ---- argument checks and shapes ----------------------------------------------------------------
 def _broadcast(name: str, shape, other_name: str, other, hint: str = "") -> tuple[int, ...]:
+    shape, other = tuple(shape), tuple(other)
+    if shape == other:
+        return shape
     try:
         return tuple(torch.broadcast_shapes(tuple(shape), tuple(other)))
     except RuntimeError:
@@ -174,6 +195,8 @@ def _heads_and_batch(query, key, value, enable_gqa: bool):
 def _to_4d(t: torch.Tensor, batch: tuple[int, ...], heads: int, rows: int, cols: int) -> torch.Tensor:
     """t expanded to (*batch, heads, rows, cols) and viewed as (B, heads, rows, cols); copies only when
     several batch dimensions cannot be merged into one."""
+    if len(batch) == 1 and t.shape == (*batch, heads, rows, cols):
+        return t  # (the usual case: already 4-D)
     t = t.expand(*batch, heads, rows, cols)
     if len(batch) == 1:
         return t
@@ -269,7 +292,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     seed = _draw_seed() if dropout_p > 0 else 0
-    out, lse2 = _attention(q4, k4, v4, mask4, float(scale), is_causal, causal_alignment == "bottom_right",
-                           float(dropout_p), seed, deterministic)
-    out = out.reshape(*lead, lq, dv)
+    out, lse2 = call_op(_attention, q4, k4, v4, mask4, float(scale), is_causal, causal_alignment == "bottom_right",
+                        float(dropout_p), seed, deterministic)
+    if len(lead) != 2:
+        out = out.reshape(*lead, lq, dv)
     return (out, (lse2 * math.log(2.0)).reshape(*lead, lq)) if return_lse else out

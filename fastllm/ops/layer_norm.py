@@ -14,30 +14,44 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ._common import (as_rows, check_normalized_shape, check_param, check_tensor, code, cuda_workspace, new_output,
-                      ptr, run_c, stat_dtype)
+from ._common import (as_rows, call_op, check_normalized_shape, check_param, check_tensor, code, cuda_workspace,
+                      new_output, new_output_like, ptr, run_c, stat_dtype)
 
 
 def _flat(p: torch.Tensor | None) -> torch.Tensor | None:
-    return None if p is None else p.contiguous().view(-1)
+    """A parameter as the kernels read it: its values in order, contiguous (its data pointer is all they take)."""
+    return p if p is None or p.is_contiguous() else p.contiguous()
+
+
+def _layer_norm(x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float, stats: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(y: x.shape, mean: (rows,), rstd: (rows,)); with stats=False (nothing will differentiate y) the kernels
+    skip the statistics, which are then None."""
+    x2 = as_rows(x, len(normalized_shape))
+    backend = select("layer_norm", x, weight, bias) if x.numel() else "torch"
+    if backend == "torch":
+        w, b = (None if p is None else p.reshape(-1) for p in (weight, bias))
+        y, mean, rstd = reference.layer_norm_fwd(x2, w, b, eps)
+        return y.view(x.shape), mean, rstd
+    rows, cols = x2.shape
+    y = new_output_like(x)
+    mean = rstd = None
+    if stats:
+        mean, rstd = x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+    run_c(backend, "layer_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(_flat(weight)), ptr(_flat(bias)), ptr(y),
+          cols, ptr(mean), ptr(rstd), rows, cols, eps, code(x))
+    return y, mean, rstd
+
+
+def _layer_norm_y(x, normalized_shape, weight, bias, eps):
+    return _layer_norm(x, normalized_shape, weight, bias, eps, stats=False)
 
 
 @torch.library.custom_op("fastllm::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: torch.Tensor, normalized_shape: list[int], weight: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y: x.shape, mean: (rows,), rstd: (rows,))."""
-    x2, w, b = as_rows(x, len(normalized_shape)), _flat(weight), _flat(bias)
-    backend = select("layer_norm", x, weight, bias) if x.numel() else "torch"
-    if backend == "torch":
-        y, mean, rstd = reference.layer_norm_fwd(x2, w, b, eps)
-        return y.view(x.shape), mean, rstd
-    rows, cols = x2.shape
-    y = new_output((rows, cols), x.dtype, x.device)
-    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-    run_c(backend, "layer_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(w), ptr(b), ptr(y), y.stride(0), ptr(mean),
-          ptr(rstd), rows, cols, eps, code(x))
-    return y.view(x.shape), mean, rstd
+    return _layer_norm(x, normalized_shape, weight, bias, eps)
 
 
 @_layer_norm_fwd.register_fake
@@ -53,7 +67,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
                     need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx: x.shape, dweight: normalized_shape or (0,), dbias: normalized_shape or (0,))."""
     k = len(normalized_shape)
-    dy2, x2, w = as_rows(dy, k), as_rows(x, k), _flat(weight)
+    dy2, x2, w = as_rows(dy, k), as_rows(x, k), None if weight is None else weight.reshape(-1)
     backend = select("layer_norm", x, weight) if x.numel() else "torch"
     if backend == "torch":
         dx, dw, db = reference.layer_norm_bwd(dy2, x2, w, mean, rstd)
@@ -115,4 +129,4 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     check_param("bias", bias, x, ns)
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    return _layer_norm_fwd(x, ns, weight, bias, float(eps))[0]
+    return call_op(_layer_norm_fwd, x, ns, weight, bias, float(eps), direct=_layer_norm_y)[0]

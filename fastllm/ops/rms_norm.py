@@ -15,7 +15,8 @@ import torch
 from .. import reference
 from .._dispatch import select
 from ._common import (as_rows, call_op, check_like, check_normalized_shape, check_param, check_tensor, code,
-                      cuda_workspace, new_output, ptr, run_c, stat_dtype)
+                      cuda_workspace, new_output, new_output_like, ptr, run_c, stat_dtype)
+from .layer_norm import _flat
 
 
 def _stats_like(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -27,22 +28,31 @@ def _dense_like(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- forward ops -------------------------------------------------------------------------------
+def _rms_norm(x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None, eps: float,
+              stats: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y: x.shape, rstd: (rows,)); rstd is None with stats=False (nothing will differentiate y)."""
+    x2 = as_rows(x, len(normalized_shape))
+    backend = select("rms_norm", x, weight) if x.numel() else "torch"
+    if backend == "torch":
+        y, rstd = reference.rms_norm_fwd(x2, None if weight is None else weight.reshape(-1), eps)
+        return y.view(x.shape), rstd
+    rows, cols = x2.shape
+    y = new_output_like(x)
+    rstd = x.new_empty(rows, dtype=torch.float32) if stats else None
+    run_c(backend, "rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(_flat(weight)), ptr(y), cols, ptr(rstd), rows,
+          cols, eps, code(x))
+    return y, rstd
+
+
+def _rms_norm_y(x, normalized_shape, weight, eps):
+    return _rms_norm(x, normalized_shape, weight, eps, stats=False)
+
+
 @torch.library.custom_op("fastllm::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: torch.Tensor, normalized_shape: list[int], weight: Optional[torch.Tensor],
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y: x.shape, rstd: (rows,))."""
-    x2 = as_rows(x, len(normalized_shape))
-    w = None if weight is None else weight.contiguous().view(-1)
-    backend = select("rms_norm", x, weight) if x.numel() else "torch"
-    if backend == "torch":
-        y, rstd = reference.rms_norm_fwd(x2, w, eps)
-        return y.view(x.shape), rstd
-    rows, cols = x2.shape
-    y = new_output((rows, cols), x.dtype, x.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-    run_c(backend, "rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(w), ptr(y), y.stride(0), ptr(rstd), rows,
-          cols, eps, code(x))
-    return y.view(x.shape), rstd
+    return _rms_norm(x, normalized_shape, weight, eps)
 
 
 @_rms_norm_fwd.register_fake
@@ -50,23 +60,31 @@ def _(x, normalized_shape, weight, eps):
     return _dense_like(x), _stats_like(x, len(normalized_shape))
 
 
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                  stats: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(y: x.shape, s = x + residual: x.shape, rstd: (rows,)); rstd is None with stats=False."""
+    x2, r2 = as_rows(x), as_rows(residual)
+    backend = select("rms_norm", x, residual, weight) if x.numel() else "torch"
+    if backend == "torch":
+        y, s, rstd = reference.add_rms_norm_fwd(x2, r2, weight, eps)
+        return y.view(x.shape), s.view(x.shape), rstd
+    rows, cols = x2.shape
+    y, s = new_output_like(x), new_output_like(x)
+    rstd = x.new_empty(rows, dtype=torch.float32) if stats else None
+    run_c(backend, "add_rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(r2), r2.stride(0), ptr(s), cols,
+          ptr(_flat(weight)), ptr(y), cols, ptr(rstd), rows, cols, eps, code(x))
+    return y, s, rstd
+
+
+def _add_rms_norm_ys(x, residual, weight, eps):
+    return _add_rms_norm(x, residual, weight, eps, stats=False)
+
+
 @torch.library.custom_op("fastllm::add_rms_norm_fwd", mutates_args=())
 def _add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalises over the last dim. Returns (y: x.shape, s = x + residual: x.shape, rstd: (rows,))."""
-    x2, r2 = as_rows(x), as_rows(residual)
-    w = None if weight is None else weight.contiguous()
-    backend = select("rms_norm", x, residual, weight) if x.numel() else "torch"
-    if backend == "torch":
-        y, s, rstd = reference.add_rms_norm_fwd(x2, r2, w, eps)
-        return y.view(x.shape), s.view(x.shape), rstd
-    rows, cols = x2.shape
-    y = new_output((rows, cols), x.dtype, x.device)
-    s = new_output((rows, cols), x.dtype, x.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-    run_c(backend, "add_rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(r2), r2.stride(0), ptr(s), s.stride(0),
-          ptr(w), ptr(y), y.stride(0), ptr(rstd), rows, cols, eps, code(x))
-    return y.view(x.shape), s.view(x.shape), rstd
+    return _add_rms_norm(x, residual, weight, eps)
 
 
 @_add_rms_norm_fwd.register_fake
@@ -83,7 +101,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     k = len(normalized_shape)
     dy2, x2 = as_rows(dy, k), as_rows(x, k)
     de2 = None if dextra is None else as_rows(dextra, k)
-    w = None if weight is None else weight.contiguous().view(-1)
+    w = None if weight is None else weight.reshape(-1)
     backend = select("rms_norm", x, weight) if x.numel() else "torch"
     if backend == "torch":
         dx, dw = reference.rms_norm_bwd(dy2, x2, w, rstd, de2)
@@ -160,7 +178,7 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = No
     check_tensor("x", x)
     ns = check_normalized_shape(normalized_shape, x)
     check_param("weight", weight, x, ns)
-    return call_op(_rms_norm_fwd, x, ns, weight, _resolve_eps(eps, x))[0]
+    return call_op(_rms_norm_fwd, x, ns, weight, _resolve_eps(eps, x), direct=_rms_norm_y)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
@@ -175,5 +193,5 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalised one)")
     check_param("weight", weight, x, [x.shape[-1]])
-    y, s, _ = call_op(_add_rms_norm_fwd, x, residual, weight, _resolve_eps(eps, x))
+    y, s, _ = call_op(_add_rms_norm_fwd, x, residual, weight, _resolve_eps(eps, x), direct=_add_rms_norm_ys)
     return y, s

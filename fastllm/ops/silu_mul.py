@@ -12,7 +12,7 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ._common import as_rows, call_op, check_like, check_tensor, code, kernels, new_output, ptr, run_c
+from ._common import as_rows, call_op, check_like, check_tensor, code, kernels, new_output_like, ptr, run_c
 
 
 @torch.library.custom_op("fastllm::silu_mul", mutates_args=())
@@ -24,10 +24,10 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if backend == "triton":
         return kernels().silu_mul.silu_mul(g2, u2).view(gate.shape)
     rows, cols = g2.shape
-    y = new_output((rows, cols), gate.dtype, gate.device)
-    run_c(backend, "silu_mul", gate.device, ptr(g2), g2.stride(0), ptr(u2), u2.stride(0), ptr(y), y.stride(0), rows,
-          cols, code(gate))
-    return y.view(gate.shape)
+    y = new_output_like(gate)
+    run_c(backend, "silu_mul", gate.device, ptr(g2), g2.stride(0), ptr(u2), u2.stride(0), ptr(y), cols, rows, cols,
+          code(gate))
+    return y
 
 
 @_silu_mul.register_fake

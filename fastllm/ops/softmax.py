@@ -10,32 +10,36 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ._common import as_rows, check_tensor, code, kernels, new_output, ptr, run_c
+from ._common import as_rows, call_op, check_tensor, code, kernels, new_output_like, ptr, run_c
 
 
-def _rows_fwd(x: torch.Tensor) -> torch.Tensor:
+def _last_dim_fwd(x: torch.Tensor) -> torch.Tensor:
+    """softmax along x's last dim, as a contiguous tensor of x's shape."""
+    x2 = as_rows(x)
     backend = select("softmax", x)
     if backend == "triton":
-        return kernels().softmax.softmax_fwd(x)
+        return kernels().softmax.softmax_fwd(x2).view_as(x)
     if backend == "cpu":
-        y = new_output(x.shape, x.dtype, x.device)
-        rows, cols = x.shape
-        run_c(backend, "softmax_fwd", x.device, ptr(x), x.stride(0), ptr(y), y.stride(0), rows, cols, code(x))
+        y = new_output_like(x)
+        rows, cols = x2.shape
+        run_c(backend, "softmax_fwd", x.device, ptr(x2), x2.stride(0), ptr(y), cols, rows, cols, code(x))
         return y
-    return reference.softmax_fwd(x)
+    return reference.softmax_fwd(x2).view_as(x)
 
 
-def _rows_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+def _last_dim_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """The gradient of softmax along the last dim, as a contiguous tensor of y's shape."""
+    y2, dy2 = as_rows(y), as_rows(dy)
     backend = select("softmax", y)
     if backend == "triton":
-        return kernels().softmax.softmax_bwd(y, dy)
+        return kernels().softmax.softmax_bwd(y2, dy2).view_as(y)
     if backend == "cpu":
-        dx = new_output(y.shape, y.dtype, y.device)
-        rows, cols = y.shape
-        run_c(backend, "softmax_bwd", y.device, ptr(y), y.stride(0), ptr(dy), dy.stride(0), ptr(dx), dx.stride(0),
+        dx = new_output_like(y)
+        rows, cols = y2.shape
+        run_c(backend, "softmax_bwd", y.device, ptr(y2), y2.stride(0), ptr(dy2), dy2.stride(0), ptr(dx), cols,
               rows, cols, code(y))
         return dx
-    return reference.softmax_bwd(y, dy)
+    return reference.softmax_bwd(y2, dy2).view_as(y)
 
 
 def _empty_like_result(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -48,9 +52,9 @@ def _empty_like_result(x: torch.Tensor, dim: int) -> torch.Tensor:
 def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     if x.numel() == 0:
         return _empty_like_result(x, dim)
-    moved = x.movedim(dim, -1)
-    y = _rows_fwd(as_rows(moved))
-    return y.view(moved.shape).movedim(-1, dim)
+    if dim == x.dim() - 1:
+        return _last_dim_fwd(x)
+    return _last_dim_fwd(x.movedim(dim, -1)).movedim(-1, dim)
 
 
 @_softmax.register_fake
@@ -62,9 +66,9 @@ def _(x, dim):
 def _softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
     if y.numel() == 0:
         return _empty_like_result(y, dim)
-    y_m, dy_m = y.movedim(dim, -1), dy.movedim(dim, -1)
-    dx = _rows_bwd(as_rows(y_m), as_rows(dy_m))
-    return dx.view(y_m.shape).movedim(-1, dim)
+    if dim == y.dim() - 1:
+        return _last_dim_bwd(y, dy)
+    return _last_dim_bwd(y.movedim(dim, -1), dy.movedim(dim, -1)).movedim(-1, dim)
 
 
 @_softmax_backward.register_fake
@@ -103,5 +107,5 @@ def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) ->
     if not -ndim <= dim < ndim:
         raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for input of shape {tuple(x.shape)}, got {dim}")
     if x.dim() == 0:
-        return _softmax(x.reshape(1), 0).reshape(())
-    return _softmax(x, dim % ndim)
+        return call_op(_softmax, x.reshape(1), 0).reshape(())
+    return call_op(_softmax, x, dim % ndim)
