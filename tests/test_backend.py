@@ -138,6 +138,42 @@ def test_call_op_bumps_the_versions_of_what_a_mutating_op_writes():
     assert k[0, 0].eq(1).all() and k[0, 1:].eq(0).all()
 
 
+def _op_calls():
+    """Each public op on small CPU inputs: name -> (inputs, function of them)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    kc, vc, lens = r(2, 16, 2, 8), r(2, 16, 2, 8), torch.tensor([5, 16], dtype=torch.int32)
+    qw = fastllm.quantize(r(12, 64), scheme="int4", group_size=32)
+    return {
+        "softmax": ((r(3, 5, 7),), lambda x: fastllm.softmax(x, dim=1)),
+        "layer_norm": ((r(3, 4, 6), r(4, 6), r(4, 6)), lambda x, w, b: fastllm.layer_norm(x, (4, 6), w, b)),
+        "rms_norm": ((r(5, 6), r(6)), lambda x, w: fastllm.rms_norm(x, (6,), w)),
+        "add_rms_norm": ((r(5, 6), r(5, 6), r(6)), lambda x, res, w: torch.cat(fastllm.add_rms_norm(x, res, w))),
+        "silu_mul": ((r(4, 9), r(4, 9)), fastllm.silu_mul),
+        "attention": ((r(2, 4, 5, 8), r(2, 2, 7, 8), r(2, 2, 7, 8)),
+                      lambda q, k, v: fastllm.attention(q, k, v, is_causal=True, enable_gqa=True)),
+        "qmatmul": ((r(3, 64),), lambda x: fastllm.qmatmul(x, qw)),
+        "decode_attention": ((r(2, 1, 4, 8),),
+                             lambda q: fastllm.decode_attention(q, kc, vc, lens)),
+    }
+
+
+@pytest.mark.parametrize("op", list(_op_calls()))
+def test_the_direct_path_gives_the_dispatchers_results(op):
+    """Without autograd the ops skip the dispatcher (call_op) and the norms their statistics: the results are
+    bitwise those of the custom op under autograd, and a `with torch.device(...)` block around the call (a torch
+    function mode that changes where factory functions allocate) does not move CPU results elsewhere."""
+    inputs, fn = _op_calls()[op]
+    with torch.no_grad():
+        direct = fn(*inputs)
+    through_dispatcher = fn(*(t.clone().requires_grad_() for t in inputs))
+    torch.testing.assert_close(direct, through_dispatcher.detach(), rtol=0, atol=0)
+    with torch.no_grad(), torch.device("meta"):
+        elsewhere = fn(*inputs)
+    assert elsewhere.device.type == "cpu"
+    torch.testing.assert_close(direct, elsewhere, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(_backend.extension() is None, reason="fastllm._C is not built")
 def test_simd_caps_from_the_environment():
     """FASTLLM_DISABLE_AVX2 / _AVX512 / _AVX512_BF16 cap the CPU kernels' SIMD level at load time (0 scalar,
