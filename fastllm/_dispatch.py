@@ -86,7 +86,8 @@ def select(op: str, *tensors: torch.Tensor | None, limits: dict[str, str | None]
     for name in candidates or ("torch",):
         if name == "torch":
             break
-        reason = _backend.why_not_on(name, device_type) or _unsupported(tensors) or (limits and limits.get(name))
+        reason = (_backend.why_not_on(name, device_type) or _unsupported(tensors)
+                  or (limits.get(name) if limits else None))
         if reason is None:
             _record(op, name, skipped)
             return name

@@ -143,6 +143,8 @@ def _op_calls():
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     kc, vc, lens = r(2, 16, 2, 8), r(2, 16, 2, 8), torch.tensor([5, 16], dtype=torch.int32)
+    table = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32)  # a paged view of 4 blocks of 8
+    pages = (kc.reshape(4, 8, 2, 8), vc.reshape(4, 8, 2, 8))
     qw = fastllm.quantize(r(12, 64), scheme="int4", group_size=32)
     return {
         "softmax": ((r(3, 5, 7),), lambda x: fastllm.softmax(x, dim=1)),
@@ -155,6 +157,8 @@ def _op_calls():
         "qmatmul": ((r(3, 64),), lambda x: fastllm.qmatmul(x, qw)),
         "decode_attention": ((r(2, 1, 4, 8),),
                              lambda q: fastllm.decode_attention(q, kc, vc, lens)),
+        "decode_attention paged": ((r(2, 1, 4, 8),),
+                                   lambda q: fastllm.decode_attention(q, *pages, lens, block_table=table)),
     }
 
 
@@ -172,6 +176,23 @@ def test_the_direct_path_gives_the_dispatchers_results(op):
         elsewhere = fn(*inputs)
     assert elsewhere.device.type == "cpu"
     torch.testing.assert_close(direct, elsewhere, rtol=0, atol=0)
+
+
+def test_no_direct_path_under_forward_ad_or_for_empty_limits():
+    """Inside forward_ad.dual_level() tensors may carry tangents: the dispatcher must see the op. And an empty
+    limits dict refuses nothing."""
+    import torch.autograd.forward_ad as fwAD
+    from fastllm._dispatch import select
+    from fastllm.ops._common import _plain_eager
+
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert _plain_eager((x,))
+        with fwAD.dual_level():
+            assert not _plain_eager((x,))
+    expected = "cpu" if _backend.extension() is not None else "torch"
+    assert select("rms_norm", x, limits={}) == select("rms_norm", x) == expected
+    assert select("rms_norm", x, limits={"cpu": "a reason"}) == "torch"
 
 
 @pytest.mark.skipif(_backend.extension() is None, reason="fastllm._C is not built")

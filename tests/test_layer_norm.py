@@ -73,6 +73,16 @@ def test_layer_norm_rows_split_over_threads(device, backend):
     _check_all(*_run(x, (520,), w, b, backend, randn((64, 520), torch.float32, device, seed=24)))
 
 
+@pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
+def test_layer_norm_strided_and_broadcast_parameters(device, backend):
+    """weight a [::2] slice of a longer tensor, bias one value expanded (stride 0): the kernels read dense copies,
+    which must live until they return; the backward reads the weight too."""
+    x = randn((64, 256), torch.float32, device, seed=31, shift=1.0)
+    w = randn((512,), torch.float32, device, seed=32)[::2]
+    b = randn((1,), torch.float32, device, seed=33).expand(256)
+    _check_all(*_run(x, (256,), w, b, backend, randn((64, 256), torch.float32, device, seed=34)))
+
+
 def test_layer_norm_fallbacks_and_empty():
     x64 = torch.randn(3, 8, dtype=torch.float64)
     torch.testing.assert_close(fastllm.layer_norm(x64, (8,)), F.layer_norm(x64, (8,)))

@@ -96,6 +96,21 @@ def test_rms_norm_strided_inputs_and_default_eps(device, backend):
                                                                                   seed=7)), backend)
 
 
+@pytest.mark.parametrize("device,backend", device_backends("rms_norm"))
+def test_rms_norm_strided_and_broadcast_weights(device, backend):
+    """A [::2] slice and a stride-0 expanded weight: the kernels read dense copies, which must live until they
+    return (forward and backward, rms_norm and add_rms_norm)."""
+    x = randn((64, 256), torch.float32, device, seed=41)
+    g = randn((64, 256), torch.float32, device, seed=42)
+    sliced = randn((512,), torch.float32, device, seed=43)[::2]
+    for w in (sliced, randn((1,), torch.float32, device, seed=44).expand(256)):
+        _three_ways(lambda x, w: fastllm.rms_norm(x, (256,), w, 1e-6), lambda x, w: F.rms_norm(x, (256,), w, 1e-6),
+                    [x, w], g, backend)
+        r = randn((64, 256), torch.float32, device, seed=45)
+        _three_ways(lambda x, r, w: fastllm.add_rms_norm(x, r, w, 1e-6), lambda x, r, w: _add_rms_torch(x, r, w, 1e-6),
+                    [x, r, w], (g, randn((64, 256), torch.float32, device, seed=46)), backend)
+
+
 def test_rms_norm_empty_and_bad_input():
     e = torch.empty(0, 4, requires_grad=True)
     w = torch.ones(4, requires_grad=True)

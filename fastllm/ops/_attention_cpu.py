@@ -45,7 +45,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out, lse = _flash(q, k, v, 0.0, is_causal, scale=scale)
-    lse2 = torch.empty(*lse.shape, dtype=torch.float32, device=lse.device)  # contiguous (B, Hq, Lq), as the op returns it
+    lse2 = torch.empty(*lse.shape, dtype=torch.float32, device=lse.device)  # contiguous (B, Hq, Lq), as returned
     return out, torch.mul(lse, _LOG2E, out=lse2)
 
 

@@ -8,6 +8,7 @@ import threading
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import _backend
 
@@ -39,18 +40,18 @@ def check_normalized_shape(normalized_shape, x: torch.Tensor) -> list[int]:
     """normalized_shape as a list of ints; x's trailing dimensions must equal it."""
     if isinstance(normalized_shape, (int, torch.SymInt)):
         ns = [normalized_shape]
-    elif isinstance(normalized_shape, (tuple, list)) or (isinstance(normalized_shape, Sequence)
-                                                          and not isinstance(normalized_shape, (str, bytes))):
+    elif isinstance(normalized_shape, (tuple, list)) or (
+            isinstance(normalized_shape, Sequence) and not isinstance(normalized_shape, (str, bytes))):
         ns = list(normalized_shape)
     else:
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
     for d in ns:
         if not isinstance(d, int):
             raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
-        if d < 0:
-            raise ValueError(f"normalized_shape must not contain negative sizes, got {tuple(ns)}")
     if not ns:
         raise ValueError("normalized_shape must name at least one dimension")
+    if min(ns) < 0:
+        raise ValueError(f"normalized_shape must not contain negative sizes, got {tuple(ns)}")
     if len(ns) > x.dim() or x.shape[x.dim() - len(ns):] != tuple(ns):
         raise ValueError(f"normalized_shape {tuple(ns)} does not match the trailing dimensions of input of shape "
                          f"{tuple(x.shape)}")
@@ -182,6 +183,8 @@ def _plain_eager(args) -> bool:
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     if torch._C._len_torch_dispatch_stack() > 0:  # make_fx, FlopCounterMode, fake modes...: they must see the op
+        return False
+    if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tensors may carry tangents
         return False
     grad = torch.is_grad_enabled()
     for a in args:

@@ -143,10 +143,10 @@ def check_positions(cache_seqlens: torch.Tensor, block_table: torch.Tensor | Non
                          f"{layout.capacity} positions")
     if block_table is None:
         return
-    lens = torch.tensor(values, dtype=torch.int64)
+    lens = torch.tensor(values, dtype=torch.int64, device="cpu")
     end = lens + (new or 0)
     table = block_table.detach().to("cpu", torch.int64)
-    cols = torch.arange(table.shape[1])
+    cols = torch.arange(table.shape[1], device="cpu")
     first = lens // layout.page if new is not None else torch.zeros_like(lens)
     used = (cols >= first[:, None]) & (cols < (end + layout.page - 1)[:, None] // layout.page)
     bad = (used & ((table < 0) | (table >= num_blocks))).nonzero()

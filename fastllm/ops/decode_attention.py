@@ -46,9 +46,10 @@ def _cpu_decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, k_sca
     b, lq, hq, d = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     page = k_cache.shape[1]
+    lens = cache_seqlens.contiguous()  # (held until the kernel returns: it may be a copy)
     run_c("cpu", "decode_attention", q.device, ptr(q), strides3(q), ptr(k_cache), strides3(k_cache), ptr(v_cache),
           strides3(v_cache), ptr(k_scale), strides3(k_scale), ptr(v_scale), strides3(v_scale),
-          ptr(cache_seqlens.contiguous()), ptr(block_table), 0 if block_table is None else block_table.stride(0), page,
+          ptr(lens), ptr(block_table), 0 if block_table is None else block_table.stride(0), page,
           ptr(out), b, lq, hq, k_cache.shape[2], d, scale, causal, k_cache.dtype == torch.int8, code(q), num_splits)
     return out
 

@@ -41,9 +41,10 @@ def _cpu_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_sc
     if cos is not None:
         cos, sin = cos.float(), sin.float()
     b, lnew, hkv, d = k_new.shape
+    lens = cache_seqlens.contiguous()  # (held until the kernel returns: it may be a copy)
     run_c("cpu", "kv_cache_append", k_new.device, ptr(k_cache), strides3(k_cache), ptr(v_cache), strides3(v_cache),
           ptr(k_scale), strides3(k_scale), ptr(v_scale), strides3(v_scale), ptr(k_new), strides3(k_new), ptr(v_new),
-          strides3(v_new), ptr(cache_seqlens.contiguous()), ptr(block_table),
+          strides3(v_new), ptr(lens), ptr(block_table),
           0 if block_table is None else block_table.stride(0), k_cache.shape[1], ptr(cos), ptr(sin),
           0 if cos is None else cos.stride(0), 0 if cos is None else cos.shape[1], ptr(q), strides3(q), ptr(q_out),
           b, lnew, 0 if q is None else q.shape[2], hkv, d, k_cache.dtype == torch.int8, code(k_new))

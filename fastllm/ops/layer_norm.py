@@ -38,8 +38,9 @@ def _layer_norm(x: torch.Tensor, normalized_shape: list[int], weight: torch.Tens
     mean = rstd = None
     if stats:
         mean, rstd = x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
-    run_c(backend, "layer_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(_flat(weight)), ptr(_flat(bias)), ptr(y),
-          cols, ptr(mean), ptr(rstd), rows, cols, eps, code(x))
+    w, b = _flat(weight), _flat(bias)  # (held until the kernel returns: they may be copies)
+    run_c(backend, "layer_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(w), ptr(b), ptr(y), cols, ptr(mean),
+          ptr(rstd), rows, cols, eps, code(x))
     return y, mean, rstd
 
 
@@ -67,7 +68,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
                     need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx: x.shape, dweight: normalized_shape or (0,), dbias: normalized_shape or (0,))."""
     k = len(normalized_shape)
-    dy2, x2, w = as_rows(dy, k), as_rows(x, k), None if weight is None else weight.reshape(-1)
+    dy2, x2, w = as_rows(dy, k), as_rows(x, k), None if weight is None else _flat(weight).view(-1)
     backend = select("layer_norm", x, weight) if x.numel() else "torch"
     if backend == "torch":
         dx, dw, db = reference.layer_norm_bwd(dy2, x2, w, mean, rstd)

@@ -39,8 +39,9 @@ def _rms_norm(x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor
     rows, cols = x2.shape
     y = new_output_like(x)
     rstd = x.new_empty(rows, dtype=torch.float32) if stats else None
-    run_c(backend, "rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(_flat(weight)), ptr(y), cols, ptr(rstd), rows,
-          cols, eps, code(x))
+    w = _flat(weight)  # (held until the kernel returns: it may be a copy)
+    run_c(backend, "rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(w), ptr(y), cols, ptr(rstd), rows, cols, eps,
+          code(x))
     return y, rstd
 
 
@@ -71,8 +72,9 @@ def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor 
     rows, cols = x2.shape
     y, s = new_output_like(x), new_output_like(x)
     rstd = x.new_empty(rows, dtype=torch.float32) if stats else None
-    run_c(backend, "add_rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(r2), r2.stride(0), ptr(s), cols,
-          ptr(_flat(weight)), ptr(y), cols, ptr(rstd), rows, cols, eps, code(x))
+    w = _flat(weight)  # (held until the kernel returns: it may be a copy)
+    run_c(backend, "add_rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(r2), r2.stride(0), ptr(s), cols, ptr(w),
+          ptr(y), cols, ptr(rstd), rows, cols, eps, code(x))
     return y, s, rstd
 
 
@@ -101,7 +103,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     k = len(normalized_shape)
     dy2, x2 = as_rows(dy, k), as_rows(x, k)
     de2 = None if dextra is None else as_rows(dextra, k)
-    w = None if weight is None else weight.reshape(-1)
+    w = None if weight is None else _flat(weight).view(-1)
     backend = select("rms_norm", x, weight) if x.numel() else "torch"
     if backend == "torch":
         dx, dw = reference.rms_norm_bwd(dy2, x2, w, rstd, de2)
@@ -112,7 +114,8 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
         args = (ptr(dy2), dy2.stride(0), ptr(x2), x2.stride(0), ptr(w), ptr(rstd), ptr(de2),
                 0 if de2 is None else de2.stride(0), ptr(dx), dx.stride(0), ptr(dw))
         if backend == "cuda":
-            args = args + (ptr(cuda_workspace(rows, cols, x.device) if need_dweight else None),)
+            ws = cuda_workspace(rows, cols, x.device) if need_dweight else None  # (held until the launch)
+            args = args + (ptr(ws),)
         run_c(backend, "rms_norm_bwd", x.device, *args, rows, cols, code(x))
     pdtype = weight.dtype if weight is not None else x.dtype
     dw = dw.view(normalized_shape).to(pdtype) if need_dweight else x.new_empty(0)
