@@ -364,6 +364,10 @@ def test_qmatmul_strides_batch_dims_and_empty(device, backend):
     act = "int8" if _takes(backend, 5, "int8") else "float"
     _check(randn((96, 5), torch.float32, device, seed=4).t(), q, b, act, backend)  # column-major: copied
     _check(randn((2, 3, 96), torch.bfloat16, device, seed=5), q, None, "float", backend)
+    _check(randn((3, 96), torch.float32, device, seed=6), q, randn((22,), torch.float32, device, seed=7)[::2], "float",
+           backend)  # a sliced bias: the kernels read a dense copy
+    _check(randn((3, 96), torch.float32, device, seed=8), q, randn((1,), torch.float32, device, seed=9).expand(11),
+           "float", backend)  # an expanded bias (stride 0)
     x = torch.empty(0, 96, device=device, requires_grad=True)
     with running_on(backend):
         y = fastllm.qmatmul(x, q, b)

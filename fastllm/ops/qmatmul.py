@@ -62,6 +62,8 @@ def _qmatmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, mins: Op
     """x: (..., K); data/scales/mins: a packed (N, K) weight (group_size 0: per-channel) -> (..., N)."""
     fmt = _format(scheme, group_size)
     x2 = as_rows(x)
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # the kernels read it densely (a sliced or expanded bias: a copy, held)
     m, k = x2.shape
     n = data.shape[0]
     out_shape = None if x.dim() == 2 else (*x.shape[:-1], n)  # None: y is the answer as it is
