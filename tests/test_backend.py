@@ -8,6 +8,7 @@ import torch
 
 import fastllm
 from fastllm import _backend
+from helpers import _BACKENDS, running_on
 
 
 def test_backends_report_every_backend_with_reasons():
@@ -139,26 +140,27 @@ def test_call_op_bumps_the_versions_of_what_a_mutating_op_writes():
 
 
 def _op_calls():
-    """Each public op on small CPU inputs: name -> (inputs, function of them)."""
+    """Each public op on small CPU inputs: name -> (inputs, function of them); every float tensor the op reads is
+    an input (the lengths and block tables are int32 constants)."""
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    kc, vc, lens = r(2, 16, 2, 8), r(2, 16, 2, 8), torch.tensor([5, 16], dtype=torch.int32)
-    table = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32)  # a paged view of 4 blocks of 8
-    pages = (kc.reshape(4, 8, 2, 8), vc.reshape(4, 8, 2, 8))
+    lens = torch.tensor([5, 16], dtype=torch.int32)
+    table = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32)  # 2 sequences over 4 blocks of 8
     qw = fastllm.quantize(r(12, 64), scheme="int4", group_size=32)
     return {
         "softmax": ((r(3, 5, 7),), lambda x: fastllm.softmax(x, dim=1)),
+        "softmax last dim": ((r(4, 9),), fastllm.softmax),
         "layer_norm": ((r(3, 4, 6), r(4, 6), r(4, 6)), lambda x, w, b: fastllm.layer_norm(x, (4, 6), w, b)),
         "rms_norm": ((r(5, 6), r(6)), lambda x, w: fastllm.rms_norm(x, (6,), w)),
         "add_rms_norm": ((r(5, 6), r(5, 6), r(6)), lambda x, res, w: torch.cat(fastllm.add_rms_norm(x, res, w))),
         "silu_mul": ((r(4, 9), r(4, 9)), fastllm.silu_mul),
         "attention": ((r(2, 4, 5, 8), r(2, 2, 7, 8), r(2, 2, 7, 8)),
                       lambda q, k, v: fastllm.attention(q, k, v, is_causal=True, enable_gqa=True)),
-        "qmatmul": ((r(3, 64),), lambda x: fastllm.qmatmul(x, qw)),
-        "decode_attention": ((r(2, 1, 4, 8),),
-                             lambda q: fastllm.decode_attention(q, kc, vc, lens)),
-        "decode_attention paged": ((r(2, 1, 4, 8),),
-                                   lambda q: fastllm.decode_attention(q, *pages, lens, block_table=table)),
+        "qmatmul": ((r(3, 64), r(12)), lambda x, b: fastllm.qmatmul(x, qw, b)),
+        "decode_attention": ((r(2, 1, 4, 8), r(2, 16, 2, 8), r(2, 16, 2, 8)),
+                             lambda q, kc, vc: fastllm.decode_attention(q, kc, vc, lens)),
+        "decode_attention paged": ((r(2, 1, 4, 8), r(4, 8, 2, 8), r(4, 8, 2, 8)),
+                                   lambda q, kc, vc: fastllm.decode_attention(q, kc, vc, lens, block_table=table)),
     }
 
 
@@ -178,35 +180,47 @@ def test_the_direct_path_gives_the_dispatchers_results(op):
     torch.testing.assert_close(direct, elsewhere, rtol=0, atol=0)
 
 
-def test_no_direct_path_under_forward_ad_or_for_empty_limits():
-    """Inside forward_ad.dual_level() tensors may carry tangents: the dispatcher must see the op. And an empty
-    limits dict refuses nothing."""
-    import torch.autograd.forward_ad as fwAD
-    from fastllm._dispatch import select
-    from fastllm.ops._common import _plain_eager
+def _layouts(t: torch.Tensor):
+    """Views holding t's values (or, for the broadcasts, values made from them) in other memory layouts, with NaN
+    in the memory between their elements: rows padded, the last dim strided, transposed memory (of the first and
+    last dims, or the first and second-to-last), stride-0 dims."""
+    def padded(step: int) -> torch.Tensor:
+        big = torch.full((*t.shape[:-1], t.shape[-1] * step + 3), float("nan"))
+        big[..., :t.shape[-1] * step:step] = t
+        return big[..., :t.shape[-1] * step:step]
 
-    x = torch.randn(3, 4)
-    with torch.no_grad():
-        assert _plain_eager((x,))
-        with fwAD.dual_level():
-            assert not _plain_eager((x,))
-    expected = "cpu" if _backend.extension() is not None else "torch"
-    assert select("rms_norm", x, limits={}) == select("rms_norm", x) == expected
-    assert select("rms_norm", x, limits={"cpu": "a reason"}) == "torch"
+    yield "rows padded", padded(1)
+    yield "last dim strided", padded(2)
+    if t.dim() >= 2:
+        yield "transposed memory", t.transpose(0, -1).contiguous().transpose(0, -1)
+        yield "first dim broadcast", t[:1].expand(t.shape)
+    if t.dim() >= 3:
+        yield "leading dims transposed", t.transpose(0, -2).contiguous().transpose(0, -2)
+    yield "last dim broadcast", t[..., :1].expand(t.shape)
 
 
-@pytest.mark.skipif(_backend.extension() is None, reason="fastllm._C is not built")
-def test_simd_caps_from_the_environment():
-    """FASTLLM_DISABLE_AVX2 / _AVX512 / _AVX512_BF16 cap the CPU kernels' SIMD level at load time (0 scalar,
-    1 avx2, 2 avx512, 3 avx512 with bfloat16 dot products), never above what the CPU has."""
-    ext = _backend.extension()
-    has = 3 if ext.cpu_has_avx512_bf16() else 2 if ext.cpu_has_avx512_vnni() else 1 if ext.cpu_has_avx2_fma() else 0
-    for var, cap in (("FASTLLM_DISABLE_AVX2", 0), ("FASTLLM_DISABLE_AVX512", 1), ("FASTLLM_DISABLE_AVX512_BF16", 2),
-                     (None, 3)):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLLM_DISABLE_")}
-        if var:
-            env[var] = "1"
-        out = subprocess.run([sys.executable, "-c", "from fastllm import _backend; "
-                              "print(_backend.extension().cpu_simd_level())"], env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        assert int(out.stdout.split()[-1]) == min(cap, has), (var, out.stdout)
+def _op_backends():
+    """(op of _op_calls, backend) for every CPU backend of the op (helpers._BACKENDS)."""
+    return [pytest.param(op, backend, id=f"{op}-{backend}") for op in _op_calls()
+            for backend in _BACKENDS[op.split(" ")[0].replace("add_", "")]["cpu"]]
+
+
+@pytest.mark.parametrize("op,backend", _op_backends())
+def test_every_layout_of_every_input_gives_the_dense_result(op, backend):
+    """Each float input in turn in each of _layouts: the result equals the op's on dense copies of the same values
+    (a kernel that read a view as dense, or a copy freed before the kernel read it, would differ or read NaN).
+    A layout the backend does not take runs another one when not forced (equal to float32 rounding), and is
+    refused when forced (that layout is then not compared)."""
+    inputs, fn = _op_calls()[op]
+    with torch.no_grad(), running_on(backend):
+        for i, t in enumerate(inputs):
+            for name, view in _layouts(t):
+                args = list(inputs)
+                args[i] = view
+                try:
+                    got = fn(*args)
+                except ValueError as e:  # (only for a last dim that is not dense)
+                    assert "was forced" in str(e) and view.stride(-1) != 1, (i, name, e)
+                    continue
+                args[i] = view.contiguous()
+                torch.testing.assert_close(got, fn(*args), msg=lambda m: f"input {i}, {name}: {m}")
