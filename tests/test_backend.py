@@ -147,6 +147,8 @@ def _op_calls():
     lens = torch.tensor([5, 16], dtype=torch.int32)
     table = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32)  # 2 sequences over 4 blocks of 8
     qw = fastllm.quantize(r(12, 64), scheme="int4", group_size=32)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)  # packed sequences of 4 and 5
+    targets = torch.tensor([3, 0, 39, -100, 7, 7])
     return {
         "softmax": ((r(3, 5, 7),), lambda x: fastllm.softmax(x, dim=1)),
         "softmax last dim": ((r(4, 9),), fastllm.softmax),
@@ -156,6 +158,9 @@ def _op_calls():
         "silu_mul": ((r(4, 9), r(4, 9)), fastllm.silu_mul),
         "attention": ((r(2, 4, 5, 8), r(2, 2, 7, 8), r(2, 2, 7, 8)),
                       lambda q, k, v: fastllm.attention(q, k, v, is_causal=True, enable_gqa=True)),
+        "attention_varlen": ((r(9, 4, 8), r(9, 2, 8), r(9, 2, 8)),
+                             lambda q, k, v: fastllm.attention_varlen(q, k, v, cu, cu, 5, 5, is_causal=True)),
+        "linear_cross_entropy": ((r(6, 16), r(40, 16)), lambda h, w: fastllm.linear_cross_entropy(h, w, targets)),
         "qmatmul": ((r(3, 64), r(12)), lambda x, b: fastllm.qmatmul(x, qw, b)),
         "decode_attention": ((r(2, 1, 4, 8), r(2, 16, 2, 8), r(2, 16, 2, 8)),
                              lambda q, kc, vc: fastllm.decode_attention(q, kc, vc, lens)),
