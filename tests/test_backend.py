@@ -229,3 +229,73 @@ def test_every_layout_of_every_input_gives_the_dense_result(op, backend):
                     continue
                 args[i] = view.contiguous()
                 torch.testing.assert_close(got, fn(*args), msg=lambda m: f"input {i}, {name}: {m}")
+
+
+def _graph_nodes(t: torch.Tensor):
+    """The names of the autograd nodes t's gradient passes through."""
+    seen, todo = [], [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in seen:
+            seen.append(node.name())
+            todo.extend(n for n, _ in node.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("op", [op for op in _op_calls() if not op.startswith("decode")])  # (no backward)
+def test_the_eager_autograd_path_gives_the_dispatchers_gradients(op, monkeypatch):
+    """With inputs that require grad, eager calls run an autograd.Function around the implementation and the op's
+    registered backward (call_op's "autograd" path): the outputs and every input's gradient are bitwise those of
+    the custom op through the torch.library dispatcher."""
+    from fastllm.ops import _common
+
+    inputs, fn = _op_calls()[op]
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        return out, [leaf.grad for leaf in leaves]
+
+    out, grads = run()
+    assert any(name.startswith("Eager_") for name in _graph_nodes(out)), _graph_nodes(out)
+    monkeypatch.setattr(_common, "_eager_path", lambda args: None)  # every call through the dispatcher
+    out_d, grads_d = run()
+    assert not any(name.startswith("Eager_") for name in _graph_nodes(out_d))
+    torch.testing.assert_close(out, out_d, rtol=0, atol=0)
+    for i, (g, g_d) in enumerate(zip(grads, grads_d)):
+        torch.testing.assert_close(g, g_d, rtol=0, atol=0, msg=lambda m: f"grad of input {i}: {m}")
+
+
+def test_no_direct_path_under_forward_ad_or_for_empty_limits():
+    """Inside forward_ad.dual_level() tensors may carry tangents: the dispatcher must see the op. And an empty
+    limits dict refuses nothing."""
+    import torch.autograd.forward_ad as fwAD
+    from fastllm._dispatch import select
+    from fastllm.ops._common import _plain_eager
+
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert _plain_eager((x,))
+        with fwAD.dual_level():
+            assert not _plain_eager((x,))
+    expected = "cpu" if _backend.extension() is not None else "torch"
+    assert select("rms_norm", x, limits={}) == select("rms_norm", x) == expected
+    assert select("rms_norm", x, limits={"cpu": "a reason"}) == "torch"
+
+
+@pytest.mark.skipif(_backend.extension() is None, reason="fastllm._C is not built")
+def test_simd_caps_from_the_environment():
+    """FASTLLM_DISABLE_AVX2 / _AVX512 / _AVX512_BF16 cap the CPU kernels' SIMD level at load time (0 scalar,
+    1 avx2, 2 avx512, 3 avx512 with bfloat16 dot products), never above what the CPU has."""
+    ext = _backend.extension()
+    has = 3 if ext.cpu_has_avx512_bf16() else 2 if ext.cpu_has_avx512_vnni() else 1 if ext.cpu_has_avx2_fma() else 0
+    for var, cap in (("FASTLLM_DISABLE_AVX2", 0), ("FASTLLM_DISABLE_AVX512", 1), ("FASTLLM_DISABLE_AVX512_BF16", 2),
+                     (None, 3)):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLLM_DISABLE_")}
+        if var:
+            env[var] = "1"
+        out = subprocess.run([sys.executable, "-c", "from fastllm import _backend; "
+                              "print(_backend.extension().cpu_simd_level())"], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout.split()[-1]) == min(cap, has), (var, out.stdout)

@@ -175,38 +175,75 @@ def kernels():
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(args) -> bool:
-    """Whether going through the torch.library dispatcher would change nothing for this call: eager (not
-    traced or compiled, no functorch transform), no tensor that autograd must follow, only plain tensors and
-    parameters (a module's weight: nn.Parameter changes nothing below autograd), no fake, meta or other
-    subclass tensors, which only the registered fake implementations may see."""
+def _eager_path(args) -> str | None:
+    """How an eager call may skip the torch.library dispatcher, which changes nothing for it: "direct" (no tensor
+    autograd must follow: enter the implementation), "autograd" (some do: a plain autograd.Function around the
+    implementation and the op's registered backward, as the dispatcher's own autograd kernel does), or None
+    (the op must run as ever: traced or compiled, a functorch transform, a dispatch mode, forward-mode AD, or a
+    fake, meta or other subclass tensor, which only the registered fake implementations may see; nn.Parameter,
+    a module's weight, is plain)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False
+        return None
     if torch._C._len_torch_dispatch_stack() > 0:  # make_fx, FlopCounterMode, fake modes...: they must see the op
-        return False
+        return None
     if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tensors may carry tangents
-        return False
+        return None
     grad = torch.is_grad_enabled()
+    path = "direct"
     for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.is_meta or (grad and a.requires_grad)):
-            return False
-    return True
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN or a.is_meta:
+                return None
+            if grad and a.requires_grad:
+                path = "autograd"
+    return path
+
+
+def _plain_eager(args) -> bool:
+    """Whether the implementation may be entered directly (_eager_path)."""
+    return _eager_path(args) == "direct"
+
+
+_functions: dict = {}
+
+
+def _autograd_function(op):
+    """A torch.autograd.Function whose forward is op's implementation (then its registered setup_context) and
+    whose backward is op's registered backward: what the dispatcher's autograd kernel for op runs, minus the
+    dispatch (about 15 us a call)."""
+    fn = _functions.get(op)
+    if fn is None:
+        impl, setup, backward = op._init_fn, op._setup_context_fn, op._backward_fn
+
+        def forward(ctx, *args):
+            out = impl(*args)
+            setup(ctx, args, out)
+            return out
+
+        fn = _functions[op] = type(f"Eager_{op._namespace}_{op._name}", (torch.autograd.Function,),
+                                   {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return fn
 
 
 def call_op(op, *args, mutated: tuple[int, ...] = (), direct=None):
-    """op(*args) for a fastllm custom op, entering its implementation directly when the dispatcher would
-    change nothing (_plain_eager): that saves some 15 us a call, which a decode step of a small model pays
-    hundreds of times. Under autograd, torch.compile, dispatch modes, fake tensors or functorch, the custom op
-    runs as ever. For ops with one implementation for every device (no register_kernel). mutated: the
-    positions of the arguments the op writes in place (its mutates_args): on the direct path their version
-    counters are bumped here, as the dispatcher would (autograd then sees the writes). direct: what runs in
-    place of the implementation on the direct path, where nothing will differentiate the result: the same
-    arguments and results, except that outputs kept only for the backward (a norm's statistics) may be None."""
+    """op(*args) for a fastllm custom op, without the torch.library dispatcher where it would change nothing
+    (_eager_path): that saves some 15 us a call, which a decode step of a small model pays hundreds of times.
+    Without autograd the implementation is entered directly; with tensors autograd follows, through
+    _autograd_function (ops that write nothing in place and have a registered backward). Under torch.compile,
+    dispatch modes, fake tensors or functorch, the custom op runs as ever. For ops with one implementation for
+    every device (no register_kernel). mutated: the positions of the arguments the op writes in place (its
+    mutates_args): on the direct path their version counters are bumped here, as the dispatcher would (autograd
+    then sees the writes). direct: what runs in place of the implementation on the direct path, where nothing
+    will differentiate the result: the same arguments and results, except that outputs kept only for the
+    backward (a norm's statistics) may be None."""
     impl = getattr(op, "_init_fn", None)
-    if impl is not None and _plain_eager(args):
+    path = _eager_path(args) if impl is not None else None
+    if path == "direct":
         out = (direct or impl)(*args)
         written = [args[i] for i in mutated if args[i] is not None]
         if written:
             torch.autograd.graph.increment_version(written)
         return out
+    if path == "autograd" and not mutated and getattr(op, "_backward_fn", None) is not None:
+        return _autograd_function(op).apply(*args)
     return op(*args)

@@ -151,7 +151,7 @@ def _backward(ctx, dout, dlse2):
         dq, dk, dv, ds = _ref_bwd(dout, dlse2, q, k, v, mask, out, lse2, scale, is_causal, bottom_right, dropout_p,
                                   _keep(q, k, dropout_p, seed))
         return dq, dk, dv, ds.to(mask.dtype), None, None, None, None, None, None
-    dq, dk, dv = _attention_backward(dout, dlse2, q, k, v, mask, out, lse2, *ctx.flags)
+    dq, dk, dv = call_op(_attention_backward, dout, dlse2, q, k, v, mask, out, lse2, *ctx.flags)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 

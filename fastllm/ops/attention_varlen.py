@@ -22,7 +22,7 @@ from ..reference.attention import dropout_keep as _ref_keep
 from ..reference.attention import _bhld, _sequences
 from ._attention_cpu import applies as flash_applies
 from ._attention_cpu import flash_fwd
-from ._common import check_same_device, check_tensor, kernels
+from ._common import call_op, check_same_device, check_tensor, kernels
 from .attention import MAX_HEAD_DIM, _check_flags, _draw_seed
 
 
@@ -108,7 +108,7 @@ def _backward(ctx, dout, dlse2):
     q, k, v, cu_q, cu_k, out, lse2 = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_varlen_backward(dout, dlse2, q, k, v, cu_q, cu_k, out, lse2, *ctx.flags)
+    dq, dk, dv = call_op(_attention_varlen_backward, dout, dlse2, q, k, v, cu_q, cu_k, out, lse2, *ctx.flags)
     return dq, dk, dv, *([None] * 10)
 
 
@@ -192,6 +192,7 @@ def attention_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     seed = _draw_seed() if dropout_p > 0 else 0
-    out, lse2 = _attention_varlen(query, key, value, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), float(scale),
-                                  is_causal, causal_alignment == "bottom_right", float(dropout_p), seed, deterministic)
+    out, lse2 = call_op(_attention_varlen, query, key, value, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k),
+                        float(scale), is_causal, causal_alignment == "bottom_right", float(dropout_p), seed,
+                        deterministic)
     return (out, lse2 * math.log(2.0)) if return_lse else out

@@ -109,7 +109,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     need_dw = weight is not None and ctx.needs_input_grad[2]
     need_db = ctx.has_bias and ctx.needs_input_grad[3]
-    dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd, ctx.normalized_shape, need_dw, need_db)
+    dx, dw, db = call_op(_layer_norm_bwd, dy, x, weight, mean, rstd, ctx.normalized_shape, need_dw, need_db)
     return dx, None, dw if need_dw else None, db if need_db else None, None
 
 

@@ -16,7 +16,7 @@ import torch
 from .._dispatch import select
 from ..reference import linear_cross_entropy as _ref
 from ..reference._util import acc_dtype
-from ._common import check_same_device, check_tensor, kernels
+from ._common import call_op, check_same_device, check_tensor, kernels
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -62,7 +62,7 @@ def _backward(ctx, g_loss, g_stats):
     h, w, targets, stats = ctx.saved_tensors
     if g_loss is None:
         return None, None, None, None, None
-    dh, dw = _lce_backward(g_loss.contiguous(), h, w, targets, stats, *ctx.flags)
+    dh, dw = call_op(_lce_backward, g_loss.contiguous(), h, w, targets, stats, *ctx.flags)
     return dh, dw, None, None, None
 
 
@@ -114,7 +114,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     _check(input, weight, target, ignore_index, reduction, label_smoothing)
     h = input.reshape(-1, input.shape[-1])                                           # (N, D)
     t = target.reshape(-1).long()                                                    # (N,)
-    loss, _ = _lce(h, weight, t, int(ignore_index), float(label_smoothing))         # (N,) fp32
+    loss, _ = call_op(_lce, h, weight, t, int(ignore_index), float(label_smoothing))         # (N,) fp32
     if reduction == "none":
         return loss.view(target.shape).to(input.dtype)
     if reduction == "sum":

@@ -138,7 +138,7 @@ def _rms_setup(ctx, inputs, output):
 def _rms_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     need_dw = weight is not None and ctx.needs_input_grad[2]
-    dx, dw = _rms_norm_bwd(dy, x, weight, rstd, None, ctx.normalized_shape, need_dw)
+    dx, dw = call_op(_rms_norm_bwd, dy, x, weight, rstd, None, ctx.normalized_shape, need_dw)
     return dx, None, dw if need_dw else None, None
 
 
@@ -154,7 +154,7 @@ def _add_setup(ctx, inputs, output):
 def _add_backward(ctx, dy, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
     need_dw = weight is not None and ctx.needs_input_grad[2]
-    dsum, dw = _rms_norm_bwd(dy, s, weight, rstd, ds, [s.shape[-1]], need_dw)
+    dsum, dw = call_op(_rms_norm_bwd, dy, s, weight, rstd, ds, [s.shape[-1]], need_dw)
     return dsum, dsum, dw if need_dw else None, None
 
 

@@ -83,7 +83,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (y,) = ctx.saved_tensors
-    return _softmax_backward(y, grad, ctx.dim), None
+    return call_op(_softmax_backward, y, grad, ctx.dim), None
 
 
 _softmax.register_autograd(_backward, setup_context=_setup)

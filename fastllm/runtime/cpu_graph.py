@@ -15,8 +15,8 @@ graph fixes. What recording enforces (a TorchFunctionMode; a step that breaks a 
 eagerly):
   - no torch op computes, since a replay would not run it: every torch call must return views of its inputs or
     non-tensors; in-place ops, out= arguments and value reads (.item(), bool(t), ...) are refused, and so are
-    fastllm's own ops when they go through the torch dispatcher (their insides are out of the mode's sight): in
-    plain eager inference ops enter their implementation directly (fastllm/ops/_common.call_op), in sight;
+    fastllm's own ops when they go through the torch dispatcher (their insides are out of the mode's sight): eager
+    calls skip it (fastllm/ops/_common.call_op), so their insides are in sight;
   - tensors created while recording (the kernels' outputs, by torch.empty and its kin) are kept by the graph, so the
     recorded pointers stay valid; all else they point to belongs to the model and the cache, which the graph holds.
 A model whose blocks need torch ops (float nn.Linear weights, GPT-2's GELU) is refused at its first such op and
