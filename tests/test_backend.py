@@ -267,6 +267,26 @@ def test_the_eager_autograd_path_gives_the_dispatchers_gradients(op, monkeypatch
         torch.testing.assert_close(g, g_d, rtol=0, atol=0, msg=lambda m: f"grad of input {i}: {m}")
 
 
+@pytest.mark.parametrize("op", [op for op in _op_calls() if not op.startswith("decode")])
+def test_batched_gradients_and_inference_mode_with_grad_enabled(op):
+    """autograd.grad(..., is_grads_batched=True) runs the backward under torch's legacy vmap, whose batched tensors
+    (of plain type) only the dispatcher's batching rules can take: each row of the batched gradient equals the
+    gradient of that row alone. Inside inference_mode, enable_grad records nothing (the dispatcher skips
+    autograd there): the output is an inference tensor that does not require grad."""
+    inputs, fn = _op_calls()[op]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    cotangents = torch.randn((2, *out.shape), generator=torch.Generator().manual_seed(2))
+    batched = torch.autograd.grad(out, leaves, cotangents, is_grads_batched=True, retain_graph=True)
+    for row in range(2):
+        single = torch.autograd.grad(out, leaves, cotangents[row], retain_graph=True)
+        for i, (b, s) in enumerate(zip(batched, single)):
+            torch.testing.assert_close(b[row], s, msg=lambda m: f"input {i}, row {row}: {m}")
+    with torch.inference_mode(), torch.enable_grad():
+        out = fn(*leaves)
+    assert out.is_inference() and not out.requires_grad
+
+
 def test_no_direct_path_under_forward_ad_or_for_empty_limits():
     """Inside forward_ad.dual_level() tensors may carry tangents: the dispatcher must see the op. And an empty
     limits dict refuses nothing."""

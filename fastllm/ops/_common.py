@@ -175,20 +175,40 @@ def kernels():
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _legacy_vmap_bits() -> int:
+    """The dispatch-key bits that torch's legacy vmap (torch._vmap_internals, which autograd.grad(...,
+    is_grads_batched=True) and jacobian(vectorize=True) run backwards under) adds to the thread's included keys;
+    0 where this torch cannot say."""
+    try:
+        before = torch._C._dispatch_tls_local_include_set().raw_repr()
+        torch._C._vmapmode_increment_nesting()
+        try:
+            return torch._C._dispatch_tls_local_include_set().raw_repr() & ~before
+        finally:
+            torch._C._vmapmode_decrement_nesting()
+    except AttributeError:
+        return 0
+
+
+_LEGACY_VMAP = _legacy_vmap_bits()
+
+
 def _eager_path(args) -> str | None:
     """How an eager call may skip the torch.library dispatcher, which changes nothing for it: "direct" (no tensor
     autograd must follow: enter the implementation), "autograd" (some do: a plain autograd.Function around the
     implementation and the op's registered backward, as the dispatcher's own autograd kernel does), or None
-    (the op must run as ever: traced or compiled, a functorch transform, a dispatch mode, forward-mode AD, or a
-    fake, meta or other subclass tensor, which only the registered fake implementations may see; nn.Parameter,
-    a module's weight, is plain)."""
+    (the op must run as ever: traced or compiled, a functorch transform or torch's legacy vmap, a dispatch mode,
+    forward-mode AD, or a fake, meta or other subclass tensor, which only the registered fake implementations may
+    see; nn.Parameter, a module's weight, is plain)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
     if torch._C._len_torch_dispatch_stack() > 0:  # make_fx, FlopCounterMode, fake modes...: they must see the op
         return None
     if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tensors may carry tangents
         return None
-    grad = torch.is_grad_enabled()
+    if _LEGACY_VMAP and torch._C._dispatch_tls_local_include_set().raw_repr() & _LEGACY_VMAP:
+        return None  # batched tensors (of plain type) that only the dispatcher's batching rules can take
+    grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # (inference mode skips autograd)
     path = "direct"
     for a in args:
         if isinstance(a, torch.Tensor):

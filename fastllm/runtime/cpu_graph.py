@@ -165,7 +165,7 @@ class CpuGraphStep:
         self.graph = self.kept = self.h = self.after = self.hidden = None
         self.trusted = _kind(cache) in _CHECKED.get(model, ())  # record at once, skip the check
 
-    @torch.no_grad()  # (under autograd the ops would go through the dispatcher, which recording refuses)
+    @torch.no_grad()  # (a replay rewrites its outputs in place: none may be saved for a backward)
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.reason is not None or (self.calls == 1 and not self.trusted):
