@@ -64,7 +64,7 @@ def _run_peer(make: Peer, timer: Callable[[Callable], float | None]) -> dict:
 
 def compare(benchmark, fn: Callable[[], object], peers: dict[str, Peer], *, group: str, suite: str, case: dict,
             work: float, unit: str, counted: str, impl: str = "fastllm", min_time: float = 0.2,
-            warm_up_time: float = 0.3) -> None:
+            warm_up_time: float = 0.3, warm_up_calls: int = 3) -> None:
     """Time fn (implementation `impl`) with pytest-benchmark and each peer with _bench.time_it, and record
 
         extra_info = {"suite", "case", "impl", "unit", "counted", "work", "seconds", "rate",
@@ -88,14 +88,15 @@ def compare(benchmark, fn: Callable[[], object], peers: dict[str, Peer], *, grou
         for make in peers.values():
             _run_peer(make, lambda f: f())
         return
-    _bench.warm_up(fn, min_time=warm_up_time)
+    _bench.warm_up(fn, calls=warm_up_calls, min_time=warm_up_time)
     benchmark(fn)
     seconds = benchmark.stats.stats.median
     per_unit = UNITS[unit]
     timed = {}
     for name, make in peers.items():
         timed[name] = _run_peer(make, lambda f: _bench.time_it(f, DEVICE, min_time=min_time,
-                                                                 warm_up_time=warm_up_time))
+                                                                 warm_up_time=warm_up_time,
+                                                                 warm_up_calls=warm_up_calls))
         if "seconds" in timed[name]:
             peer_s = timed[name]["seconds"]
             timed[name].update(rate=work / peer_s / per_unit, ratio=peer_s / seconds)
@@ -185,4 +186,5 @@ def run_case(benchmark, case: _bench.Case, impl: str) -> None:
     compare(benchmark, case.make(impl), peers, group=case.name, suite="rowwise", impl=impl,
             case={"op": case.op, "direction": case.direction, "shape": list(case.shape),
                   "dtype": str(case.dtype).replace("torch.", "")},
-            work=case.bytes_moved, unit="GB/s", counted="bytes moved (inputs read once, outputs written once)")
+            work=case.bytes_moved, unit="GB/s", counted="bytes moved (inputs read once, outputs written once)",
+            warm_up_calls=20)  # (past the first touches of fresh memory, see _bench.warm_up)
