@@ -158,6 +158,9 @@ def _op_calls():
         "silu_mul": ((r(4, 9), r(4, 9)), fastllm.silu_mul),
         "attention": ((r(2, 4, 5, 8), r(2, 2, 7, 8), r(2, 2, 7, 8)),
                       lambda q, k, v: fastllm.attention(q, k, v, is_causal=True, enable_gqa=True)),
+        "attention return_lse": ((r(2, 4, 5, 8), r(2, 2, 7, 8), r(2, 2, 7, 8)),
+                                 lambda q, k, v: torch.cat([t.flatten() for t in fastllm.attention(
+                                     q, k, v, enable_gqa=True, return_lse=True)])),
         "attention_varlen": ((r(9, 4, 8), r(9, 2, 8), r(9, 2, 8)),
                              lambda q, k, v: fastllm.attention_varlen(q, k, v, cu, cu, 5, 5, is_causal=True)),
         "linear_cross_entropy": ((r(6, 16), r(40, 16)), lambda h, w: fastllm.linear_cross_entropy(h, w, targets)),
@@ -233,13 +236,14 @@ def test_every_layout_of_every_input_gives_the_dense_result(op, backend):
 
 def _graph_nodes(t: torch.Tensor):
     """The names of the autograd nodes t's gradient passes through."""
-    seen, todo = [], [t.grad_fn]
+    seen, names, todo = set(), [], [t.grad_fn]
     while todo:
         node = todo.pop()
-        if node is not None and node.name() not in seen:
-            seen.append(node.name())
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.append(node.name())
             todo.extend(n for n, _ in node.next_functions)
-    return seen
+    return names
 
 
 @pytest.mark.parametrize("op", [op for op in _op_calls() if not op.startswith("decode")])  # (no backward)

@@ -37,14 +37,18 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lq: int, lk: int,
 
 
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-              is_causal: bool, bottom_right: bool, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(out, lse2) from ATen's CPU flash attention, or None where it does not compute the op's semantics."""
+              is_causal: bool, bottom_right: bool, dropout_p: float,
+              with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(out, lse2) from ATen's CPU flash attention, or None where it does not compute the op's semantics;
+    with_lse=False: (out, None)."""
     if not applies(q, k, v, q.shape[2], k.shape[2], mask is not None, is_causal, bottom_right, dropout_p):
         return None
     if k.shape[1] != q.shape[1] and not _GQA_IN_PLACE:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out, lse = _flash(q, k, v, 0.0, is_causal, scale=scale)
+    if not with_lse:
+        return out, None
     lse2 = torch.empty(*lse.shape, dtype=torch.float32, device=lse.device)  # contiguous (B, Hq, Lq), as returned
     return out, torch.mul(lse, _LOG2E, out=lse2)
 

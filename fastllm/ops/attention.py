@@ -67,10 +67,11 @@ def _layout_strides(ref: torch.Tensor, last: int) -> tuple[int, ...]:
 
 def _in_layout(out: torch.Tensor, lse2: torch.Tensor, q: torch.Tensor):
     """(out, lse2) computed by a backend that chose its own layout, as the op returns them: out laid out as
-    _empty_like_layout(q, Dv), lse2 contiguous in _lse2_dtype(q); copies only what is laid out otherwise."""
+    _empty_like_layout(q, Dv), lse2 contiguous in _lse2_dtype(q) (or None when not asked for); copies only what
+    is laid out otherwise."""
     if out.stride() != _layout_strides(q, out.shape[-1]):
         out = _empty_like_layout(q, out.shape[-1]).copy_(out)
-    if lse2.dtype != _lse2_dtype(q) or not lse2.is_contiguous():
+    if lse2 is not None and (lse2.dtype != _lse2_dtype(q) or not lse2.is_contiguous()):
         lse2 = torch.empty(*q.shape[:3], dtype=_lse2_dtype(q), device=q.device).copy_(lse2)
     return out, lse2
 
@@ -92,17 +93,26 @@ def _keep(q: torch.Tensor, k: torch.Tensor, dropout_p: float, seed: int):
 
 
 # ---- custom ops --------------------------------------------------------------------------------
-@torch.library.custom_op("fastllm::attention", mutates_args=())
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-               is_causal: bool, bottom_right: bool, dropout_p: float, seed: int,
-               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p, seed, deterministic, lse: bool = True):
+    """(out, lse2); lse=False: lse2 may be None (ATen's CPU kernel then skips converting its log-sum-exp)."""
     if select("attention", q, k, v) == "triton":
         out, lse2 = _fwd_outputs(q, v)
         return _tk().attention_fwd(q, k, v, mask, scale=scale, is_causal=is_causal, bottom_right=bottom_right,
                                    dropout_p=dropout_p, seed=seed, out=out)
-    return _in_layout(*(flash_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p)
+    return _in_layout(*(flash_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p, with_lse=lse)
                         or _ref_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p,
                                     _keep(q, k, dropout_p, seed))), q)
+
+
+def _attention_out(q, k, v, mask, scale, is_causal, bottom_right, dropout_p, seed, deterministic):
+    return _attention_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p, seed, deterministic, lse=False)
+
+
+@torch.library.custom_op("fastllm::attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+               is_causal: bool, bottom_right: bool, dropout_p: float, seed: int,
+               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p, seed, deterministic)
 
 
 @_attention.register_fake
@@ -293,7 +303,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     seed = _draw_seed() if dropout_p > 0 else 0
     out, lse2 = call_op(_attention, q4, k4, v4, mask4, float(scale), is_causal, causal_alignment == "bottom_right",
-                        float(dropout_p), seed, deterministic)
+                        float(dropout_p), seed, deterministic, direct=None if return_lse else _attention_out)
     if len(lead) != 2:
         out = out.reshape(*lead, lq, dv)
     return (out, (lse2 * math.log(2.0)).reshape(*lead, lq)) if return_lse else out
