@@ -69,6 +69,12 @@ def check_param(name: str, t, x: torch.Tensor, shape: Sequence[int]) -> None:
 
 
 # ---- layouts -----------------------------------------------------------------------------------
+def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a contiguous copy of it when it is not (a sliced or expanded parameter): the kernels read parameters
+    through their data pointer alone. A copy must be held in a variable until the kernel returns."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def as_rows(t: torch.Tensor, k: int = 1) -> torch.Tensor:
     """(rows, cols) view of t, cols = prod of the last k dims, with inner stride 1 and a row stride
     >= cols; copies only when the strides do not allow such a view (e.g. a transposed or broadcast

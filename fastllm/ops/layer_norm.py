@@ -14,13 +14,8 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ._common import (as_rows, call_op, check_normalized_shape, check_param, check_tensor, code, cuda_workspace,
+from ._common import (as_rows, call_op, check_normalized_shape, check_param, check_tensor, code, cuda_workspace, dense,
                       new_output, new_output_like, ptr, run_c, stat_dtype)
-
-
-def _flat(p: torch.Tensor | None) -> torch.Tensor | None:
-    """A parameter as the kernels read it: its values in order, contiguous (its data pointer is all they take)."""
-    return p if p is None or p.is_contiguous() else p.contiguous()
 
 
 def _layer_norm(x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -38,7 +33,7 @@ def _layer_norm(x: torch.Tensor, normalized_shape: list[int], weight: torch.Tens
     mean = rstd = None
     if stats:
         mean, rstd = x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
-    w, b = _flat(weight), _flat(bias)  # (held until the kernel returns: they may be copies)
+    w, b = dense(weight), dense(bias)  # (held until the kernel returns: they may be copies)
     run_c(backend, "layer_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(w), ptr(b), ptr(y), cols, ptr(mean),
           ptr(rstd), rows, cols, eps, code(x))
     return y, mean, rstd
@@ -68,7 +63,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
                     need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx: x.shape, dweight: normalized_shape or (0,), dbias: normalized_shape or (0,))."""
     k = len(normalized_shape)
-    dy2, x2, w = as_rows(dy, k), as_rows(x, k), None if weight is None else _flat(weight).view(-1)
+    dy2, x2, w = as_rows(dy, k), as_rows(x, k), None if weight is None else dense(weight).view(-1)
     backend = select("layer_norm", x, weight) if x.numel() else "torch"
     if backend == "torch":
         dx, dw, db = reference.layer_norm_bwd(dy2, x2, w, mean, rstd)

@@ -30,7 +30,8 @@ from .._dispatch import select
 from ..quant.formats import Format, dequantize
 from ..quant.quantize import QuantizedWeight
 from ..reference.qmatmul import ACT_MODES
-from ._common import as_rows, call_op, check_same_device, check_tensor, code, kernels, new_output, ptr, run_c
+from ._common import (as_rows, call_op, check_same_device, check_tensor, code, dense, kernels, new_output, ptr,
+                      run_c)
 
 
 CUDA_GEMV_MAX_M = 8
@@ -62,8 +63,7 @@ def _qmatmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, mins: Op
     """x: (..., K); data/scales/mins: a packed (N, K) weight (group_size 0: per-channel) -> (..., N)."""
     fmt = _format(scheme, group_size)
     x2 = as_rows(x)
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()  # the kernels read it densely (a sliced or expanded bias: a copy, held)
+    bias = dense(bias)  # (held until the kernels return)
     m, k = x2.shape
     n = data.shape[0]
     out_shape = None if x.dim() == 2 else (*x.shape[:-1], n)  # None: y is the answer as it is

@@ -15,8 +15,7 @@ import torch
 from .. import reference
 from .._dispatch import select
 from ._common import (as_rows, call_op, check_like, check_normalized_shape, check_param, check_tensor, code,
-                      cuda_workspace, new_output, new_output_like, ptr, run_c, stat_dtype)
-from .layer_norm import _flat
+                      cuda_workspace, dense, new_output, new_output_like, ptr, run_c, stat_dtype)
 
 
 def _stats_like(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -39,7 +38,7 @@ def _rms_norm(x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor
     rows, cols = x2.shape
     y = new_output_like(x)
     rstd = x.new_empty(rows, dtype=torch.float32) if stats else None
-    w = _flat(weight)  # (held until the kernel returns: it may be a copy)
+    w = dense(weight)  # (held until the kernel returns: it may be a copy)
     run_c(backend, "rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(w), ptr(y), cols, ptr(rstd), rows, cols, eps,
           code(x))
     return y, rstd
@@ -72,7 +71,7 @@ def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor 
     rows, cols = x2.shape
     y, s = new_output_like(x), new_output_like(x)
     rstd = x.new_empty(rows, dtype=torch.float32) if stats else None
-    w = _flat(weight)  # (held until the kernel returns: it may be a copy)
+    w = dense(weight)  # (held until the kernel returns: it may be a copy)
     run_c(backend, "add_rms_norm_fwd", x.device, ptr(x2), x2.stride(0), ptr(r2), r2.stride(0), ptr(s), cols, ptr(w),
           ptr(y), cols, ptr(rstd), rows, cols, eps, code(x))
     return y, s, rstd
@@ -103,7 +102,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     k = len(normalized_shape)
     dy2, x2 = as_rows(dy, k), as_rows(x, k)
     de2 = None if dextra is None else as_rows(dextra, k)
-    w = None if weight is None else _flat(weight).view(-1)
+    w = None if weight is None else dense(weight).view(-1)
     backend = select("rms_norm", x, weight) if x.numel() else "torch"
     if backend == "torch":
         dx, dw = reference.rms_norm_bwd(dy2, x2, w, rstd, de2)
