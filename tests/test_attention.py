@@ -404,8 +404,9 @@ def test_cpu_flash_path(monkeypatch, strided, gqa):
 @pytest.mark.parametrize("with_lse", [False, True])
 def test_cpu_flash_backward(monkeypatch, gqa, with_lse):
     """On CPU the backward runs ATen's flash attention backward where the forward ran its forward and the
-    log-sum-exp has no gradient (with return_lse's lse in the loss: the reference), from (B, L, H, D) views, and
-    the gradients match float64 within twice torch's own fp32 error."""
+    log-sum-exp has no gradient (with return_lse's lse in the loss: the reference) and GQA heads are read in
+    place (torch 2.13 on), from (B, L, H, D) views, and the gradients match float64 within twice torch's own fp32
+    error."""
     from fastllm.ops import _attention_cpu
     calls = []
     real = _attention_cpu._flash_bwd
@@ -427,7 +428,8 @@ def test_cpu_flash_backward(monkeypatch, gqa, with_lse):
         loss = (out * dout.to(out.dtype)).sum() + (lse.sum() if with_lse else 0)
         loss.backward()
         grads[name] = [x.grad for x in leaves]
-    assert len(calls) == (not with_lse)
+    # torch < 2.13 reads GQA heads only when repeated: the reference backward then runs instead
+    assert len(calls) == (not with_lse and (not gqa or _attention_cpu._GQA_IN_PLACE))
     for n, ours, peer, expected in zip("qkv", grads["ours"], grads["torch"], grads["f64"]):
         assert_close("d" + n, ours, peer, expected)
 
