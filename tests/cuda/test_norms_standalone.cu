@@ -393,7 +393,10 @@ int main(int argc, char** argv) {
                           {19, 257},  {3000, 64},  {1000, 96},   {64, 1000},  {9, 1024},   {4, 1025},
                           {513, 2048}, {3, 4097},  {300, 5000},  {2, 8192},   {3, 8193},   {129, 12288},
                           {2, 16384}, {2, 16385},  {2, 32768},   {3, 32769},  {1, 70000},  {1, 120000},
-                          {1, 262144}};
+                          {1, 262144},
+                          // more rows than the grid has blocks: each block's loop over its rows, and the dw/db
+                          // partial sums across them (warp-group, one-row-per-block and chunked backward kernels)
+                          {20000, 64}, {5000, 1024}, {2000, 12288}};
     std::mt19937_64 g(1234);
     const DType types[] = {DType::F32, DType::F16, DType::BF16};
     int variant = 0;
