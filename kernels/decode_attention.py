@@ -223,6 +223,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         o, lse, so, sl = out, out, (*out.stride()[:3], 0, out.stride(3)), (0, 0, 0, 0)
     flags = kernel_flags(q)
+    cache_seqlens = cache_seqlens.contiguous()  # the kernel reads entry b at b (no copy when already dense)
     bt = block_table if paged else cache_seqlens
     with device_guard(q):
         _split_kernel[(num_splits, hkv * m_blocks, b)](

@@ -113,6 +113,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     paged = block_table is not None
     rotary = cos is not None
     hq = q.shape[2] if q is not None else 0
+    cache_seqlens = cache_seqlens.contiguous()  # the kernel reads entry b at b (no copy when already dense)
     with device_guard(k_new):
         _append_kernel[(lnew, b)](
             k_new, v_new, k_cache, v_cache, k_scale if k_scale is not None else k_new,

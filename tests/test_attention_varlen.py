@@ -116,6 +116,26 @@ def test_equal_lengths_equal_dense_attention(device, backend):
     torch.testing.assert_close(lse, s.logsumexp(-1).transpose(0, 1).flatten(1).float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_strided_cu_seqlens(device, backend):
+    """cu_seqlens as [::2] views with junk between their entries give what dense ones give, forward and backward
+    (the Triton kernels index them without a stride)."""
+    lq, lk = [5, 17, 1], [9, 3, 20]
+    grads = []
+    for strided in (False, True):
+        leaves = [_packed(lens, h, 16, torch.float32, device, seed=i) for i, (lens, h) in enumerate(((lq, 4), (lk, 2),
+                                                                                                   (lk, 2)))]
+        cu = [_cu(lens, device) for lens in (lq, lk)]
+        if strided:
+            cu = [torch.stack([c, torch.full_like(c, 1 << 30)], 1).flatten()[::2] for c in cu]
+        with running_on(backend):
+            out = attention_varlen(*leaves, *cu, max(lq), max(lk), is_causal=True)
+            out.backward(randn(out.shape, torch.float32, device, seed=7))
+        grads.append([out.detach()] + [t.grad for t in leaves])
+    for name, dense, strided in zip(["out", "dq", "dk", "dv"], *grads):
+        torch.testing.assert_close(strided, dense, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("strided", ["q", "k", "v"])
 def test_cpu_strided_head_dim(strided):
     """A head dim whose values are not adjacent (a [..., ::2] view) on the CPU default path: ATen's flash kernel

@@ -187,16 +187,20 @@ def test_cpu_strided_rows_fall_back_to_torch():
     assert_close("out", out, torch_same_dtype(q, kc, vc, sl, None, None, None, 0.25, True), expected)
 
 
-def test_cpu_strided_lengths():
-    """cache_seqlens a [::2] view with junk between its entries: the C++ kernel reads a dense copy of it, which
-    must live until the kernel returns."""
-    kc, vc, sl, table, _, _ = make_cache([48, 1, 30], 2, 16, torch.float32, "cpu", page=16, seed=15)
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_strided_lengths(device, backend, paged):
+    """cache_seqlens a [::2] view with junk between its entries: every kernel reads a dense copy of it (the C++
+    one's must live until the kernel returns; the Triton kernels index it without a stride)."""
+    kc, vc, sl, table, _, _ = make_cache([48, 1, 30], 2, 16, torch.float32, device, page=16 if paged else None,
+                                         seed=15)
     strided = torch.stack([sl, torch.full_like(sl, 1 << 30)], 1).flatten()[::2]
-    q = randn((3, 1, 2, 16), torch.float32, "cpu", seed=16)
-    dense = fastllm.decode_attention(q, kc, vc, sl, block_table=table)
-    for _ in range(20):  # (a dangling copy is overwritten by a later allocation only sometimes)
-        out = fastllm.decode_attention(q, kc, vc, strided, block_table=table)
-        torch.testing.assert_close(out, dense, rtol=0, atol=0)
+    q = randn((3, 1, 2, 16), torch.float32, device, seed=16)
+    with running_on(backend):
+        dense = fastllm.decode_attention(q, kc, vc, sl, block_table=table)
+        for _ in range(20 if backend == "cpu" else 1):  # (a dangling copy is overwritten only sometimes)
+            out = fastllm.decode_attention(q, kc, vc, strided, block_table=table)
+            torch.testing.assert_close(out, dense, rtol=0, atol=0)
 
 
 def test_num_splits_heuristic(monkeypatch):

@@ -144,17 +144,21 @@ def test_int8_rows_with_nan_and_inf(device, backend):
     assert back[0, 0, 0].isnan().all() and back[0, 1, 1].isnan().any() and back[0, 2, 0].isnan().any()
 
 
-def test_cpu_strided_lengths():
-    """cache_seqlens a [::2] view with junk between its entries: the C++ kernel reads a dense copy of it, which
-    must live until the kernel returns."""
-    args = _setup(CASES["paged-int8-rope-q"], "cpu")
+@pytest.mark.parametrize("case", ["paged-int8-rope-q", "contig-fp32-plain"])
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_strided_lengths(device, backend, case):
+    """cache_seqlens a [::2] view with junk between its entries: every kernel reads a dense copy of it (the C++
+    one's must live until the kernel returns; the Triton kernel indexes it without a stride)."""
+    args = _setup(CASES[case], device)
     lens = args["cache_seqlens"]
     strided = torch.stack([lens, torch.full_like(lens, 1 << 30)], 1).flatten()[::2]
     dense = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    q_dense = fastllm.kv_cache_append(**dense)
-    for _ in range(20):  # (a dangling copy is overwritten by a later allocation only sometimes)
+    with running_on(backend):
+        q_dense = fastllm.kv_cache_append(**dense)
+    for _ in range(20 if backend == "cpu" else 1):  # (a dangling copy is overwritten only sometimes)
         again = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        q_out = fastllm.kv_cache_append(**dict(again, cache_seqlens=strided))
+        with running_on(backend):
+            q_out = fastllm.kv_cache_append(**dict(again, cache_seqlens=strided))
         torch.testing.assert_close(q_out, q_dense, rtol=0, atol=0)
         for name in ("k_cache", "v_cache", "k_scale", "v_scale"):
             torch.testing.assert_close(again[name], dense[name], rtol=0, atol=0, equal_nan=True)

@@ -159,7 +159,7 @@ def _check_cu(name: str, cu, total: int, max_name: str, max_len, ref: torch.Tens
         longest = max((y - x for x, y in zip(b, b[1:])), default=0)
         if longest > max_len:
             raise ValueError(f"{max_name} is {max_len} but {name} holds a sequence of {longest} tokens")
-    return cu.to(torch.int32)
+    return cu.to(torch.int32).contiguous()  # the kernels read entry i at i
 
 
 def attention_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: torch.Tensor,
