@@ -72,7 +72,10 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, dq_ptr, m_ptr, LSE, DELTA, row, lo
         ds = to_out(p * (dp - delta[:, None]), q_ptr, EXACT_BF16)
         dk = dot(tl.trans(ds), q, dk, DOT)
         if ATOMIC_DQ:
-            # Keys past Lk have k = 0 (loaded as zero), so they add nothing to dq.
+            # Keys past Lk (k loaded as 0) must add nothing to dq; without the EDGE masks their p can be inf (a row
+            # whose every key has a large finite negative mask has lse2 ~ -1e9, and their s is 0): inf * 0 = NaN.
+            if not EDGE:
+                ds = tl.where((offs_n < LK)[None, :], ds, tl.zeros_like(ds))
             dq = dot(ds, k, tl.zeros([BLOCK_M, k.shape[1]], tl.float32), DOT) * sm_scale
             ptrs, inb = _tile(dq_ptr, offs_m, sam, LQ, offs_d, sad, D)
             tl.atomic_add(ptrs, dq, mask=inb, sem="relaxed")

@@ -273,7 +273,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         h // (Hq / Hkv), without repeating key/value in memory.
     return_lse: also return lse (..., Hq, Lq), float32 (float64 for float64 inputs), log sum_j exp(s_ij)
         (-inf for a fully masked row); it is differentiable. deterministic: bit-identical gradients run to
-        run (today the Triton backward always is: it uses no atomics; False leaves room for a faster one).
+        run: the Triton backward then computes dq in a kernel of its own (no atomics); False (default) adds
+        each key block's share of dq with atomic adds in the dk/dv kernel, whose order varies run to run.
     With dropout_p > 0 the seed is drawn from torch's default generator (torch.manual_seed repeats it),
     which is a graph break under torch.compile.
     Returns out (..., Hq, Lq, Dv) in query's dtype, or (out, lse) with return_lse; differentiable.

@@ -53,13 +53,18 @@ def _scores2(q, k, mask, scale, is_causal, bottom_right):
     return s
 
 
-def _logsumexp2(s2):
-    """log2 sum_j 2^s2_j over the last dim; -inf for an all -inf (or empty) row."""
+def _softmax2(s2):
+    """(p, lse2): p = 2^(s2 - max) / sum_j 2^(s2_j - max) over the last dim, normalised by the division (as the
+    kernels' online softmax and torch's are: 2^(s2 - lse2) would carry lse2's rounding into every p of the row,
+    which matters for rows shifted far down by a large finite mask), and lse2 = log2 sum_j 2^s2_j; p = 0 and
+    lse2 = -inf for an all -inf (or empty) row."""
     if s2.shape[-1] == 0:
-        return s2.new_full(s2.shape[:-1], float("-inf"))
+        return s2.clone(), s2.new_full(s2.shape[:-1], float("-inf"))
     m = s2.amax(-1)
     m = m.masked_fill(m == float("-inf"), 0.0)
-    return m + torch.log2(torch.exp2(s2 - m[..., None]).sum(-1))
+    e = torch.exp2(s2 - m[..., None])
+    total = e.sum(-1)
+    return e / total.masked_fill(total == 0, 1.0)[..., None], m + torch.log2(total)
 
 
 def _probs(s2, lse2):
@@ -86,9 +91,8 @@ def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, bottom_right: bo
     """Returns (out, lse2). keep: None, or the dropout keep mask (B, Hq, Lq, Lk) (dropout_keep gives one):
     the probabilities it drops are zeroed and the rest scaled by 1 / (1 - dropout_p), as torch does;
     lse2 is that of the undropped scores."""
-    s2 = _scores2(q, k, mask, scale, is_causal, bottom_right)
-    lse2 = _logsumexp2(s2)
-    p = _dropped(_probs(s2, lse2), dropout_p, keep)
+    p, lse2 = _softmax2(_scores2(q, k, mask, scale, is_causal, bottom_right))
+    p = _dropped(p, dropout_p, keep)
     group = q.shape[1] // v.shape[1]
     out = torch.matmul(p, v.to(p.dtype).repeat_interleave(group, dim=1))
     return out.to(q.dtype), lse2
