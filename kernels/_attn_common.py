@@ -8,7 +8,8 @@ lengths, which size the grid.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -241,3 +242,43 @@ def mask_args(mask: torch.Tensor | None, q: torch.Tensor):
 
 def launch(cfg: AttnConfig) -> dict:
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def smaller(cfg: AttnConfig) -> AttnConfig | None:
+    """The next tiles to try where cfg's do not fit: one pipeline stage fewer, else the larger block halved
+    (down to 16), else None."""
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_m >= cfg.block_n and cfg.block_m > 16:
+        return replace(cfg, block_m=cfg.block_m // 2)
+    if cfg.block_n > 16:
+        return replace(cfg, block_n=cfg.block_n // 2)
+    return None
+
+
+_FITTED: dict = {}  # (kernel, tiles asked for, constexprs, device) -> the tiles that fit
+
+
+def run_fitting(kernel, grid, cfg: AttnConfig, device: torch.device, args: tuple, constexprs: dict,
+                shrink: bool = True) -> AttnConfig:
+    """kernel[grid(tiles)](*args, **constexprs, **launch(tiles)) with tiles = cfg, or smaller ones (smaller()) where
+    the GPU cannot hold cfg's for this variant: Triton raises OutOfResources when it compiles them. A winner that
+    kernels/attention_tune.py measured without a mask, or CONFIGS on a GPU with less shared memory than sm_90's,
+    may need more for a float mask or dropout. The tiles that fit are remembered (a warning says so once).
+    shrink=False: cfg or the error (tiles a caller chose: the tuner times exactly those). Returns the tiles that
+    ran."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel, cfg, tuple(sorted(constexprs.items())), str(device))
+    tiles = _FITTED.get(key, cfg)
+    while True:
+        try:
+            kernel[grid(tiles)](*args, **constexprs, **launch(tiles))
+            return tiles
+        except OutOfResources as e:
+            nxt = smaller(tiles) if shrink else None
+            if nxt is None:
+                raise
+            warnings.warn(f"attention tiles {tiles} do not fit this GPU for {constexprs} ({e}); trying {nxt}",
+                          RuntimeWarning, stacklevel=3)
+            tiles = _FITTED[key] = nxt

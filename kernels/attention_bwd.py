@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ._attn_common import (LOG2E, AttnConfig, Varlen, _causal_offset, _keep, _key_range, _kv_scores,
                            _load_lse2, _load_tile, _query_block, _scores, _seq, _store_tile, _tile, check_inputs,
-                           launch, mask_args, packed_4d, pad_dim, pick_config)
+                           mask_args, packed_4d, pad_dim, pick_config, run_fitting)
 from ._common import device_guard, dot, kernel_flags, to_out
 
 DELTA_BLOCK_M = 64
@@ -245,14 +245,14 @@ def attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor
         _delta_kernel[(triton.cdiv(d_lq, DELTA_BLOCK_M), hq, d_b)](
             d_out, d_dout, dlse_c, delta, *d_out.stride(), *d_dout.stride(), hq, d_lq, dvd,
             BLOCK_M=DELTA_BLOCK_M, DV_P=pad_dim(dvd), HAS_DLSE=dlse is not None)
-        _dkdv_kernel[(triton.cdiv(lk, cfg_kv.block_n), hkv, b)](
-            q, k, v, m, dout, lse, delta, dk4, dv4, dq_acc, cu_q, cu_k, *q.stride(), *k.stride(), *v.stride(), *ms,
-            *dout.stride(), *dk4.stride(), *dv4.stride(), *acc_strides, *sizes, ATOMIC_DQ=atomic, **common,
-            **launch(cfg_kv))
+        run_fitting(_dkdv_kernel, lambda t: (triton.cdiv(lk, t.block_n), hkv, b), cfg_kv, q.device,
+                    (q, k, v, m, dout, lse, delta, dk4, dv4, dq_acc, cu_q, cu_k, *q.stride(), *k.stride(),
+                     *v.stride(), *ms, *dout.stride(), *dk4.stride(), *dv4.stride(), *acc_strides, *sizes),
+                    dict(ATOMIC_DQ=atomic, **common), shrink=config is None)
         if atomic:
             dq.copy_(dq_acc if varlen is None else dq_acc[0].transpose(0, 1))
         else:
-            _dq_kernel[(triton.cdiv(lq, cfg_q.block_m), hq, b)](
-                q, k, v, m, dout, lse, delta, dq4, cu_q, cu_k, *q.stride(), *k.stride(), *v.stride(), *ms,
-                *dout.stride(), *dq4.stride(), *sizes, **common, **launch(cfg_q))
+            run_fitting(_dq_kernel, lambda t: (triton.cdiv(lq, t.block_m), hq, b), cfg_q, q.device,
+                        (q, k, v, m, dout, lse, delta, dq4, cu_q, cu_k, *q.stride(), *k.stride(), *v.stride(), *ms,
+                         *dout.stride(), *dq4.stride(), *sizes), common, shrink=config is None)
     return dq, dk, dv

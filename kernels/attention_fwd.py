@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from ._attn_common import (AttnConfig, Varlen, _causal_offset, _keep, _key_range, _kv_scores, _load_tile,
-                           _query_block, _seq, _store_tile, check_inputs, launch, mask_args, packed_4d,
-                           pad_dim, pick_config)
+                           _query_block, _seq, _store_tile, check_inputs, mask_args, packed_4d, pad_dim,
+                           pick_config, run_fitting)
 from ._common import device_guard, dot, kernel_flags, online_softmax_finish, online_softmax_step, to_out
 
 
@@ -113,12 +113,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         return out, lse
     cfg = config or pick_config("fwd", d, dv, q.dtype, q.device)
     kind, m, ms = mask_args(mask, q)
-    grid = (triton.cdiv(lq, cfg.block_m), hq, b)
     with device_guard(q):
-        _fwd_kernel[grid](q, k, v, m, out4, lse, cu_q, cu_k, *q.stride(), *k.stride(), *v.stride(), *ms,
-                          *out4.stride(), *lse_strides, hq // hkv, lq, lk, rng_cols, d, dv,
-                          scale * math.log2(math.e), seed, dropout_p,
-                          D_P=pad_dim(d), DV_P=pad_dim(dv), MASK_KIND=kind, IS_CAUSAL=is_causal,
-                          BOTTOM_RIGHT=bottom_right, VARLEN=varlen is not None, DROPOUT=dropout_p > 0.0,
-                          **kernel_flags(q), **launch(cfg))
+        run_fitting(_fwd_kernel, lambda t: (triton.cdiv(lq, t.block_m), hq, b), cfg, q.device,
+                    (q, k, v, m, out4, lse, cu_q, cu_k, *q.stride(), *k.stride(), *v.stride(), *ms, *out4.stride(),
+                     *lse_strides, hq // hkv, lq, lk, rng_cols, d, dv, scale * math.log2(math.e), seed, dropout_p),
+                    dict(D_P=pad_dim(d), DV_P=pad_dim(dv), MASK_KIND=kind, IS_CAUSAL=is_causal,
+                         BOTTOM_RIGHT=bottom_right, VARLEN=varlen is not None, DROPOUT=dropout_p > 0.0,
+                         **kernel_flags(q)), shrink=config is None)
     return out, lse

@@ -9,7 +9,9 @@ compiler rejects (shared memory, registers) or whose result differs from the def
 are dropped, and the fastest is kept. Winners are looked up by key "sm<major><minor>/<kernel>/<dim>/<precision>":
 first in the user cache ($FASTLLM_CACHE_DIR or ~/.cache/fastllm, attention_tiles.json), then in the table
 shipped with the package (attention_tiles.json next to this file, filled from GPU sessions), else
-_attn_common.CONFIGS. A cache that cannot be read is ignored with a warning.
+_attn_common.CONFIGS. A cache that cannot be read is ignored with a warning. The problem is causal, with no mask
+and no dropout: a float mask or dropout needs more shared memory, and where a winner's tiles do not fit those,
+the launch shrinks them for that variant (_attn_common.run_fitting, with a warning).
 """
 from __future__ import annotations
 

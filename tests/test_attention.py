@@ -4,6 +4,7 @@ import contextlib
 import os
 import random
 import sys
+import warnings
 
 import pytest
 import torch
@@ -445,6 +446,46 @@ def test_cpu_flash_backward(monkeypatch, gqa, with_lse):
     assert len(calls) == (not with_lse and (not gqa or _attention_cpu._GQA_IN_PLACE))
     for n, ours, peer, expected in zip("qkv", grads["ours"], grads["torch"], grads["f64"]):
         assert_close("d" + n, ours, peer, expected)
+
+
+def test_tiles_that_do_not_fit_fall_back_to_smaller_ones():
+    """Where Triton cannot fit a config's tiles (OutOfResources at compile time: a tuned winner measured without a
+    mask, a GPU with less shared memory), run_fitting tries one stage fewer, then halves the larger block, warns,
+    and remembers the tiles that fit for that kernel, variant and device; nothing fits, or tiles given with
+    shrink=False: the error."""
+    from triton.runtime.errors import OutOfResources
+
+    from fastllm.kernels import _attn_common as tk
+
+    class Kernel:  # a stand-in for a Triton kernel whose shared memory grows with its tiles
+        def __init__(self, limit):
+            self.limit, self.launched = limit, []
+
+        def __getitem__(self, grid):
+            def run(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **constexprs):
+                need = BLOCK_M * BLOCK_N * num_stages * (2 if constexprs["MASK_KIND"] else 1)
+                if need > self.limit:
+                    raise OutOfResources(need, self.limit, "shared memory")
+                self.launched.append((grid, BLOCK_M, BLOCK_N, num_stages))
+            return run
+
+    def grid(tiles):
+        return (100 // tiles.block_m,)
+
+    kernel, cfg, cpu = Kernel(64 * 64), tk.AttnConfig(128, 64, 8, 3), torch.device("cpu")
+    with pytest.raises(OutOfResources):  # tiles a caller chose (the tuner's candidates): exactly those
+        tk.run_fitting(kernel, grid, cfg, cpu, (1, 2), dict(MASK_KIND=0), shrink=False)
+    with pytest.warns(RuntimeWarning, match="do not fit"):
+        assert tk.run_fitting(kernel, grid, cfg, cpu, (1, 2), dict(MASK_KIND=0)) == tk.AttnConfig(64, 64, 8, 1)
+    with pytest.warns(RuntimeWarning, match="do not fit"):  # a float mask needs more: its own tiles
+        assert tk.run_fitting(kernel, grid, cfg, cpu, (1, 2), dict(MASK_KIND=2)) == tk.AttnConfig(32, 64, 8, 1)
+    assert kernel.launched == [((1,), 64, 64, 1), ((3,), 32, 64, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no more tries, no warning
+        assert tk.run_fitting(kernel, grid, cfg, cpu, (1, 2), dict(MASK_KIND=2)) == tk.AttnConfig(32, 64, 8, 1)
+    assert kernel.launched[2:] == [((3,), 32, 64, 1)]
+    with pytest.raises(OutOfResources):
+        tk.run_fitting(Kernel(16 * 16 - 1), grid, tk.AttnConfig(32, 16, 4, 2), cpu, (), dict(MASK_KIND=0))
 
 
 @pytest.mark.parametrize("device", DEVICES)
