@@ -95,9 +95,11 @@ def _keep(seed, row_base, offs_m, offs_n, RNG_COLS, dropout_p):
 
 @triton.jit
 def _tile(ptr, offs_r, stride_r, n_r, offs_c, stride_c, n_c):
-    """Pointers and in-bounds mask of the tile [len(offs_r), len(offs_c)] of a matrix of n_r x n_c at ptr."""
+    """Pointers and in-bounds mask of the tile [len(offs_r), len(offs_c)] of a matrix of n_r x n_c at ptr. Row
+    offsets in int64: one (B, L, H, D) sequence passes 2^31 elements at L > 2^31 / (H D), 262k tokens of 64 x 128
+    heads, and the delta kernel indexes every packed token of a varlen batch from its first."""
     mask = (offs_r < n_r)[:, None] & (offs_c < n_c)[None, :]
-    return ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask
+    return ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c[None, :] * stride_c, mask
 
 
 @triton.jit
