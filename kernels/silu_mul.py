@@ -7,7 +7,7 @@ g = -inf gives NaN (-inf / inf), as in torch. exp(x) = exp2(x log2(e)) with the 
 x log2(e) added back to first order: exp2 would otherwise scale it by |x log2(e)|, 1e-5 relative at |x| = 88.
 
 g, u: (rows, cols), inner stride 1, any row stride (the halves of a fused gate/up projection); y: a new
-contiguous (rows, cols) tensor. One program per (row, BLOCK columns).
+contiguous (rows, cols) tensor. One program per (row, BLOCK columns), in one grid dimension.
 """
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, cols, g_stride, u_stride, y_stride, BLOCK: tl.constexpr,
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, cols, col_blocks, g_stride, u_stride, y_stride, BLOCK: tl.constexpr,
                      EXACT_BF16: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)  # one grid dimension: a CUDA grid's second holds only 65535 blocks
+    row = pid // col_blocks
+    offs = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < cols
     g = tl.load(g_ptr + row * g_stride + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * u_stride + offs, mask=mask, other=0.0).to(tl.float32)
@@ -50,7 +51,8 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     y = torch.empty((rows, cols), dtype=g.dtype, device=g.device)
     if rows == 0 or cols == 0:
         return y
+    col_blocks = triton.cdiv(cols, BLOCK)
     with device_guard(g):
-        _silu_mul_kernel[(rows, triton.cdiv(cols, BLOCK))](g, u, y, cols, g.stride(0), u.stride(0), y.stride(0),
-                                                            BLOCK=BLOCK, EXACT_BF16=exact_bf16(g), num_warps=4)
+        _silu_mul_kernel[(rows * col_blocks,)](g, u, y, cols, col_blocks, g.stride(0), u.stride(0), y.stride(0),
+                                               BLOCK=BLOCK, EXACT_BF16=exact_bf16(g), num_warps=4)
     return y

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fastllm
 from helpers import DEVICES, assert_close, compile_check, compile_for_sm90, device_backends, randn, running_on
 
-from fastllm import attention
+from fastllm import attention, attention_varlen
 
 BACKENDS = device_backends("attention")
 
@@ -446,6 +446,19 @@ def test_cpu_flash_backward(monkeypatch, gqa, with_lse):
     assert len(calls) == (not with_lse and (not gqa or _attention_cpu._GQA_IN_PLACE))
     for n, ours, peer, expected in zip("qkv", grads["ours"], grads["torch"], grads["f64"]):
         assert_close("d" + n, ours, peer, expected)
+
+
+def test_grids_past_cuda_limits_are_not_for_the_kernels():
+    """The kernels' grids hold the batch and the heads in their third and second dimensions, at most 65535 each on
+    CUDA: more is refused with the reason (the reference runs it when nothing is forced), varlen's sequences too."""
+    q = torch.zeros(65536, 1, 1, 16)
+    with running_on("triton"), pytest.raises(ValueError, match="batch = 65536 exceeds the 65535"):
+        attention(q, q, q)
+    packed, cu = torch.zeros(65536, 1, 16), torch.arange(65537, dtype=torch.int32)
+    with running_on("triton"), pytest.raises(ValueError, match="sequences = 65536 exceeds the 65535"):
+        attention_varlen(packed, packed, packed, cu, cu, 1, 1)
+    out = attention(q[:, :, :, :4], q[:, :, :, :4], torch.ones(65536, 1, 1, 4))
+    assert fastllm.dispatch_log()["attention"]["backend"] != "triton" and torch.equal(out, torch.ones_like(out))
 
 
 def test_tiles_that_do_not_fit_fall_back_to_smaller_ones():

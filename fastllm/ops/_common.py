@@ -172,6 +172,18 @@ def cuda_workspace(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     return torch.empty(max(n, 1), dtype=torch.float32, device=device)
 
 
+MAX_GRID_YZ = 65535
+"""Programs a CUDA launch grid holds in its second and third dimensions (the first: 2^31 - 1)."""
+
+
+def grid_limit(**dims: int) -> str | None:
+    """Why a kernel whose grid's second and third dimensions are `dims` (name=size) cannot be launched, or None."""
+    for name, n in dims.items():
+        if n > MAX_GRID_YZ:
+            return f"{name} = {n} exceeds the {MAX_GRID_YZ} programs of a CUDA grid's second and third dimensions"
+    return None
+
+
 def kernels():
     """The fastllm.kernels package (Triton); only called once the dispatcher chose "triton"."""
     return _backend._triton_status()[0]

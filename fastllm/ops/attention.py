@@ -24,7 +24,7 @@ from ..reference.attention import attention_bwd as _ref_bwd
 from ..reference.attention import attention_fwd as _ref_fwd
 from ..reference.attention import dropout_keep as _ref_keep
 from ._attention_cpu import flash_bwd, flash_fwd
-from ._common import call_op, check_same_device, check_tensor, kernels
+from ._common import call_op, check_same_device, check_tensor, grid_limit, kernels
 
 MAX_HEAD_DIM = 256
 """Largest head dim (of query/key and of value) accepted, on every backend alike, so that code which runs
@@ -93,9 +93,14 @@ def _keep(q: torch.Tensor, k: torch.Tensor, dropout_p: float, seed: int):
 
 
 # ---- custom ops --------------------------------------------------------------------------------
+def _limits(q: torch.Tensor) -> dict[str, str | None]:
+    """Why the Triton kernels cannot take q (B, Hq, Lq, D): their grids hold B and the heads in dims 2 and 1."""
+    return {"triton": grid_limit(batch=q.shape[0], heads=q.shape[1])}
+
+
 def _attention_fwd(q, k, v, mask, scale, is_causal, bottom_right, dropout_p, seed, deterministic, lse: bool = True):
     """(out, lse2); lse=False: lse2 may be None (ATen's CPU kernel then skips converting its log-sum-exp)."""
-    if select("attention", q, k, v) == "triton":
+    if select("attention", q, k, v, limits=_limits(q)) == "triton":
         out, lse2 = _fwd_outputs(q, v)
         return _tk().attention_fwd(q, k, v, mask, scale=scale, is_causal=is_causal, bottom_right=bottom_right,
                                    dropout_p=dropout_p, seed=seed, out=out)
@@ -126,7 +131,7 @@ def _attention_backward(dout: torch.Tensor, dlse2: Optional[torch.Tensor], q: to
                         scale: float, is_causal: bool, bottom_right: bool, dropout_p: float, seed: int,
                         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _bwd_outputs(q, k, v)
-    if select("attention", q, k, v) == "triton":
+    if select("attention", q, k, v, limits=_limits(q)) == "triton":
         return _tk().attention_bwd(dout, dlse2, q, k, v, mask, out, lse2, scale=scale, is_causal=is_causal,
                                    bottom_right=bottom_right, dropout_p=dropout_p, seed=seed,
                                    deterministic=deterministic, dq=dq, dk=dk, dv=dv)

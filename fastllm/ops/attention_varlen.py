@@ -22,8 +22,14 @@ from ..reference.attention import dropout_keep as _ref_keep
 from ..reference.attention import _bhld, _sequences
 from ._attention_cpu import applies as flash_applies
 from ._attention_cpu import flash_fwd
-from ._common import call_op, check_same_device, check_tensor, kernels
+from ._common import call_op, check_same_device, check_tensor, grid_limit, kernels
 from .attention import MAX_HEAD_DIM, _check_flags, _draw_seed
+
+
+def _limits(q: torch.Tensor, cu_q: torch.Tensor) -> dict[str, str | None]:
+    """Why the Triton kernels cannot take packed q (T, Hq, D): their grids hold the sequences and the heads in
+    dims 2 and 1."""
+    return {"triton": grid_limit(sequences=cu_q.shape[0] - 1, heads=q.shape[1])}
 
 
 def _varlen(cu_q, cu_k, max_q, max_k):
@@ -47,7 +53,7 @@ def _fwd_outputs(q, v):
 def _attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                       max_q: int, max_k: int, scale: float, is_causal: bool, bottom_right: bool, dropout_p: float,
                       seed: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if select("attention_varlen", q, k, v) == "triton":
+    if select("attention_varlen", q, k, v, limits=_limits(q, cu_q)) == "triton":
         out, _ = _fwd_outputs(q, v)
         return kernels().attention.attention_fwd(q, k, v, None, scale=scale, is_causal=is_causal,
                                                  bottom_right=bottom_right, dropout_p=dropout_p, seed=seed, out=out,
@@ -83,7 +89,7 @@ def _attention_varlen_backward(dout: torch.Tensor, dlse2: torch.Tensor | None, q
                                lse2: torch.Tensor, max_q: int, max_k: int, scale: float, is_causal: bool,
                                bottom_right: bool, dropout_p: float, seed: int,
                                deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if select("attention_varlen", q, k, v) == "triton":
+    if select("attention_varlen", q, k, v, limits=_limits(q, cu_q)) == "triton":
         return kernels().attention.attention_bwd(dout, dlse2, q, k, v, None, out, lse2, scale=scale,
                                                  is_causal=is_causal, bottom_right=bottom_right, dropout_p=dropout_p,
                                                  seed=seed, deterministic=deterministic,
