@@ -272,7 +272,7 @@ def run_fitting(kernel, grid, cfg: AttnConfig, device: torch.device, args: tuple
     from triton.runtime.errors import OutOfResources
 
     key = (kernel, cfg, tuple(sorted(constexprs.items())), str(device))
-    tiles = _FITTED.get(key, cfg)
+    tiles = _FITTED.get(key, cfg) if shrink else cfg
     while True:
         try:
             kernel[grid(tiles)](*args, **constexprs, **launch(tiles))

@@ -448,17 +448,26 @@ def test_cpu_flash_backward(monkeypatch, gqa, with_lse):
         assert_close("d" + n, ours, peer, expected)
 
 
-def test_grids_past_cuda_limits_are_not_for_the_kernels():
+def test_grids_past_cuda_limits_are_not_for_the_kernels(monkeypatch):
     """The kernels' grids hold the batch and the heads in their third and second dimensions, at most 65535 each on
-    CUDA: more is refused with the reason (the reference runs it when nothing is forced), varlen's sequences too."""
+    CUDA: more is refused with the reason (forced: an error; preferred: the next backend runs it and the dispatch
+    log says why), varlen's sequences too."""
+    from fastllm import _dispatch
+
     q = torch.zeros(65536, 1, 1, 16)
     with running_on("triton"), pytest.raises(ValueError, match="batch = 65536 exceeds the 65535"):
         attention(q, q, q)
+    heads = torch.zeros(1, 65536, 1, 4)
+    with running_on("triton"), pytest.raises(ValueError, match="heads = 65536 exceeds the 65535"):
+        attention(heads, heads, heads)
     packed, cu = torch.zeros(65536, 1, 16), torch.arange(65537, dtype=torch.int32)
     with running_on("triton"), pytest.raises(ValueError, match="sequences = 65536 exceeds the 65535"):
         attention_varlen(packed, packed, packed, cu, cu, 1, 1)
+    monkeypatch.setitem(_dispatch.PREFERENCE["attention"], "cpu", ("triton", "torch"))  # as on CUDA
     out = attention(q[:, :, :, :4], q[:, :, :, :4], torch.ones(65536, 1, 1, 4))
-    assert fastllm.dispatch_log()["attention"]["backend"] != "triton" and torch.equal(out, torch.ones_like(out))
+    log = fastllm.dispatch_log()["attention"]
+    assert log["backend"] == "torch" and "batch = 65536 exceeds the 65535" in log["skipped"]["triton"]
+    assert torch.equal(out, torch.ones_like(out))
 
 
 def test_tiles_that_do_not_fit_fall_back_to_smaller_ones():
@@ -497,6 +506,8 @@ def test_tiles_that_do_not_fit_fall_back_to_smaller_ones():
         warnings.simplefilter("error")  # remembered: no more tries, no warning
         assert tk.run_fitting(kernel, grid, cfg, cpu, (1, 2), dict(MASK_KIND=2)) == tk.AttnConfig(32, 64, 8, 1)
     assert kernel.launched[2:] == [((3,), 32, 64, 1)]
+    with pytest.raises(OutOfResources):  # explicit tiles are never swapped for remembered ones
+        tk.run_fitting(kernel, grid, cfg, cpu, (1, 2), dict(MASK_KIND=2), shrink=False)
     with pytest.raises(OutOfResources):
         tk.run_fitting(Kernel(16 * 16 - 1), grid, tk.AttnConfig(32, 16, 4, 2), cpu, (), dict(MASK_KIND=0))
 

@@ -203,6 +203,18 @@ def test_strided_lengths(device, backend, paged):
             torch.testing.assert_close(out, dense, rtol=0, atol=0)
 
 
+def test_batches_past_cuda_grid_limits_are_not_for_the_kernels():
+    """The Triton kernels of decode_attention and kv_cache_append hold the batch in a grid dimension of at most
+    65535 programs on CUDA: more is refused with the reason."""
+    b = 65536
+    kc, vc = torch.zeros(b, 2, 1, 16), torch.zeros(b, 2, 1, 16)
+    lens, new = torch.ones(b, dtype=torch.int32), torch.zeros(b, 1, 1, 16)
+    with running_on("triton"), pytest.raises(ValueError, match="batch = 65536 exceeds the 65535"):
+        fastllm.decode_attention(new, kc, vc, lens)
+    with running_on("triton"), pytest.raises(ValueError, match="batch = 65536 exceeds the 65535"):
+        fastllm.kv_cache_append(kc, vc, new, new, lens)
+
+
 def test_num_splits_heuristic(monkeypatch):
     """With an H100's 132 SMs: split only while B x Hkv programs leave SMs idle, >= 256 positions per split."""
     from fastllm.kernels import decode_attention as kd

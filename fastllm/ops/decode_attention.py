@@ -16,7 +16,7 @@ import torch
 
 from .._dispatch import select
 from ..reference import decode_attention as _ref
-from ._common import call_op, check_same_device, check_tensor, code, kernels, ptr, run_c
+from ._common import call_op, check_same_device, check_tensor, code, grid_limit, kernels, ptr, run_c
 from ._kv_cache import check_cache, check_positions, cpu_cache_limit, strides3, values_checkable
 
 MAX_HEAD_DIM = 256
@@ -33,7 +33,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_table: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
                       v_scale: Optional[torch.Tensor], scale: float, causal: bool, num_splits: int) -> torch.Tensor:
     args = (q, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale)
-    backend = select("decode_attention", q, limits={"cpu": cpu_cache_limit(q, k_cache, v_cache, block_table)})
+    backend = select("decode_attention", q, limits={"cpu": cpu_cache_limit(q, k_cache, v_cache, block_table),
+                                                    "triton": grid_limit(batch=q.shape[0])})  # (grid dim 2)
     if backend == "triton":
         return _tk().decode_attention(*args, scale=scale, causal=causal, num_splits=num_splits or None)
     if backend == "cpu":

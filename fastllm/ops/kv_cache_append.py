@@ -13,7 +13,7 @@ import torch
 
 from .._dispatch import select
 from ..reference import decode_attention as _ref
-from ._common import call_op, check_same_device, check_tensor, code, kernels, ptr, run_c
+from ._common import call_op, check_same_device, check_tensor, code, grid_limit, kernels, ptr, run_c
 from ._kv_cache import check_cache, check_positions, cpu_cache_limit, strides3, values_checkable
 
 
@@ -25,7 +25,7 @@ def _kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.
                      sin: Optional[torch.Tensor], q: Optional[torch.Tensor], q_out: Optional[torch.Tensor]) -> None:
     args = (k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale, v_scale, cos, sin, q)
     limit = cpu_cache_limit(k_new, k_cache, v_cache, block_table, v_new, q, cos, sin)
-    backend = select("kv_cache_append", k_new, limits={"cpu": limit})
+    backend = select("kv_cache_append", k_new, limits={"cpu": limit, "triton": grid_limit(batch=k_new.shape[0])})
     if backend == "triton":
         kernels().kv_cache_append.kv_cache_append(*args, q_out)
         return
