@@ -73,7 +73,8 @@ def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, dq_ptr, m_ptr, LSE, DELTA, row, lo
         dk = dot(tl.trans(ds), q, dk, DOT)
         if ATOMIC_DQ:
             # Keys past Lk (k loaded as 0) must add nothing to dq; without the EDGE masks their p can be inf (a row
-            # whose every key has a large finite negative mask has lse2 ~ -1e9, and their s is 0): inf * 0 = NaN.
+            # whose every key has a large finite negative mask, -1e4, has lse2 ~ -1.4e4, and their s is 0): then
+            # inf * 0 = NaN.
             if not EDGE:
                 ds = tl.where((offs_n < LK)[None, :], ds, tl.zeros_like(ds))
             dq = dot(ds, k, tl.zeros([BLOCK_M, k.shape[1]], tl.float32), DOT) * sm_scale
