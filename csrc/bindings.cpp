@@ -163,11 +163,15 @@ fastllm::QFormat check_qmatmul(ptr_t x, int64_t xs, ptr_t w, ptr_t scales, ptr_t
 }
 
 // y = x @ W^T + bias with W packed (common/qformat.h codes 0..3, fastllm/quant/formats.py).
+// exact: the caller vouches that every dequantised weight of the int4 formats, (u - 8) d or u d + m, is exact in
+// fp32 with finite scales and mins (fastllm/ops/qmatmul.py's _exact_int4, cached per weight), which lets float
+// mode factor the scales out at m = 1 (csrc/cpu/ops.h).
 void cpu_qmatmul(ptr_t x, int64_t xs, ptr_t w, ptr_t scales, ptr_t mins, ptr_t bias, ptr_t y, int64_t ys,
-                 int64_t m, int64_t n, int64_t k, int64_t group, int fmt, bool int8_act, int dt) {
+                 int64_t m, int64_t n, int64_t k, int64_t group, int fmt, bool int8_act, bool exact, int dt) {
   DType t = check_dtype(dt);
   const auto f = check_qmatmul(x, xs, w, scales, mins, y, ys, m, n, k, group, fmt);
-  fastllm::cpu::qmatmul(P(x), xs, P(w), P(scales), P<uint16_t>(mins), P(bias), P(y), ys, m, n, k, group, f, int8_act, t);
+  fastllm::cpu::qmatmul(P(x), xs, P(w), P(scales), P<uint16_t>(mins), P(bias), P(y), ys, m, n, k, group, f, int8_act,
+                        exact, t);
 }
 
 // ---- KV cache (generation) -------------------------------------------------------------------

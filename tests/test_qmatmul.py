@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import fastllm
 from fastllm import _backend
-from fastllm.ops.qmatmul import CUDA_GEMV_MAX_M
+from fastllm.ops.qmatmul import CUDA_GEMV_MAX_M, _exact
+from fastllm.quant.formats import int4_exact
 from fastllm.reference import dequantize_activations, qmatmul_fwd, quantize_activations
 from helpers import DTYPES, assert_close, device_backends, needs_cuda, randn, running_on
 
@@ -182,6 +183,86 @@ def test_qmatmul_single_row_weights_that_round(device, backend):
     with running_on(backend):
         assert torch.isfinite(fastllm.qmatmul(xb, q)).all()
     _check(xb, q, None, "float", backend)
+
+
+def test_int4_exact_condition():
+    """formats.int4_exact, which lets the CPU float mode factor the scales out at M = 1, against brute force: for
+    float16 pairs (d, m) of every exponent spread, subnormals, zeros and signs, int4_asym pairs it accepts give
+    u d + m exact in float32 for every u (float64 holds them exactly); it accepts whole spreads of -8..12 and the
+    weights fastllm.quantize makes, and refuses non-finite scales and a pair that rounds."""
+    g = torch.Generator().manual_seed(0)
+    exps = torch.randint(-26, 16, (2, 20000), generator=g).double()
+    d, m = (torch.rand(2, 20000, generator=g, dtype=torch.float64) + 1) * 2.0 ** exps
+    d, m = d * torch.where(torch.rand(20000, generator=g) < 0.5, -1, 1), -m
+    d[:50], m[50:100] = 0.0, 0.0
+    d, m = d.half(), m.half()
+    u = torch.arange(16, dtype=torch.float64)[:, None]
+    exact = ((u * d.double() + m.double()).float().double() == u * d.double() + m.double()).all(0)
+    accepted = torch.tensor([int4_exact(d[i:i + 1], m[i:i + 1]) for i in range(d.numel())])
+    assert not (accepted & ~exact).any()
+    spread = torch.frexp(m.float())[1].clamp(min=-13) - torch.frexp(d.float())[1].clamp(min=-13)
+    assert accepted[(spread >= -8) & (spread <= 12)].all()
+    for scheme in ("int4", "int4_asym"):
+        q = fastllm.quantize(torch.randn(64, 256, generator=g), scheme, 32)
+        assert int4_exact(q.scales, q.mins)
+        q.scales[3, 1] = float("inf")
+        assert not int4_exact(q.scales, q.mins)
+    assert not int4_exact(torch.tensor([2.0 ** -24]).half(), torch.tensor([1.0]).half())
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme,group", [f for f in FORMATS if f[0] != "int8"], ids=str)
+def test_qmatmul_single_row_both_kernels(device, backend, scheme, group):
+    """M = 1 float mode on SmolLM2-like shapes (see test_qmatmul_one_and_two_rows_small_k) through both AVX-512
+    kernels: the integer-digit one, for weights exact in float32 (formats.int4_exact), and the dequantising one,
+    once a weight is made inexact in place after a first call (the exactness remembered for the weight must be
+    dropped): a row of int4_asym (d, m) = (2^-24, 1) against x of alternating sign, where the rounding of
+    u d + m is most of the result (test_qmatmul_single_row_weights_that_round; K = 1536), or an infinite int4 scale. The
+    first x holds an element 10^4 times the others, a block of zeros and a block of tiny values."""
+    g = group or 32
+    for i, (n, k) in enumerate([(7, 32), (37, 96), (21, 160), (45, 576), (19, 1536)]):
+        if k % g:
+            continue
+        x, q, b = _case(1, n, k, torch.float32, device, 31 * i, scheme, group, i % 2 == 0)
+        x[0, 3] = 1e4
+        if k >= 96:
+            x[0, 32:64] = 0.0
+            x[0, 64:96] *= 1e-12
+        _check(x, q, b, "float", backend)
+        assert _exact(q.scales, q.mins, q.format)
+        row = n // 2
+        if scheme == "int4_asym":  # (at K = 1536 only: at small K the other CPU paths' sums, in another order than
+            if k != 1536:          # torch's, can be 1.8-4.6x its error on such a row, or 0.03x: a coin toss)
+                continue
+            q.scales[row], q.mins[row] = 2.0 ** -24, 1.0
+            xa = torch.ones(1, k, device=device)
+            xa[0, 1::2] = -1.0
+            _check(xa, q, None, "float", backend)
+        else:
+            q.scales[row, -1] = float("inf")
+            with running_on(backend):
+                y = fastllm.qmatmul(x, q)
+            assert not torch.isfinite(y[0, row]) and torch.isfinite(y[0, :row]).all()
+        assert not _exact(q.scales, q.mins, q.format)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme", ["int4", "int4_asym"])
+def test_qmatmul_single_row_activation_range(device, backend, scheme):
+    """The digit kernel takes x whose every element is 0 or 2^-60 <= |x| < 2^60; x at both ends of that range, and
+    outside it (the dequantising kernel: subnormal and huge x too), match the reference."""
+    q = fastllm.quantize(randn((21, 256), torch.float32, device, seed=4, scale=0.05), scheme, 32)
+    for lo, hi in ((2.0 ** -60, 2.0 ** 59.9), (2.0 ** -61, 1.0), (1.0, 2.0 ** 60), (2.0 ** -60, 2.0 ** -59),
+                   (2.0 ** -140, 2.0 ** -130), (2.0 ** -120, 2.0 ** -118), (2.0 ** 100, 2.0 ** 120)):
+        x = randn((1, 256), torch.float32, device, seed=5).abs().clamp(1.0, 2.0)
+        x = torch.where(torch.arange(256, device=device) % 3 == 0, x * lo, x * hi / 2)
+        x[0, 1::2] *= -1
+        _check(x, q, None, "float", backend)
+        if 2.0 ** -126 < lo and hi < 2.0 ** -100:  # normal results far below _check's absolute floor: relative check
+            with running_on(backend):
+                y = fastllm.qmatmul(x, q).double()
+            ref = x.double() @ q.dequantize(torch.float64).t()
+            assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (lo, hi)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
@@ -426,7 +507,7 @@ def test_extension_checks_its_arguments():
 
     def call(k=64, group=32, fmt=2, mins=0, data=q.data.data_ptr()):
         ext.cpu_qmatmul(x.data_ptr(), 64, data, q.scales.data_ptr(), mins, 0, y.data_ptr(), 8, 2, 8, k, group, fmt,
-                        False, 0)
+                        False, False, 0)
 
     call()
     for kwargs, msg in [({"k": 48}, "k must"), ({"group": 48}, "group"), ({"fmt": 7}, "qformat"),

@@ -69,6 +69,7 @@ struct QMatmulArgs {
   const void* bias; void* y; int64_t y_stride;
   int64_t m, n, k, group;
   QFormat fmt; bool int8_act; DType dt;
+  bool exact;  // int4 weights exact in fp32 with finite scales (ops.h's qmatmul)
 };
 
 namespace avx2 {  // rows >= 1 in all of these

@@ -60,10 +60,12 @@ using fastllm::QFormat;
 // y_stride, bias: (n,) of dt or nullptr. fp32 accumulation. int8_act: each row of x is first
 // quantised per block of 32 (dx = max|x| / 127, qx = round_half_even(x * (127 / max|x|))) and the
 // block dot products are integer (as fastllm/reference/qmatmul.py's quantize_activations).
-// k is a multiple of 32 and of group.
+// k is a multiple of 32 and of group. exact (int4 formats): every dequantised weight (u - 8) d or u d + m is exact
+// in fp32 and the scales and mins are finite, as the caller has checked; then float mode at m = 1 may take the
+// block sums of the unscaled (u - 8) (qmatmul_m1_avx512.cpp's rows_digits_m1), which gives the same dot products.
 void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales, const uint16_t* mins,
              const void* bias, void* y, int64_t y_stride, int64_t m, int64_t n, int64_t k, int64_t group,
-             QFormat fmt, bool int8_act, DType dt);
+             QFormat fmt, bool int8_act, bool exact, DType dt);
 
 // ---- KV cache (generation): fastllm/reference/decode_attention.py has the math ----
 // Strides are in elements, three per tensor for its first three dims (the last dim is contiguous).

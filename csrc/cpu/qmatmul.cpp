@@ -194,10 +194,10 @@ void scalar_int8(const QMatmulArgs& a) {
 
 void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales, const uint16_t* mins,
              const void* bias, void* y, int64_t y_stride, int64_t m, int64_t n, int64_t k, int64_t group,
-             QFormat fmt, bool int8_act, DType dt) {
+             QFormat fmt, bool int8_act, bool exact, DType dt) {
   if (m == 0) return;
   QMatmulArgs a{nullptr, 0, nullptr, nullptr, nullptr, nullptr, w, scales, mins, bias, y, y_stride,
-                m, n, k, group, fmt, int8_act, dt};
+                m, n, k, group, fmt, int8_act, dt, exact};
   if (dt == DType::BF16 && !int8_act && (fmt == QFormat::I4 || fmt == QFormat::I4Asym) && cpu_use_avx512_bf16() &&
       bf16_dot_range(static_cast<const uint16_t*>(x), x_stride, m, k)) {
     a.xbf = static_cast<const uint16_t*>(x);  // bfloat16 dot products on x as it is

@@ -5,6 +5,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "qmatmul_avx512.h"
@@ -110,12 +111,11 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
 // odd k) of that block, so w >> 4k indexes (vpermps reads the low 4 bits) a table of u - 8 (int4) or u
 // (int4_asym), and the activations are re-laid once per call to match (prepare_float_m1). The weights
 // are formats.py's exact values, (u - 8) d or u d + m rounded once, with d and m as vectors spanning
-// the unit's 4 blocks (per lane), then FMAs with x. Factoring d out of each block and adding
-// sum_g (m_g + 8 d_g) sum(x_g) apart saves one of the 4 vector operations per 16 weights: 6-10% faster on
-// SmolLM2's 3072 x 576 (2-core Zen 4), and only exact where every u d + m is exact in fp32 (f16 exponents
-// of m and d within [-9, 12] of each other), a per-row check that cost as much; with rounded weights
-// factored out the error reached 1.8x torch's on random int4_asym cases against 1.15x for this. Nibbles
-// made floats without vpermps (OR-ed into 2^23's bits, then 2^23 subtracted) were 12% slower.
+// the unit's 4 blocks (per lane), then FMAs with x. This is the kernel for weights whose u d + m round in fp32
+// (or non-finite scales) and for x outside rows_digits_m1's range; other weights take rows_digits_m1. Factoring
+// d out here (the vpermps table of u - 8, one FMA per 16 weights) was only 6-10% faster: the loop waits on the
+// shift and vpermps per 16 weights. Nibbles made floats without vpermps (OR-ed into 2^23's bits, then 2^23
+// subtracted) were 12% slower.
 template <QFormat F, int R, bool Wide>
 void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t ng, double* out) {
   const uint8_t* q[R];
@@ -171,6 +171,82 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
   for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
+// Float mode, int4, one row of x (m = 1), for weights that are exact in fp32 (QMatmulArgs::exact) and x in range
+// (prepare_digits): out[r] = x . W row rows[r] over all of K, for r < R, with integer dot products. Each x is
+// written as four int8 digits, x = 2^E_b (q1 + q2 2^-7 + q3 2^-14 + q4 2^-21) + e with |q| <= 64, E_b per block of
+// 32 (its largest |x| is in [32, 64) 2^E_b) and |e| <= 2^-22 2^E_b < 2^-27 max_b |x|: at most a sixteenth of one
+// fp32 rounding of the block's largest product, far below the fp32 sums' own error. Per unit and digit k,
+// vpdpbusd gives each lane S_k = sum (u - 8) q_k over its 8 elements exactly (|S_k| <= 2^12; the centring starts
+// the lanes at nc = -8 sum q_k), A = 2^7 S_1 + S_2 and B = 2^7 S_3 + S_4 stay exact in int32, and the lane's block
+// sum A + 2^-14 B is rounded once to fp32, times d 2^(E_b - 7). The weight's exact value (u - 8) d (+ m + 8 d) is
+// what formats.py's dequantisation gives, so this is the reference's dot product up to fp32 sum rounding; int4_asym
+// adds sum_g (m_g + 8 d_g) sum(x_g) apart. Against rows_float_m1's vpermps, shift and two FMAs per 16 weights this
+// is 8 vpdpbusd and 8 other vector operations per 128 weights (on Zen 4 vpdpbusd and FMA share one 512-bit pipe,
+// shifts and conversions run beside them). Measured on a 2-core Zen 4, one thread, weights in L1/L2: 14-20
+// cycles per 128 weights of a row against 22-28; SmolLM2-135M Q4_1's decode step (120 calls, weights from DRAM)
+// 7-9% faster, with the weights prefetched into L2 one pass ahead as in int8 mode (two passes: no gain).
+template <QFormat F, int R, bool Wide>
+void rows_digits_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t ng, double* out) {
+  const uint8_t* q[R];
+  const float* d[R];
+  for (int r = 0; r < R; ++r) q[r] = rows[r].q, d[r] = rows[r].d;
+  const int gshift = rows[0].gshift;
+  const int ushift = Wide ? gshift - 2 : 0;  // unit t is in group t >> ushift
+  const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         2 + gshift);
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  const __m512 low = _mm512_set1_ps(0x1p-14f);
+  __m512 acc[R][2];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  const int64_t units = (nb + 3) / 4, full = nb / 4;
+  auto scales = [&](int r, int64_t t, __mmask16 lanes) {  // lanes: unit_lanes
+    if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
+    else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(d[r] + ((t * 4) >> gshift)));
+  };
+  auto unit = [&](int64_t t, int u, auto masked) {
+    const __mmask16 lanes = decltype(masked)::value ? unit_lanes<F>(t, nb) : __mmask16(0xFFFF);
+    const uint8_t* xd = p.digits.data() + t * kDigits * 128;
+    const int32_t* nc = p.nc.data() + t * kDigits * 16;
+    const __m512 xs = _mm512_loadu_ps(p.xs.data() + t * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i w = decltype(masked)::value ? load_unit<F>(q[r], t, nb) : _mm512_loadu_si512(q[r] + t * kUnitBytes);
+      const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+      __m512i s[kDigits];
+      for (int k = 0; k < kDigits; ++k)
+        s[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_loadu_si512(nc + 16 * k), lo, _mm512_loadu_si512(xd + 128 * k)),
+                                   hi, _mm512_loadu_si512(xd + 128 * k + 64));
+      const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(s[0], 7), s[1]);
+      const __m512i b = _mm512_add_epi32(_mm512_slli_epi32(s[2], 7), s[3]);
+      const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), low, _mm512_cvtepi32_ps(a));
+      acc[r][u] = _mm512_fmadd_ps(f, _mm512_mul_ps(scales(r, t, lanes), xs), acc[r][u]);
+    }
+  };
+  const int64_t ahead = kAheadPassesInt8 * R * nb * 16;
+  int64_t t = 0;
+  for (; t + 2 <= full; t += 2) {
+    for (int r = 0; r < R; ++r)
+      for (int64_t o = 0; o < 2 * kUnitBytes; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(q[r] + ahead + t * kUnitBytes + o), _MM_HINT_T1);
+    unit(t, 0, std::false_type{});
+    unit(t + 1, 1, std::false_type{});
+  }
+  int u = 0;
+  for (; t < full; ++t, u ^= 1) unit(t, u, std::false_type{});
+  for (; t < units; ++t, u ^= 1) unit(t, u, std::true_type{});
+  if constexpr (F == QFormat::I4Asym) {  // the centred min term: sum_g (m_g + 8 d_g) sum(x_g)
+    for (int64_t g = 0; g < ng; g += 16) {
+      const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (ng - g)) - 1);
+      const __m512 sv = _mm512_maskz_loadu_ps(k, p.sxg.data() + g), eight = _mm512_set1_ps(8.0f);
+      for (int r = 0; r < R; ++r) {
+        const __m512 c = _mm512_fmadd_ps(eight, _mm512_maskz_loadu_ps(k, d[r] + g), _mm512_maskz_loadu_ps(k, rows[r].m + g));
+        acc[r][1] = _mm512_fmadd_ps(c, sv, acc[r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
 // f(std::integral_constant<int, R>) for the tile's rows R = kM1Rows at a time, then the rest one by
 // one; f writes R sums to its out argument, added to part.
 template <QFormat F, typename Fn>
@@ -190,10 +266,70 @@ void for_row_groups(int64_t jn, double* part, Fn&& f) {
 
 }  // namespace
 
+namespace {
+
+// rows_digits_m1's activations (FloatM1Acts), when every x is 0 or 2^-60 <= |x| < 2^60 (else digits_ok stays false):
+// then every scaled x below is a normal float and each step exact. Per block b (unit t = b / 4, lanes 4 (b % 4) ..
+// + 3), with max |x| = f 2^(ex - 127), f in [1, 2): E = ex - 132, so |x| 2^-E < 64; v = x 2^-E, then per digit
+// q = round(v) (to nearest even, |q| <= 64) and v = 128 (v - q). The planes follow the weights' unit layout
+// (element i < 16 of block j at byte 16 j + i of the low plane, element 16 + i of the high one), as int8 mode's.
+void prepare_digits(const float* x, int64_t nb, int64_t group, FloatM1Acts& p) {
+  const int64_t units = (nb + 3) / 4, ng = nb * kBlock / group, bpg = group / kBlock;
+  const __m512 zero = _mm512_setzero_ps(), lo = _mm512_set1_ps(0x1p-60f), hi = _mm512_set1_ps(0x1p60f);
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < nb * kBlock; i += 16) {
+    const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(x + i));  // NaN compares false: bad
+    bad |= static_cast<__mmask16>(~(_mm512_cmp_ps_mask(v, zero, _CMP_EQ_OQ) |
+                                    (_mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, hi, _CMP_LT_OQ))));
+  }
+  if (bad) return;
+  p.digits.assign(units * kDigits * 128, 0);
+  p.nc.assign(units * kDigits * 16, 0);
+  p.xs.assign(units * 16, 0.0f);
+  std::vector<double> sums(ng, 0.0);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t t = b / 4, j = b % 4;
+    const __m512 x0 = _mm512_loadu_ps(x + b * kBlock), x1 = _mm512_loadu_ps(x + b * kBlock + 16);
+    sums[b / bpg] += _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    if (amax == 0.0f) continue;  // digits 0
+    uint32_t bits;
+    std::memcpy(&bits, &amax, 4);
+    const uint32_t ex = bits >> 23, pow_bits = (259 - ex) << 23, xs_bits = (ex - 12) << 23;
+    float pow2, xs;
+    std::memcpy(&pow2, &pow_bits, 4);
+    std::memcpy(&xs, &xs_bits, 4);
+    std::fill(p.xs.begin() + t * 16 + 4 * j, p.xs.begin() + t * 16 + 4 * j + 4, xs);
+    for (int h = 0; h < 2; ++h) {
+      __m512 v = _mm512_mul_ps(h ? x1 : x0, _mm512_set1_ps(pow2));
+      for (int k = 0; k < kDigits; ++k) {
+        const __m512 q = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p.digits.data() + (t * kDigits + k) * 128 + 64 * h + 16 * j),
+                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+        v = _mm512_mul_ps(_mm512_sub_ps(v, q), _mm512_set1_ps(128.0f));
+      }
+    }
+  }
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t i = 0; i < units * kDigits; ++i) {  // nc = -8 * (the lane's 8 digits summed)
+    const uint8_t* plane = p.digits.data() + i * 128;
+    const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(plane)),
+                                          ones, _mm512_loadu_si512(plane + 64));
+    _mm512_storeu_si512(p.nc.data() + i * 16, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s, 3)));
+  }
+  p.sxg.assign(sums.begin(), sums.end());
+  p.digits_ok = true;
+}
+
+}  // namespace
+
 FloatM1Acts prepare_float_m1(const QMatmulArgs& a) {
   const int64_t nb = a.k / kBlock, units = (nb + 3) / 4;
-  FloatM1Acts p{std::vector<float>(units * 128, 0.0f)};
+  FloatM1Acts p{{}, false, {}, {}, {}, {}};
   const float* x = a.xf;
+  if (a.exact) prepare_digits(x, nb, a.group, p);
+  if (p.digits_ok) return p;
+  p.xk.assign(units * 128, 0.0f);
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t t = b / 4, lb = (b % 4) * 4;  // lanes lb .. lb + 3 hold this block
     float* dst = p.xk.data() + t * 128;
@@ -218,8 +354,15 @@ void tile_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t jn, int64_t n
   if constexpr (kInt4<F>) {
     const bool wide = (int64_t(1) << rows[0].gshift) >= 4;
     for_row_groups<F>(jn, part, [&](auto r, int64_t jj, double* out) {
-      if (wide) rows_float_m1<F, decltype(r)::value, true>(p, rows + jj, nb, ng, out);
-      else rows_float_m1<F, decltype(r)::value, false>(p, rows + jj, nb, ng, out);
+      constexpr int R = decltype(r)::value;
+      if (p.digits_ok) {
+        if (wide) rows_digits_m1<F, R, true>(p, rows + jj, nb, ng, out);
+        else rows_digits_m1<F, R, false>(p, rows + jj, nb, ng, out);
+      } else if (wide) {
+        rows_float_m1<F, R, true>(p, rows + jj, nb, ng, out);
+      } else {
+        rows_float_m1<F, R, false>(p, rows + jj, nb, ng, out);
+      }
     });
   }
 }

@@ -9,7 +9,10 @@ Activation modes (act=):
       the cost of the activations' quantisation error (about 0.4% of each block's max |x|).
 Backends: the C++ CPU kernels (AVX-512 VNNI or AVX2/FMA chosen at run time, OpenMP) for
 float32/float16/bfloat16 x on the CPU (bfloat16 x with int4 weights: AVX512_BF16 dot products where the CPU has
-them, exact products summed in float32, as accurate as the float32 path on the same bfloat16 inputs); on CUDA, for act="float", the GEMV kernel
+them, exact products summed in float32, as accurate as the float32 path on the same bfloat16 inputs; one row of
+float32 x with int4 weights exact in float32 (formats.int4_exact, nearly every real weight) on AVX-512 VNNI: integer
+dot products of the weights with x written as four int8 digits per element, within a sixteenth of an fp32
+rounding of each block's largest product); on CUDA, for act="float", the GEMV kernel
 (csrc/cuda/qmatmul_gemv.cu) for at most CUDA_GEMV_MAX_M rows of x and the Triton GEMM
 (kernels/qmatmul.py: dequantisation in the K loop, tensor cores for float16/bfloat16) for more rows, or
 for any M when the extension lacks CUDA; anything else (act="int8" on CUDA, float64) runs the pure-torch
@@ -27,7 +30,7 @@ import torch
 
 from .. import reference
 from .._dispatch import select
-from ..quant.formats import Format, dequantize
+from ..quant.formats import Format, dequantize, int4_exact
 from ..quant.quantize import QuantizedWeight
 from ..reference.qmatmul import ACT_MODES
 from ._common import (as_rows, call_op, check_same_device, check_tensor, code, dense, kernels, new_output, ptr,
@@ -57,6 +60,22 @@ def _format(scheme: str, group_size: int) -> Format:
     return Format(scheme, group_size or None)
 
 
+def _exact(scales: torch.Tensor, mins: Optional[torch.Tensor], fmt: Format) -> bool:
+    """formats.int4_exact for an int4 weight's scales and mins (False for int8), remembered on the scales tensor
+    until it or mins is written to, as their version counters tell. Inference tensors have none: a write to one in
+    place inside inference mode after a call goes unnoticed (the CPU kernel then factors scales that may round:
+    errors of the order of float32 rounding, or another mix of inf and NaN in a non-finite row)."""
+    if fmt.bits != 4:
+        return False
+    key = tuple(None if t is None or t.is_inference() else t._version for t in (scales, mins))
+    key += (scales.data_ptr(), None if mins is None else mins.data_ptr())
+    seen = getattr(scales, "_fastllm_int4_exact", None)
+    if seen is None or seen[0] != key:
+        seen = (key, int4_exact(scales, mins))
+        scales._fastllm_int4_exact = seen
+    return seen[1]
+
+
 @torch.library.custom_op("fastllm::qmatmul", mutates_args=())
 def _qmatmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
              bias: Optional[torch.Tensor], scheme: str, group_size: int, act: str) -> torch.Tensor:
@@ -75,7 +94,8 @@ def _qmatmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, mins: Op
     if backend == "triton":
         kernels().qmatmul.qmatmul(x2, data, scales, mins, bias, fmt.code, fmt.group(k), y)
         return y if out_shape is None else y.view(out_shape)
-    mode = (act == "int8",) if backend == "cpu" else ()  # the CUDA kernel has the float mode only
+    # the CUDA kernel has the float mode only; the CPU's float mode at M = 1 factors exact int4 scales out
+    mode = (act == "int8", m == 1 and act == "float" and _exact(scales, mins, fmt)) if backend == "cpu" else ()
     run_c(backend, "qmatmul", x.device, ptr(x2), x2.stride(0), ptr(data), ptr(scales), ptr(mins), ptr(bias), ptr(y),
           y.stride(0), m, n, k, fmt.group(k), fmt.code, *mode, code(x))
     return y if out_shape is None else y.view(out_shape)

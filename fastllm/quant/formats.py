@@ -140,3 +140,24 @@ def dequantize(data: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | No
     if fmt.has_mins:
         w = w + mins.to(torch.float32).view(n, k // g, 1)
     return w.view(n, k).to(dtype)
+
+
+def int4_exact(scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
+    """Whether an int4 weight's every value (u - 8) d ("int4", mins None) or u d + m ("int4_asym"), u in [0, 15],
+    is exact in float32 with the unrounded value, and every d and m is finite: then x . w may be computed as
+    sum_b d_b sum_i (u_i - 8) x_i (+ sum_g (m_g + 8 d_g) sum_i x_i), the scales factored out of the block sums (the
+    CPU float mode does so at M = 1). (u - 8) d always is (4 x 11 significant bits). For u d + m, with float16 d and
+    m of exponents e_d and e_m (floor(log2 |.|), at least -14, the subnormals' step): |u d + m| < 2^max(e_d + 6,
+    e_m + 2) and it is a multiple of 2^(min(e_d, e_m) - 10), so float32's 24 bits hold it when
+    -8 <= e_m - e_d <= 12, or when d or m is zero. Real Q4_1 blocks have m near -8 d. scales and mins: float16."""
+    def exponent(t):  # float16 bits -> (biased exponent field at least 1, is zero)
+        bits = t.view(torch.int16).to(torch.int32)
+        return ((bits >> 10) & 0x1F).clamp(min=1), (bits & 0x7FFF) == 0
+
+    ed, d_zero = exponent(scales)
+    if mins is None:
+        return bool((ed < 31).all())
+    em, m_zero = exponent(mins)
+    spread = em - ed
+    ok = (ed < 31) & (em < 31) & (d_zero | m_zero | ((spread >= -8) & (spread <= 12)))
+    return bool(ok.all())
