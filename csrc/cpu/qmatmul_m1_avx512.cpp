@@ -20,6 +20,38 @@ namespace {
 // layer calls 3.8-4.0 -> 3.55-3.65 ms, min of 4), float mode into L1 (into L2 it was 4.4 -> 4.6-4.9 ms).
 constexpr int64_t kAheadPassesInt8 = 1, kAheadPassesFloat = 2;
 
+// int4_asym's centred min term: acc[r][1] += sum_g (m_g + 8 d_g) sx_g for the R rows, over ng groups.
+template <int R>
+inline void add_min_terms(const WRow* rows, const float* sx, int64_t ng, __m512 (&acc)[R][2]) {
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  for (int64_t g = 0; g < ng; g += 16) {
+    const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (ng - g)) - 1);
+    const __m512 sv = _mm512_maskz_loadu_ps(k, sx + g);
+    for (int r = 0; r < R; ++r) {
+      const __m512 c = _mm512_fmadd_ps(eight, _mm512_maskz_loadu_ps(k, rows[r].d + g), _mm512_maskz_loadu_ps(k, rows[r].m + g));
+      acc[r][1] = _mm512_fmadd_ps(c, sv, acc[r][1]);
+    }
+  }
+}
+
+// unit(t, chain, masked) for every unit of R int4 rows of nb blocks, in order, the two chains alternating: whole
+// units in pairs, the R rows' bytes `ahead` of them fetched first (Hint), then the partial last one masked.
+template <int R, _mm_hint Hint, typename Unit>
+inline void walk_int4_units(const uint8_t* const (&q)[R], int64_t nb, int64_t ahead, Unit&& unit) {
+  const int64_t units = (nb + 3) / 4, full = nb / 4;
+  int64_t t = 0;
+  for (; t + 2 <= full; t += 2) {
+    for (int r = 0; r < R; ++r)
+      for (int64_t o = 0; o < 2 * kUnitBytes; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(q[r] + ahead + t * kUnitBytes + o), Hint);
+    unit(t, 0, std::false_type{});
+    unit(t + 1, 1, std::false_type{});
+  }
+  int u = 0;
+  for (; t < full; ++t, u ^= 1) unit(t, u, std::false_type{});
+  for (; t < units; ++t, u ^= 1) unit(t, u, std::true_type{});
+}
+
 // int8 mode, one row of x (m = 1): out[r] = sum over units [t0, t1) of x . W row rows[r], for r < R.
 // The R weight rows share each unit's activation loads; whole units skip load_unit's mask and the
 // scale indexing is fixed per call (measured on a 2-core Zen 4, 4096 x 4096 int4: 0.18 -> 0.12 ms
@@ -91,16 +123,8 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
   }
   int u = 0;  // the chain the next unit goes to
   for (; t < t1; ++t, u ^= 1) unit(t, u, masked);
-  if constexpr (F == QFormat::I4Asym) {  // the min term joins the lanes (once: sx is null in later chunks)
-    for (int64_t g = 0; sx && g < ng; g += 16) {
-      const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (ng - g)) - 1);
-      const __m512 sv = _mm512_maskz_loadu_ps(k, sx + g), eight = _mm512_set1_ps(8.0f);
-      for (int r = 0; r < R; ++r) {
-        const __m512 c = _mm512_fmadd_ps(eight, _mm512_maskz_loadu_ps(k, d[r] + g), _mm512_maskz_loadu_ps(k, rows[r].m + g));
-        acc[r][1] = _mm512_fmadd_ps(c, sv, acc[r][1]);
-      }
-    }
-  }
+  if constexpr (F == QFormat::I4Asym)  // the min term joins the lanes (once: sx is null in later chunks)
+    if (sx) add_min_terms<R>(rows, sx, ng, acc);
   for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
@@ -130,7 +154,6 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
   __m512 acc[R][2];
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
-  const int64_t units = (nb + 3) / 4, full = nb / 4;
   auto scales = [&](int r, int64_t t, __mmask16 lanes) {  // lanes: unit_lanes
     if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
     else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(d[r] + ((t * 4) >> gshift)));
@@ -156,18 +179,7 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
       acc[r][u] = s;
     }
   };
-  const int64_t ahead = kAheadPassesFloat * R * nb * 16;
-  int64_t t = 0;
-  for (; t + 2 <= full; t += 2) {
-    for (int r = 0; r < R; ++r)
-      for (int64_t o = 0; o < 2 * kUnitBytes; o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(q[r] + ahead + t * kUnitBytes + o), _MM_HINT_T0);
-    unit(t, 0, std::false_type{});
-    unit(t + 1, 1, std::false_type{});
-  }
-  int u = 0;
-  for (; t < full; ++t, u ^= 1) unit(t, u, std::false_type{});
-  for (; t < units; ++t, u ^= 1) unit(t, u, std::true_type{});
+  walk_int4_units<R, _MM_HINT_T0>(q, nb, kAheadPassesFloat * R * nb * 16, unit);
   for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
@@ -199,7 +211,6 @@ void rows_digits_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t 
   __m512 acc[R][2];
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
-  const int64_t units = (nb + 3) / 4, full = nb / 4;
   auto scales = [&](int r, int64_t t, __mmask16 lanes) {  // lanes: unit_lanes
     if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
     else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(d[r] + ((t * 4) >> gshift)));
@@ -222,28 +233,8 @@ void rows_digits_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t 
       acc[r][u] = _mm512_fmadd_ps(f, _mm512_mul_ps(scales(r, t, lanes), xs), acc[r][u]);
     }
   };
-  const int64_t ahead = kAheadPassesInt8 * R * nb * 16;
-  int64_t t = 0;
-  for (; t + 2 <= full; t += 2) {
-    for (int r = 0; r < R; ++r)
-      for (int64_t o = 0; o < 2 * kUnitBytes; o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(q[r] + ahead + t * kUnitBytes + o), _MM_HINT_T1);
-    unit(t, 0, std::false_type{});
-    unit(t + 1, 1, std::false_type{});
-  }
-  int u = 0;
-  for (; t < full; ++t, u ^= 1) unit(t, u, std::false_type{});
-  for (; t < units; ++t, u ^= 1) unit(t, u, std::true_type{});
-  if constexpr (F == QFormat::I4Asym) {  // the centred min term: sum_g (m_g + 8 d_g) sum(x_g)
-    for (int64_t g = 0; g < ng; g += 16) {
-      const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (ng - g)) - 1);
-      const __m512 sv = _mm512_maskz_loadu_ps(k, p.sxg.data() + g), eight = _mm512_set1_ps(8.0f);
-      for (int r = 0; r < R; ++r) {
-        const __m512 c = _mm512_fmadd_ps(eight, _mm512_maskz_loadu_ps(k, d[r] + g), _mm512_maskz_loadu_ps(k, rows[r].m + g));
-        acc[r][1] = _mm512_fmadd_ps(c, sv, acc[r][1]);
-      }
-    }
-  }
+  walk_int4_units<R, _MM_HINT_T1>(q, nb, kAheadPassesInt8 * R * nb * 16, unit);
+  if constexpr (F == QFormat::I4Asym) add_min_terms<R>(rows, p.sxg.data(), ng, acc);
   for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
