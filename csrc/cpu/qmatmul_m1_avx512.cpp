@@ -28,7 +28,8 @@ inline void add_min_terms(const WRow* rows, const float* sx, int64_t ng, __m512 
     const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (ng - g)) - 1);
     const __m512 sv = _mm512_maskz_loadu_ps(k, sx + g);
     for (int r = 0; r < R; ++r) {
-      const __m512 c = _mm512_fmadd_ps(eight, _mm512_maskz_loadu_ps(k, rows[r].d + g), _mm512_maskz_loadu_ps(k, rows[r].m + g));
+      const __m512 d = _mm512_maskz_loadu_ps(k, rows[r].d + g), m = _mm512_maskz_loadu_ps(k, rows[r].m + g);
+      const __m512 c = _mm512_fmadd_ps(eight, d, m);
       acc[r][1] = _mm512_fmadd_ps(c, sv, acc[r][1]);
     }
   }
@@ -52,34 +53,42 @@ inline void walk_int4_units(const uint8_t* const (&q)[R], int64_t nb, int64_t ah
   for (; t < units; ++t, u ^= 1) unit(t, u, std::true_type{});
 }
 
+// Per-group values v (scales or mins, as floats) of a weight row as a vector over the 16 lanes of unit t (U blocks
+// of 16 / U lanes each). Wide (a group spans whole units): the unit's value broadcast; else gathered by a
+// permutation, the lanes past the row's end (unit_lanes) zero.
+template <int64_t U, bool Wide>
+struct UnitGroups {
+  int gshift, ushift;  // block b is in group b >> gshift, unit t (Wide) in group t >> ushift
+  __m512i sidx;
+  explicit UnitGroups(int g)
+      : gshift(g), ushift(Wide ? g - (U == 4 ? 2 : 1) : 0),
+        sidx(_mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                               (U == 4 ? 2 : 3) + g)) {}
+  __m512 operator()(const float* v, int64_t t, __mmask16 lanes) const {
+    if constexpr (Wide) return _mm512_set1_ps(v[t >> ushift]);
+    else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(v + ((t * U) >> gshift)));
+  }
+};
+
 // int8 mode, one row of x (m = 1): out[r] = sum over units [t0, t1) of x . W row rows[r], for r < R.
 // The R weight rows share each unit's activation loads; whole units skip load_unit's mask and the
 // scale indexing is fixed per call (measured on a 2-core Zen 4, 4096 x 4096 int4: 0.18 -> 0.12 ms
 // with both against one row at a time through rows_int8<F, 1>). Per row the lanes add up in two
 // chains, even and odd units, so the result does not depend on R. Wide: a group spans whole units
-// (one scale per unit, broadcast), else unit_scales' permutation with its index vector made once.
+// (one scale per unit, broadcast), else a permutation with its index vector made once (UnitGroups).
 // int4_asym: sx non-null adds the min term sum_g (m_g + 8 d_g) sx_g into the lanes.
 template <QFormat F, int R, bool Wide>
 void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64_t t1, const float* sx, int64_t ng,
                   double* out) {
   constexpr int64_t U = kUnit<F>, xbytes = U * kBlock;
-  constexpr int kLogU = U == 4 ? 2 : 1;
   const uint8_t* q[R];
-  const float* d[R];
-  for (int r = 0; r < R; ++r) q[r] = rows[r].q, d[r] = rows[r].d;
-  const int gshift = rows[0].gshift;
-  const int ushift = Wide ? gshift - kLogU : 0;  // unit t is in group t >> ushift
-  const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         (U == 4 ? 2 : 3) + gshift);
+  for (int r = 0; r < R; ++r) q[r] = rows[r].q;
+  const UnitGroups<U, Wide> groups(rows[0].gshift);
   __m512 acc[R][2];
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
   const __m512i mask = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t full = std::min(t1, nb / U);  // units [t0, full) are whole: plain loads
-  auto scales = [&](int r, int64_t t, __mmask16 lanes) {  // lanes: unit_lanes
-    if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
-    else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(d[r] + ((t * U) >> gshift)));
-  };
   auto unit = [&](int64_t t, int u, auto masked) {
     auto load = [&](int r) {
       if constexpr (decltype(masked)::value) return load_unit<F>(q[r], t, nb);
@@ -96,7 +105,7 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
         const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
         const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nc, lo, xl), hi, xh);
         const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), dxe);
-        acc[r][u] = _mm512_fmadd_ps(f, scales(r, t, lanes), acc[r][u]);
+        acc[r][u] = _mm512_fmadd_ps(f, groups(rows[r].d, t, lanes), acc[r][u]);
       }
     } else {
       const __m512i xv = _mm512_loadu_si512(x);
@@ -105,7 +114,7 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
         const __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w));
         const __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg, xv, w));
         if constexpr (F == QFormat::I8Channel) acc[r][u] = _mm512_fmadd_ps(f, dxe, acc[r][u]);
-        else acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(f, dxe), scales(r, t, lanes), acc[r][u]);
+        else acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(f, dxe), groups(rows[r].d, t, lanes), acc[r][u]);
       }
     }
   };
@@ -143,25 +152,13 @@ void rows_int8_m1(const Acts& p, const WRow* rows, int64_t nb, int64_t t0, int64
 template <QFormat F, int R, bool Wide>
 void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t ng, double* out) {
   const uint8_t* q[R];
-  const float* d[R];
-  for (int r = 0; r < R; ++r) q[r] = rows[r].q, d[r] = rows[r].d;
-  const int gshift = rows[0].gshift;
-  const int ushift = Wide ? gshift - 2 : 0;  // unit t is in group t >> ushift
-  const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         2 + gshift);
+  for (int r = 0; r < R; ++r) q[r] = rows[r].q;
+  const UnitGroups<4, Wide> groups(rows[0].gshift);
   const __m512 table = F == QFormat::I4Asym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
                                             : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   __m512 acc[R][2];
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
-  auto scales = [&](int r, int64_t t, __mmask16 lanes) {  // lanes: unit_lanes
-    if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
-    else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(d[r] + ((t * 4) >> gshift)));
-  };
-  auto mins = [&](int r, int64_t t, __mmask16 lanes) {
-    if constexpr (Wide) return _mm512_set1_ps(rows[r].m[t >> ushift]);
-    else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(rows[r].m + ((t * 4) >> gshift)));
-  };
   auto unit = [&](int64_t t, int u, auto masked) {
     const __mmask16 lanes = decltype(masked)::value ? unit_lanes<F>(t, nb) : __mmask16(0xFFFF);
     const float* x = p.xk.data() + t * 128;
@@ -169,7 +166,8 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
     for (int k = 0; k < 8; ++k) xv[k] = _mm512_loadu_ps(x + 16 * k);
     for (int r = 0; r < R; ++r) {
       const __m512i w = decltype(masked)::value ? load_unit<F>(q[r], t, nb) : _mm512_loadu_si512(q[r] + t * kUnitBytes);
-      const __m512 dv = scales(r, t, lanes), mv = F == QFormat::I4Asym ? mins(r, t, lanes) : _mm512_setzero_ps();
+      const __m512 dv = groups(rows[r].d, t, lanes);
+      const __m512 mv = F == QFormat::I4Asym ? groups(rows[r].m, t, lanes) : _mm512_setzero_ps();
       __m512 s = acc[r][u];
       for (int k = 0; k < 8; ++k) {  // w exactly as formats.py: (u - 8) d, or u d + m rounded once
         const __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4 * k), table);
@@ -200,21 +198,13 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
 template <QFormat F, int R, bool Wide>
 void rows_digits_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t ng, double* out) {
   const uint8_t* q[R];
-  const float* d[R];
-  for (int r = 0; r < R; ++r) q[r] = rows[r].q, d[r] = rows[r].d;
-  const int gshift = rows[0].gshift;
-  const int ushift = Wide ? gshift - 2 : 0;  // unit t is in group t >> ushift
-  const __m512i sidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         2 + gshift);
+  for (int r = 0; r < R; ++r) q[r] = rows[r].q;
+  const UnitGroups<4, Wide> groups(rows[0].gshift);
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512 low = _mm512_set1_ps(0x1p-14f);
   __m512 acc[R][2];
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
-  auto scales = [&](int r, int64_t t, __mmask16 lanes) {  // lanes: unit_lanes
-    if constexpr (Wide) return _mm512_set1_ps(d[r][t >> ushift]);
-    else return _mm512_maskz_permutexvar_ps(lanes, sidx, _mm512_loadu_ps(d[r] + ((t * 4) >> gshift)));
-  };
   auto unit = [&](int64_t t, int u, auto masked) {
     const __mmask16 lanes = decltype(masked)::value ? unit_lanes<F>(t, nb) : __mmask16(0xFFFF);
     const uint8_t* xd = p.digits.data() + t * kDigits * 128;
@@ -224,13 +214,15 @@ void rows_digits_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t 
       const __m512i w = decltype(masked)::value ? load_unit<F>(q[r], t, nb) : _mm512_loadu_si512(q[r] + t * kUnitBytes);
       const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
       __m512i s[kDigits];
-      for (int k = 0; k < kDigits; ++k)
-        s[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_loadu_si512(nc + 16 * k), lo, _mm512_loadu_si512(xd + 128 * k)),
-                                   hi, _mm512_loadu_si512(xd + 128 * k + 64));
+      for (int k = 0; k < kDigits; ++k) {
+        const uint8_t* plane = xd + 128 * k;  // the digit's low-nibble then high-nibble elements
+        s[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_loadu_si512(nc + 16 * k), lo, _mm512_loadu_si512(plane)),
+                                   hi, _mm512_loadu_si512(plane + 64));
+      }
       const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(s[0], 7), s[1]);
       const __m512i b = _mm512_add_epi32(_mm512_slli_epi32(s[2], 7), s[3]);
       const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), low, _mm512_cvtepi32_ps(a));
-      acc[r][u] = _mm512_fmadd_ps(f, _mm512_mul_ps(scales(r, t, lanes), xs), acc[r][u]);
+      acc[r][u] = _mm512_fmadd_ps(f, _mm512_mul_ps(groups(rows[r].d, t, lanes), xs), acc[r][u]);
     }
   };
   walk_int4_units<R, _MM_HINT_T1>(q, nb, kAheadPassesInt8 * R * nb * 16, unit);
