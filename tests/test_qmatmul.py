@@ -248,6 +248,22 @@ def test_qmatmul_single_row_both_kernels(device, backend, scheme, group):
 
 @pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
 @pytest.mark.parametrize("scheme", ["int4", "int4_asym"])
+def test_qmatmul_single_row_outliers_against_zero_weights(device, backend, scheme):
+    """Activation outliers (10^2 to 10^8 times the rest, one or two in a block, as in real LLMs' down projections)
+    meeting a zero weight column: the rest of the block must keep its own accuracy (the digit kernel's error is
+    relative to the block's largest |x|, so it refuses blocks spread that far; reviewer's case)."""
+    w = randn((64, 256), torch.float32, device, seed=8, scale=0.05)
+    w[:, 3] = w[:, 200] = w[:, 201] = 0.0
+    q = fastllm.quantize(w, scheme, 32)
+    for big in (1e2, 1e3, 1e4, 1e8):
+        x = randn((1, 256), torch.float32, device, seed=9)
+        x[0, 3] = big
+        x[0, 200], x[0, 201] = big, -big / 3
+        _check(x, q, None, "float", backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("qmatmul"))
+@pytest.mark.parametrize("scheme", ["int4", "int4_asym"])
 def test_qmatmul_single_row_activation_range(device, backend, scheme):
     """The digit kernel takes x whose every element is 0 or 2^-60 <= |x| < 2^60; x at both ends of that range, and
     outside it (the dequantising kernel: subnormal and huge x too), match the reference."""

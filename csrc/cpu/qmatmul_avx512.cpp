@@ -21,8 +21,8 @@
 // L1 (as the AVX2 path does). A single row of x (decode; int8 mode, and float mode with int4 weights)
 // walks kM1Rows weight rows at a time instead (qmatmul_m1_avx512.cpp), sharing each unit's activation
 // loads; in float mode, int4 weights exact in fp32 (QMatmulArgs::exact) take integer dot products there too, on x
-// written exactly enough as four int8 digits per element. From kGemmInt8MinM rows of x on (prefill) the int8 mode runs the register-blocked GEMM of
-// qmatmul_gemm_int8_avx512.cpp. The lanes' partial sums are added in double (once per output and
+// written as five int8 digits per element where its blocks allow (rows_digits_m1). From kGemmInt8MinM rows of x
+// on (prefill) the int8 mode runs the register-blocked GEMM of qmatmul_gemm_int8_avx512.cpp. The lanes' partial sums are added in double (once per output and
 // chunk: the final sums are where the cancellation happens) and the result, bias included, is
 // rounded to fp32 once.
 // GCC 12's avx512fintrin.h trips -W(maybe-)uninitialized on its own _mm512_undefined_* (a known

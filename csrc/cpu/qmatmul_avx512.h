@@ -33,14 +33,14 @@ struct Acts {
   int64_t units;
 };
 
-constexpr int kDigits = 4;  // int8 digits per element of x in rows_digits_m1
+constexpr int kDigits = 5;  // int8 digits per element of x in rows_digits_m1
 
-// Float mode, int4, m = 1 (qmatmul_m1_avx512.cpp has the layouts): x as four int8 digits per element for
+// Float mode, int4, m = 1 (qmatmul_m1_avx512.cpp has the layouts): x as kDigits int8 digits per element for
 // rows_digits_m1 where the weights are exact (QMatmulArgs::exact) and x's range allows (digits_ok), else x re-laid
 // for rows_float_m1.
 struct FloatM1Acts {
   std::vector<float> xk;         // units * 128 (when !digits_ok)
-  bool digits_ok;                // every x is 0 or 2^-60 <= |x| < 2^60
+  bool digits_ok;                // x's range and its blocks' spread allow the digits (prepare_digits)
   std::vector<uint8_t> digits;   // units * kDigits * 128: per unit and digit, the low-nibble then high-nibble plane
   std::vector<int32_t> nc;       // units * kDigits * 16: -8 * (lane's sum of the digit)
   std::vector<float> xs;         // units * 16: 2^(E_b - 7) of lane l's block b

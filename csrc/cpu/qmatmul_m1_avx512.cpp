@@ -181,27 +181,31 @@ void rows_float_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t n
   for (int r = 0; r < R; ++r) out[r] = reduce_to_double(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
-// Float mode, int4, one row of x (m = 1), for weights that are exact in fp32 (QMatmulArgs::exact) and x in range
-// (prepare_digits): out[r] = x . W row rows[r] over all of K, for r < R, with integer dot products. Each x is
-// written as four int8 digits, x = 2^E_b (q1 + q2 2^-7 + q3 2^-14 + q4 2^-21) + e with |q| <= 64, E_b per block of
-// 32 (its largest |x| is in [32, 64) 2^E_b) and |e| <= 2^-22 2^E_b < 2^-27 max_b |x|: at most a sixteenth of one
-// fp32 rounding of the block's largest product, far below the fp32 sums' own error. Per unit and digit k,
-// vpdpbusd gives each lane S_k = sum (u - 8) q_k over its 8 elements exactly (|S_k| <= 2^12; the centring starts
-// the lanes at nc = -8 sum q_k), A = 2^7 S_1 + S_2 and B = 2^7 S_3 + S_4 stay exact in int32, and the lane's block
-// sum A + 2^-14 B is rounded once to fp32, times d 2^(E_b - 7). The weight's exact value (u - 8) d (+ m + 8 d) is
-// what formats.py's dequantisation gives, so this is the reference's dot product up to fp32 sum rounding; int4_asym
-// adds sum_g (m_g + 8 d_g) sum(x_g) apart. Against rows_float_m1's vpermps, shift and two FMAs per 16 weights this
-// is 8 vpdpbusd and 8 other vector operations per 128 weights (on Zen 4 vpdpbusd and FMA share one 512-bit pipe,
-// shifts and conversions run beside them). Measured on a 2-core Zen 4, one thread, weights in L1/L2: 14-20
+// Float mode, int4, one row of x (m = 1), for weights that are exact in fp32 (QMatmulArgs::exact) and x that
+// prepare_digits takes: out[r] = x . W row rows[r] over all of K, for r < R, with integer dot products. Each x is
+// written as five int8 digits, x = 2^E_b (q1 + q2 2^-7 + q3 2^-14 + q4 2^-21 + q5 2^-28) + e with |q| <= 64, E_b per
+// block of 32 (its largest |x| is in [32, 64) 2^E_b) and |e| <= 2^-29 2^E_b < 2^-34 max_b |x|. That error is relative
+// to the block's largest |x|, not to each element's own, so prepare_digits refuses a block whose largest |x| exceeds
+// 2^10 times the mean |x| of its other nonzero elements (a lone outlier, whose weight may be zero): the digits' error
+// is then within 2^-24 of that mean per element, one fp32 rounding of a typical product, below the fp32 sums' own.
+// Per unit and digit k, vpdpbusd gives each lane S_k = sum (u - 8) q_k over its 8 elements exactly (|S_k| <= 2^12;
+// the centring starts the lanes at nc = -8 sum q_k); A = 2^7 S_1 + S_2 and B = 2^14 S_3 + 2^7 S_4 + S_5 stay exact in
+// int32, and the lane's block sum A + 2^-21 B is rounded once (B's conversion rounds far below A's last bit), times
+// d 2^(E_b - 7). The weight's exact value (u - 8) d (+ m + 8 d) is what formats.py's dequantisation gives, so this is
+// the reference's dot product up to the rounding of the sums and the digits' error; int4_asym adds
+// sum_g (m_g + 8 d_g) sum(x_g) apart. Against rows_float_m1's vpermps, shift and two FMAs per 16 weights this is 10
+// vpdpbusd and 11 other vector operations per 128 weights (on Zen 4 vpdpbusd and FMA share one 512-bit pipe, shifts
+// and conversions run beside them). Measured on a 2-core Zen 4 with four digits, one thread, weights in L1/L2: 14-20
 // cycles per 128 weights of a row against 22-28; SmolLM2-135M Q4_1's decode step (120 calls, weights from DRAM)
 // 7-9% faster, with the weights prefetched into L2 one pass ahead as in int8 mode (two passes: no gain).
 template <QFormat F, int R, bool Wide>
 void rows_digits_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t ng, double* out) {
+  static_assert(kDigits == 5, "the digits are combined as A = 2^7 S_1 + S_2, B = 2^14 S_3 + 2^7 S_4 + S_5");
   const uint8_t* q[R];
   for (int r = 0; r < R; ++r) q[r] = rows[r].q;
   const UnitGroups<4, Wide> groups(rows[0].gshift);
   const __m512i mask = _mm512_set1_epi8(0x0F);
-  const __m512 low = _mm512_set1_ps(0x1p-14f);
+  const __m512 low = _mm512_set1_ps(0x1p-21f);
   __m512 acc[R][2];
   for (auto& row : acc)
     for (auto& v : row) v = _mm512_setzero_ps();
@@ -219,8 +223,9 @@ void rows_digits_m1(const FloatM1Acts& p, const WRow* rows, int64_t nb, int64_t 
         s[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_loadu_si512(nc + 16 * k), lo, _mm512_loadu_si512(plane)),
                                    hi, _mm512_loadu_si512(plane + 64));
       }
-      const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(s[0], 7), s[1]);
-      const __m512i b = _mm512_add_epi32(_mm512_slli_epi32(s[2], 7), s[3]);
+      const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(s[0], 7), s[1]);  // |a| < 2^20, |b| < 2^27
+      const __m512i b = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(s[2], 14), _mm512_slli_epi32(s[3], 7)),
+                                         s[4]);
       const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), low, _mm512_cvtepi32_ps(a));
       acc[r][u] = _mm512_fmadd_ps(f, _mm512_mul_ps(groups(rows[r].d, t, lanes), xs), acc[r][u]);
     }
@@ -251,11 +256,14 @@ void for_row_groups(int64_t jn, double* part, Fn&& f) {
 
 namespace {
 
-// rows_digits_m1's activations (FloatM1Acts), when every x is 0 or 2^-60 <= |x| < 2^60 (else digits_ok stays false):
-// then every scaled x below is a normal float and each step exact. Per block b (unit t = b / 4, lanes 4 (b % 4) ..
-// + 3), with max |x| = f 2^(ex - 127), f in [1, 2): E = ex - 132, so |x| 2^-E < 64; v = x 2^-E, then per digit
-// q = round(v) (to nearest even, |q| <= 64) and v = 128 (v - q). The planes follow the weights' unit layout
-// (element i < 16 of block j at byte 16 j + i of the low plane, element 16 + i of the high one), as int8 mode's.
+// rows_digits_m1's activations (FloatM1Acts), when every x is 0 or 2^-60 <= |x| < 2^60 and in every block of 32 the
+// largest |x| times the count of the other nonzero elements is at most 2^10 times their sum of |x| (else digits_ok
+// stays false and the dequantising kernel runs). Then every scaled x below is a normal float and each step exact.
+// Per block b (unit t = b / 4, lanes 4 (b % 4) .. + 3), with max |x| = f 2^(ex - 127), f in [1, 2): E = ex - 132,
+// so |x| 2^-E < 64; v = x 2^-E, then per digit q = round(v) (to nearest even, |q| <= 64) and v = 128 (v - q). The
+// planes follow the weights' unit layout (element i < 16 of block j at byte 16 j + i of the low plane, element
+// 16 + i of the high one), as int8 mode's. SmolLM2-135M's decode inputs: the largest such ratio per call had a
+// median of 7-25 and reached 1.1e4 in a few down projections (those run the dequantising kernel).
 void prepare_digits(const float* x, int64_t nb, int64_t group, FloatM1Acts& p) {
   const int64_t units = (nb + 3) / 4, ng = nb * kBlock / group, bpg = group / kBlock;
   const __m512 zero = _mm512_setzero_ps(), lo = _mm512_set1_ps(0x1p-60f), hi = _mm512_set1_ps(0x1p60f);
@@ -266,6 +274,15 @@ void prepare_digits(const float* x, int64_t nb, int64_t group, FloatM1Acts& p) {
                                     (_mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, hi, _CMP_LT_OQ))));
   }
   if (bad) return;
+  for (int64_t b = 0; b < nb; ++b) {  // the spread of each block (see above)
+    const __m512 a0 = _mm512_abs_ps(_mm512_loadu_ps(x + b * kBlock));
+    const __m512 a1 = _mm512_abs_ps(_mm512_loadu_ps(x + b * kBlock + 16));
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+    const double rest = double(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1))) - amax;  // sum of the others' |x|
+    const int nonzero = __builtin_popcount(_mm512_cmp_ps_mask(a0, zero, _CMP_NEQ_UQ)) +
+                        __builtin_popcount(_mm512_cmp_ps_mask(a1, zero, _CMP_NEQ_UQ));
+    if (amax > 0.0f && double(amax) * (nonzero - 1) > 1024.0 * rest) return;
+  }
   p.digits.assign(units * kDigits * 128, 0);
   p.nc.assign(units * kDigits * 16, 0);
   p.xs.assign(units * 16, 0.0f);

@@ -11,8 +11,9 @@ Backends: the C++ CPU kernels (AVX-512 VNNI or AVX2/FMA chosen at run time, Open
 float32/float16/bfloat16 x on the CPU (bfloat16 x with int4 weights: AVX512_BF16 dot products where the CPU has
 them, exact products summed in float32, as accurate as the float32 path on the same bfloat16 inputs; one row of
 float32 x with int4 weights exact in float32 (formats.int4_exact, nearly every real weight) on AVX-512 VNNI: integer
-dot products of the weights with x written as four int8 digits per element, within a sixteenth of an fp32
-rounding of each block's largest product); on CUDA, for act="float", the GEMV kernel
+dot products of the weights with x written as five int8 digits per element, an error within 2^-34 of each block's
+largest |x|, for blocks whose largest |x| is at most 2^10 times the mean of the others); on CUDA, for act="float",
+the GEMV kernel
 (csrc/cuda/qmatmul_gemv.cu) for at most CUDA_GEMV_MAX_M rows of x and the Triton GEMM
 (kernels/qmatmul.py: dequantisation in the K loop, tensor cores for float16/bfloat16) for more rows, or
 for any M when the extension lacks CUDA; anything else (act="int8" on CUDA, float64) runs the pure-torch
@@ -27,6 +28,7 @@ import functools
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import reference
 from .._dispatch import select
@@ -60,19 +62,23 @@ def _format(scheme: str, group_size: int) -> Format:
     return Format(scheme, group_size or None)
 
 
+_EXACT = WeakIdKeyDictionary()
+"""scales tensor -> ((versions and addresses of scales and mins), formats.int4_exact(scales, mins))"""
+
+
 def _exact(scales: torch.Tensor, mins: Optional[torch.Tensor], fmt: Format) -> bool:
-    """formats.int4_exact for an int4 weight's scales and mins (False for int8), remembered on the scales tensor
-    until it or mins is written to, as their version counters tell. Inference tensors have none: a write to one in
-    place inside inference mode after a call goes unnoticed (the CPU kernel then factors scales that may round:
-    errors of the order of float32 rounding, or another mix of inf and NaN in a non-finite row)."""
+    """formats.int4_exact for an int4 weight's scales and mins (False for int8), remembered per scales tensor until
+    it or mins is written to, as their version counters tell. Writes that bypass the counters go unnoticed: through
+    .data or .numpy(), or to an inference tensor (which has none) inside inference mode. So does a write after a CPU
+    graph recorded the call with the flag. The CPU kernel then factors out scales that may round: errors of the
+    order of float32 rounding, or another mix of inf and NaN in a non-finite row."""
     if fmt.bits != 4:
         return False
     key = tuple(None if t is None or t.is_inference() else t._version for t in (scales, mins))
     key += (scales.data_ptr(), None if mins is None else mins.data_ptr())
-    seen = getattr(scales, "_fastllm_int4_exact", None)
+    seen = _EXACT.get(scales)
     if seen is None or seen[0] != key:
-        seen = (key, int4_exact(scales, mins))
-        scales._fastllm_int4_exact = seen
+        seen = _EXACT[scales] = (key, int4_exact(scales, mins))
     return seen[1]
 
 
