@@ -267,16 +267,14 @@ namespace {
 void prepare_digits(const float* x, int64_t nb, int64_t group, FloatM1Acts& p) {
   const int64_t units = (nb + 3) / 4, ng = nb * kBlock / group, bpg = group / kBlock;
   const __m512 zero = _mm512_setzero_ps(), lo = _mm512_set1_ps(0x1p-60f), hi = _mm512_set1_ps(0x1p60f);
-  __mmask16 bad = 0;
-  for (int64_t i = 0; i < nb * kBlock; i += 16) {
-    const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(x + i));  // NaN compares false: bad
-    bad |= static_cast<__mmask16>(~(_mm512_cmp_ps_mask(v, zero, _CMP_EQ_OQ) |
-                                    (_mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, hi, _CMP_LT_OQ))));
-  }
-  if (bad) return;
-  for (int64_t b = 0; b < nb; ++b) {  // the spread of each block (see above)
+  for (int64_t b = 0; b < nb; ++b) {  // the range of every x and the spread of each block (see above)
     const __m512 a0 = _mm512_abs_ps(_mm512_loadu_ps(x + b * kBlock));
     const __m512 a1 = _mm512_abs_ps(_mm512_loadu_ps(x + b * kBlock + 16));
+    auto in_range = [&](__m512 v) {  // NaN compares false: out of range
+      return _mm512_cmp_ps_mask(v, zero, _CMP_EQ_OQ) |
+             (_mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, hi, _CMP_LT_OQ));
+    };
+    if ((in_range(a0) & in_range(a1)) != 0xFFFF) return;
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
     const double rest = double(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1))) - amax;  // sum of the others' |x|
     const int nonzero = __builtin_popcount(_mm512_cmp_ps_mask(a0, zero, _CMP_NEQ_UQ)) +
