@@ -90,7 +90,8 @@ def summarise(run: dict) -> dict:
 
 def _title(summary: dict) -> str:
     env = summary["environment"]
-    return (f"{env['device_name']} ({env['device']}, {env.get('cpu_threads')} threads), torch {env['torch']}, "
+    name = env.get("cpu_model") or env["device_name"]
+    return (f"{name} ({env['device']}, {env.get('cpu_threads')} threads), torch {env['torch']}, "
             f"triton {env['triton']}, commit {summary['commit']}, {summary['date']}")
 
 

@@ -142,6 +142,26 @@ def gbps(case: Case, seconds: float) -> float:
     return case.bytes_moved / seconds / 1e9
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name, vendor, family and model as Linux reports them (/proc/cpuinfo), None elsewhere:
+    results from different CPUs (a 2-core VM may be an AMD or an Intel host from one session to the next, and
+    under KVM the name alone can be as vague as "Intel(R) Xeon(R) Processor") must say which they came from."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return None
+    if "model name" not in fields:
+        return None
+    ids = " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+    return f"{fields['model name']} ({fields.get('vendor_id', '?')}, {ids})"
+
+
 def environment(device: str) -> dict:
     """Device and versions recorded with every result."""
     import platform
@@ -154,6 +174,8 @@ def environment(device: str) -> dict:
         info["cudnn"] = torch.backends.cudnn.version()
     else:
         info["device_name"] = platform.processor() or platform.machine()
+        info["cpu_model"] = _cpu_model()
+        info["cpu_simd"] = fastllm.backends()["cpu"].get("simd")
     try:
         import triton
 

@@ -173,18 +173,21 @@ void scalar_int8(const QMatmulArgs& a) {
   for (int64_t j = 0; j < a.n; ++j) {
     for (int64_t i = 0; i < a.m; ++i) {
       const int8_t* qx = a.qx + i * k;
-      float acc = 0.0f;
-      for (int64_t b = 0; b < nb; ++b) {
+      // The scaled block sums (and the min terms) are added in 8 lanes, as the SIMD paths add theirs: one
+      // sequential fp32 sum over a long K (257 blocks) had 2.7x torch's error on a CPU whose BLAS sums in
+      // lanes.
+      float acc = lane_sum(nb, [&](int64_t b) {
         int32_t s = 0;
         for (int64_t c = b * kBlock; c < (b + 1) * kBlock; ++c) s += (wint<F>(a.w, k, j, c) - kCentre) * qx[c];
         float ds = a.dx[i * nb + b];
         if constexpr (F != QFormat::I8Channel) ds *= wscale<F>(a, j, b * kBlock / a.group);
-        acc += static_cast<float>(s) * ds;
-      }
+        return static_cast<float>(s) * ds;
+      });
       if constexpr (F == QFormat::I8Channel) acc *= wscale<F>(a, j, 0);
       if constexpr (F == QFormat::I4Asym)
-        for (int64_t g = 0; g < ng; ++g)
-          acc += (half_to_float(a.mins[j * ng + g]) + 8.0f * wscale<F>(a, j, g)) * a.sx[i * ng + g];
+        acc += lane_sum(ng, [&](int64_t g) {
+          return (half_to_float(a.mins[j * ng + g]) + 8.0f * wscale<F>(a, j, g)) * a.sx[i * ng + g];
+        });
       store_outputs(a, i, 1, j, &acc);
     }
   }
