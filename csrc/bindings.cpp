@@ -361,6 +361,10 @@ PYBIND11_MODULE(_C, m) {
         "cap the SIMD level (0 scalar, 1 avx2, 2 avx512, 3 avx512bf16: no cap); the tests run every path this way");
   m.def("set_cpu_simd_enabled", &fastllm::set_cpu_simd_enabled, py::arg("enabled"),
         "switch the SIMD paths off (False) to run the scalar paths, or back on");
+  m.def("cpu_zmm_float_gemm", &fastllm::cpu_zmm_float_gemm,
+        "the float qmatmul GEMM (prefill) runs on 16-lane FMAs at the AVX-512 level (default: Intel CPUs)");
+  m.def("set_cpu_zmm_float_gemm", &fastllm::set_cpu_zmm_float_gemm, py::arg("mode"),
+        "force the 16-lane float qmatmul GEMM on (1) or off (0), or back to the CPU's default (-1); for the tests");
 
   m.def("advise_huge_pages", &fastllm::advise_huge_pages, py::arg("ptr"), py::arg("nbytes"),
         "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of a fresh CPU buffer, before it is written");

@@ -24,8 +24,9 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machin
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
 
 # Backends each op can run on, per device type ("cpu": the C++ kernels at the best SIMD level of this CPU,
-# "cpu-avx512": capped at AVX-512 without its bfloat16 dot products, "cpu-avx2": capped at AVX2 (ops with
-# such paths), "cpu-scalar": with SIMD switched off).
+# "cpu-avx512": capped at AVX-512 without its bfloat16 dot products, and qmatmul's float GEMM on 16-lane FMAs
+# whatever the CPU's default (Intel: those, elsewhere the 8-lane one, which "cpu" runs there), "cpu-avx2": capped
+# at AVX2 (ops with such paths), "cpu-scalar": with SIMD switched off).
 _BACKENDS = {
     "softmax": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},
     "layer_norm": {"cpu": ["cpu", "cpu-scalar", "torch"], "cuda": ["cuda", "torch"]},
@@ -50,17 +51,19 @@ def device_backends(op: str):
 @contextlib.contextmanager
 def running_on(backend: str):
     """Force `backend` for the ops in this block ("cpu-scalar" / "cpu-avx2" / "cpu-avx512" also cap the SIMD
-    level)."""
+    level; "cpu-avx512" forces the 16-lane float GEMM too)."""
     ext = _backend.extension()
     caps = {"cpu-scalar": 0, "cpu-avx2": 1, "cpu-avx512": 2}
     if backend in caps:
         before = ext.cpu_simd_level()  # (a cap from FASTLLM_DISABLE_* stays)
         ext.set_cpu_simd_max(caps[backend])
+        ext.set_cpu_zmm_float_gemm(1 if backend == "cpu-avx512" else -1)
         try:
             with fastllm.use_backend("cpu"):
                 yield
         finally:
             ext.set_cpu_simd_max(before)
+            ext.set_cpu_zmm_float_gemm(-1)
     else:
         with fastllm.use_backend(backend):
             yield

@@ -323,3 +323,24 @@ def test_simd_caps_from_the_environment():
                               "print(_backend.extension().cpu_simd_level())"], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert int(out.stdout.split()[-1]) == min(cap, has), (var, out.stdout)
+
+
+@pytest.mark.skipif(_backend.extension() is None, reason="fastllm._C is not built")
+def test_zmm_float_gemm_switch():
+    """qmatmul's float GEMM runs on 16-lane FMAs by default on Intel CPUs only (two 512-bit FMAs a cycle there;
+    Zen 4 splits them in halves); set_cpu_zmm_float_gemm forces it on (1) or off (0), -1 restores the default."""
+    ext = _backend.extension()
+    try:
+        with open("/proc/cpuinfo") as f:
+            intel = "GenuineIntel" in f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to tell the CPU's vendor")
+    assert ext.cpu_zmm_float_gemm() == intel
+    try:
+        ext.set_cpu_zmm_float_gemm(1)
+        assert ext.cpu_zmm_float_gemm()
+        ext.set_cpu_zmm_float_gemm(0)
+        assert not ext.cpu_zmm_float_gemm()
+    finally:
+        ext.set_cpu_zmm_float_gemm(-1)
+    assert ext.cpu_zmm_float_gemm() == intel

@@ -400,8 +400,10 @@ def test_qmatmul_few_rows_register_tiles(device, backend, scheme, group):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int8", 32), ("int4", 64), ("int4_asym", 32)], ids=str)
 def test_qmatmul_many_rows(device, backend, dtype, scheme, group):
-    """Prefill-sized M: the float GEMM (AVX2, also on AVX-512 CPUs, from 11 rows) in panels of 16 rows, the
-    last one partial (11) or of 8 rows where at most 8 are left (24: 16 + 8, 33: 32 + 1, 70: 64 + 6);
+    """Prefill-sized M: the float GEMM (from 11 rows) on 8-lane vectors in panels of 16 rows, the last one
+    partial (11) or of 8 rows where at most 8 are left (24: 16 + 8, 33: 32 + 1, 70: 64 + 6), on 16-lane ones
+    ("cpu-avx512", and "cpu" on Intel CPUs) in panels of 32 rows, the last one of 16 where at most 16 are left
+    (11, 16: one of 16; 24: one of 32; 33: 32 + 1; 70: 64 + 6), micro-tiles of 12 and 24 weight rows;
     the AVX-512 int8 GEMM (from 12 rows) in one-vector panels up to 16 rows (16), two-vector panels of 32
     above, the last one partial. N = 53: a tile of 48 weight rows and one of 5, its micro-tiles padded with
     zero rows; K = 832: 26 blocks, float mode's four K chunks of 7, 7, 7 and 5 blocks, int8 mode's one

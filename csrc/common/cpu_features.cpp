@@ -88,4 +88,22 @@ void set_cpu_simd_max(int level) { g_simd_max.store(level, std::memory_order_rel
 
 void set_cpu_simd_enabled(bool enabled) { set_cpu_simd_max(enabled ? kSimdAvx512Bf16 : kSimdScalar); }
 
+static std::atomic<int> g_zmm_float_gemm{-1};
+
+bool cpu_zmm_float_gemm() {
+  const int mode = g_zmm_float_gemm.load(std::memory_order_relaxed);
+  if (mode >= 0) return mode != 0;
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
+void set_cpu_zmm_float_gemm(int mode) { g_zmm_float_gemm.store(mode < 0 ? -1 : mode != 0, std::memory_order_relaxed); }
+
 }  // namespace fastllm

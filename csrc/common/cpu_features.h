@@ -30,4 +30,11 @@ inline bool cpu_use_avx512_bf16() { return cpu_simd_level() >= kSimdAvx512Bf16; 
 // set_cpu_simd_max(enabled ? the highest level : scalar), kept for the tests that switch SIMD off.
 void set_cpu_simd_enabled(bool enabled);
 
+// Whether the float qmatmul GEMM (prefill) runs on 16-lane FMAs at the AVX-512 level: by default on Intel CPUs,
+// whose AVX-512 cores (Xeon) issue two 512-bit FMAs a cycle, and not elsewhere (Zen 4 runs a 512-bit FMA as two
+// 256-bit halves: no faster than the 8-lane GEMM, and its 32-row panels pad more). set_cpu_zmm_float_gemm(1 / 0)
+// forces it on / off (the tests run both GEMMs on one machine), -1 restores the default.
+bool cpu_zmm_float_gemm();
+void set_cpu_zmm_float_gemm(int mode);
+
 }  // namespace fastllm

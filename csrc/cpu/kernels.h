@@ -92,6 +92,9 @@ constexpr int64_t kGemmMinM = 11;
 
 namespace avx512 {  // *_avx512.cpp, chosen by cpu_use_avx512()
 void qmatmul(const QMatmulArgs& a);
+// Float mode from avx2::kGemmMinM rows of x on, where cpu_zmm_float_gemm(): the GEMM of qmatmul_gemm_float.h on
+// 16-lane vectors (qmatmul_gemm_float_avx512.cpp).
+void gemm_float(const QMatmulArgs& a);
 // Int8 activations from this many rows of x on run the VNNI GEMM (qmatmul_gemm_int8_avx512.cpp): on
 // one Zen 4 core 0.6-1.1x the row-pass path at 8 rows, 1.2-1.4x at 12, 1.5-2.2x at 16, 3.4-4.8x at 128.
 constexpr int64_t kGemmInt8MinM = 12;

@@ -1,22 +1,6 @@
-// AVX2 float-mode qmatmul for many rows of x (prefill), also on AVX-512 CPUs: a register-blocked GEMM in the
-// manner of BLIS on 8-lane vectors and 16 registers (run_gemm in qmatmul_gemm.h drives it). y[i, j] =
-// sum_k x[i, k] W[j, k] (+ bias), W dequantised exactly as formats.py (dequant_block; per-channel int8 applies
-// its row scale to the final sum, as the other paths do).
-//   x is packed once per call into panels of 16 rows (the last one of 8 when at most 8 are left),
-//     k-major: the panel of mr rows from row i0 holds (k, r) at xt[i0 * K + k * mr + r] (rows past m
-//     are zeros), so one k step is one or two vector loads (MV = mr / 8).
-//   Per K chunk (at most kKCMax, 32-aligned, the chunks of a call equal in size) a tile's rows are
-//     dequantised into wd (row-major, row stride kWS floats: the micro-kernel's broadcasts are at constant
-//     offsets of one pointer); the micro-kernel then takes kNR weight rows: MV x kNR = 12 accumulators, each
-//     k step MV loads of x and kNR broadcasts of weights for 12 FMAs.
-//   The micro-kernel sums a chunk in fp32 from zero and adds it into the tile's outputs in double, so the
-//     rounding is that of a chunk-long fp32 dot product per chunk (as a BLAS sgemm's), and the result, bias
-//     included, is rounded to the output dtype once.
-#include <algorithm>
-#include <vector>
-
-#include "qmatmul_avx2.h"
-#include "qmatmul_gemm.h"
+// AVX2 float-mode qmatmul for many rows of x (prefill): the GEMM of qmatmul_gemm_float.h on 8-lane vectors and 16
+// registers. It also runs on AVX-512 CPUs whose 16-lane FMAs are no faster (cpu_zmm_float_gemm).
+#include "qmatmul_gemm_float.h"
 
 namespace fastllm::cpu::avx2 {
 namespace {
@@ -28,46 +12,8 @@ template <int MV>
 constexpr int64_t kMR = 8 * MV;
 template <int MV>
 constexpr int kNR = 12 / MV;
-constexpr int64_t kKCMax = 256;  // K per chunk: a panel's chunk of x is 8-16 KiB, a micro-tile's weights 6-12
-constexpr int64_t kWS = kKCMax + 16;  // wd's row stride (rows 1 KiB apart would alias in L1)
-
-// The 8 x 8 block v (rows) transposed in place: v[j] becomes column j.
-inline void transpose8(__m256 (&v)[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    v[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
-    v[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
-  }
-}
-
-// The panel of mr rows of x (m x k fp32, row stride xs) from row i0, into xt (see the top): 8 x 8 blocks
-// transposed in registers (a scalar loop storing one element per 64-byte row of xt cost ~20% of a
-// SmolLM2-sized call at M = 128).
-void pack_x(const float* x, int64_t xs, int64_t m, int64_t k, int64_t i0, int64_t mr, float* xt) {
-  for (int64_t r0 = 0; r0 < mr; r0 += 8) {
-    const float* src[8];
-    for (int r = 0; r < 8; ++r) src[r] = i0 + r0 + r < m ? x + (i0 + r0 + r) * xs : nullptr;
-    for (int64_t c = 0; c < k; c += 8) {  // k is a multiple of 32
-      __m256 v[8];
-      for (int r = 0; r < 8; ++r) v[r] = src[r] ? _mm256_loadu_ps(src[r] + c) : _mm256_setzero_ps();
-      transpose8(v);
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(xt + (c + j) * mr + r0, v[j]);
-    }
-  }
-}
-
-// ct[j * ldc + r] += sum_{c < kc} xt[c * MR + r] * wd[j * kWS + c] for j < kNR, r < MR. (The loops
-// over registers are unrolled explicitly: otherwise GCC keeps acc in memory and stores it every step.)
+// Micro::run (qmatmul_gemm_float.h) on 8-lane vectors. (The loops over registers are unrolled explicitly:
+// otherwise GCC keeps acc in memory and stores it every step.)
 template <int MV>
 void micro(const float* xt, const float* wd, int64_t kc, double* ct, int64_t ldc) {
   constexpr int64_t MR = kMR<MV>;
@@ -101,67 +47,20 @@ void micro(const float* xt, const float* wd, int64_t kc, double* ct, int64_t ldc
   }
 }
 
-// The blocks [b0, b1) of the weight rows [j0, j0 + jn), dequantised into wd.
-template <QFormat F>
-void dequant_chunk(const QMatmulArgs& a, int64_t j0, int64_t jn, int64_t b0, int64_t b1, float* wd) {
-  for (int64_t jj = 0; jj < jn; ++jj) {
-    const WRow r = weight_row<F>(a, j0 + jj);
-    float* dst = wd + jj * kWS;
-    for (int64_t b = b0; b < b1; ++b) {
-      __m256 w[4];
-      dequant_block<F>(r, b, w);
-      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(dst + (b - b0) * kBlock + 8 * v, w[v]);
-    }
+struct Ymm {
+  static constexpr int64_t kLanes = 8;
+  static constexpr int kNR2 = kNR<2>, kNR1 = kNR<1>;
+  template <int MV>
+  static void run(const float* xt, const float* wd, int64_t kc, double* ct, int64_t ldc) {
+    micro<MV>(xt, wd, kc, ct, ldc);
   }
-}
-
-template <QFormat F>
-struct GemmFloat {
-  static constexpr int64_t MR = kMR<2>;
-  const QMatmulArgs& a;
-  const Panels panels;
-  const int64_t chunk_blocks;
-  std::vector<float> xt;
-
-  explicit GemmFloat(const QMatmulArgs& args)
-      : a(args), panels(args.m, MR, kMR<1>), chunk_blocks(equal_chunk_blocks(args.k / kBlock, kKCMax)),
-        xt(panels.padded * args.k) {}
-
-  void pack(int64_t p) { pack_x(a.xf, a.xf_stride, a.m, a.k, p * MR, panels.rows(p), xt.data() + p * MR * a.k); }
-
-  struct Tile {
-    const GemmFloat& g;
-    std::vector<float> wd;
-    int64_t j0 = 0, jn = 0, kc = 0;
-    explicit Tile(const GemmFloat& gemm) : g(gemm), wd(kGemmTileRows * kWS, 0.0f) {}
-
-    void start(int64_t first, int64_t rows) {
-      j0 = first, jn = rows;
-      const int64_t jpad = (jn + kNR<1> - 1) / kNR<1> * kNR<1>;  // a multiple of both kNR
-      std::fill(wd.begin() + jn * kWS, wd.begin() + jpad * kWS, 0.0f);  // padding rows: zero weights
-    }
-
-    void load(int64_t b0, int64_t b1) {
-      dequant_chunk<F>(g.a, j0, jn, b0, b1, wd.data());
-      kc = (b1 - b0) * kBlock;
-    }
-
-    void panel(int64_t p, int64_t b0, int64_t, double* ct, int64_t ldc) const {
-      const int64_t mr = g.panels.rows(p);
-      const float* xp = g.xt.data() + p * MR * g.a.k + b0 * kBlock * mr;
-      if (mr == MR)
-        for (int64_t jj = 0; jj < jn; jj += kNR<2>) micro<2>(xp, wd.data() + jj * kWS, kc, ct + jj * ldc, ldc);
-      else
-        for (int64_t jj = 0; jj < jn; jj += kNR<1>) micro<1>(xp, wd.data() + jj * kWS, kc, ct + jj * ldc, ldc);
-    }
-  };
 };
 
 }  // namespace
 
 template <QFormat F>
 void gemm_float(const QMatmulArgs& a) {
-  run_gemm<F, GemmFloat<F>>(a);
+  run_gemm<F, GemmFloat<F, Ymm>>(a);
 }
 
 template void gemm_float<QFormat::I8Channel>(const QMatmulArgs&);
