@@ -361,10 +361,12 @@ PYBIND11_MODULE(_C, m) {
         "cap the SIMD level (0 scalar, 1 avx2, 2 avx512, 3 avx512bf16: no cap); the tests run every path this way");
   m.def("set_cpu_simd_enabled", &fastllm::set_cpu_simd_enabled, py::arg("enabled"),
         "switch the SIMD paths off (False) to run the scalar paths, or back on");
+  m.def("cpu_zmm_fma_gain", &fastllm::cpu_zmm_fma_gain,
+        "float lanes a second of 16-lane FMAs over 8-lane ones on this core, measured once (0 without AVX-512)");
   m.def("cpu_zmm_float_gemm", &fastllm::cpu_zmm_float_gemm,
-        "the float qmatmul GEMM (prefill) runs on 16-lane FMAs at the AVX-512 level (default: Intel CPUs)");
+        "the float qmatmul GEMM (prefill) runs on 16-lane FMAs at the AVX-512 level (default: cpu_zmm_fma_gain >= 1.5)");
   m.def("set_cpu_zmm_float_gemm", &fastllm::set_cpu_zmm_float_gemm, py::arg("mode"),
-        "force the 16-lane float qmatmul GEMM on (1) or off (0), or back to the CPU's default (-1); for the tests");
+        "force the 16-lane float qmatmul GEMM on (1) or off (0), or back to the default (-1); returns the mode replaced");
 
   m.def("advise_huge_pages", &fastllm::advise_huge_pages, py::arg("ptr"), py::arg("nbytes"),
         "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of a fresh CPU buffer, before it is written");

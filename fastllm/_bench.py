@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fastllm
+from fastllm import _backend
 
 # (8, 4096): a decode step's few rows, where the time is the per-call overhead (Python, dispatch, launch).
 GPU_SHAPES = [(8, 4096), (4096, 4096), (16384, 8192), (8192, 32768)]
@@ -176,6 +177,10 @@ def environment(device: str) -> dict:
         info["device_name"] = platform.processor() or platform.machine()
         info["cpu_model"] = _cpu_model()
         info["cpu_simd"] = fastllm.backends()["cpu"].get("simd")
+        ext = _backend.extension()
+        if ext is not None:  # (the float qmatmul GEMM's vector width: its timings depend on it)
+            info["cpu_zmm_fma_gain"] = round(ext.cpu_zmm_fma_gain(), 2)
+            info["cpu_zmm_float_gemm"] = ext.cpu_zmm_float_gemm()
     try:
         import triton
 

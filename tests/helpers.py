@@ -25,7 +25,7 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 
 # Backends each op can run on, per device type ("cpu": the C++ kernels at the best SIMD level of this CPU,
 # "cpu-avx512": capped at AVX-512 without its bfloat16 dot products, and qmatmul's float GEMM on 16-lane FMAs
-# whatever the CPU's default (Intel: those, elsewhere the 8-lane one, which "cpu" runs there), "cpu-avx2": capped
+# whatever the CPU's default (cpu_zmm_float_gemm: Intel Xeons run those, Zen 4 the 8-lane one), "cpu-avx2": capped
 # at AVX2 (ops with such paths), "cpu-scalar": with SIMD switched off).
 _BACKENDS = {
     "softmax": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},
@@ -57,13 +57,13 @@ def running_on(backend: str):
     if backend in caps:
         before = ext.cpu_simd_level()  # (a cap from FASTLLM_DISABLE_* stays)
         ext.set_cpu_simd_max(caps[backend])
-        ext.set_cpu_zmm_float_gemm(1 if backend == "cpu-avx512" else -1)
+        zmm_before = ext.set_cpu_zmm_float_gemm(1 if backend == "cpu-avx512" else -1)
         try:
             with fastllm.use_backend("cpu"):
                 yield
         finally:
             ext.set_cpu_simd_max(before)
-            ext.set_cpu_zmm_float_gemm(-1)
+            ext.set_cpu_zmm_float_gemm(zmm_before)
     else:
         with fastllm.use_backend(backend):
             yield

@@ -99,9 +99,10 @@ def test_int8_activation_quantisation_is_bit_identical():
 def test_qmatmul_k_chunks_and_row_tiles(device, backend, act, scheme, group):
     """M = 40 rows of x make the AVX2 driver (int8 mode) split K = 1056 (33 blocks) into chunks of 8
     blocks, the odd block in the last one, and N = 37 into row tiles of 16 and a partial one; the float
-    GEMM into K chunks of 7, 7, 7, 7 and 5 blocks, the AVX-512 int8 GEMM into chunks of 17 and 16, each
-    with one partial tile of 48 rows. On CUDA (M = 8) K = 1056 is a tile of 32 chunks and one of 1, N = 37
-    two blocks of 16 channels and a partial one."""
+    GEMM into K chunks of 7, 7, 7, 7 and 5 blocks (on 8 lanes: panels of 16 + 16 + 8 rows, micro-tiles of 6 and
+    12 weight rows; on 16: 32 + 16 rows, 8 of them real, micro-tiles of 12 and 24), the AVX-512 int8 GEMM into
+    chunks of 17 and 16, each with one partial tile of 48 rows. On CUDA (M = 8) K = 1056 is a tile of 32 chunks
+    and one of 1, N = 37 two blocks of 16 channels and a partial one."""
     m = CUDA_GEMV_MAX_M if backend == "cuda" else 40
     if not _takes(backend, m, act):
         pytest.skip(f"{backend} has no act={act!r} kernel")

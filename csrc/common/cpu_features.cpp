@@ -88,22 +88,20 @@ void set_cpu_simd_max(int level) { g_simd_max.store(level, std::memory_order_rel
 
 void set_cpu_simd_enabled(bool enabled) { set_cpu_simd_max(enabled ? kSimdAvx512Bf16 : kSimdScalar); }
 
+double cpu_zmm_fma_gain() {
+  static const double gain = cpu_has_avx512_vnni() ? measure_zmm_fma_gain() : 0.0;
+  return gain;
+}
+
 static std::atomic<int> g_zmm_float_gemm{-1};
 
 bool cpu_zmm_float_gemm() {
   const int mode = g_zmm_float_gemm.load(std::memory_order_relaxed);
-  if (mode >= 0) return mode != 0;
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool intel = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
-  }();
-  return intel;
-#else
-  return false;
-#endif
+  return mode >= 0 ? mode != 0 : cpu_zmm_fma_gain() >= 1.5;
 }
 
-void set_cpu_zmm_float_gemm(int mode) { g_zmm_float_gemm.store(mode < 0 ? -1 : mode != 0, std::memory_order_relaxed); }
+int set_cpu_zmm_float_gemm(int mode) {
+  return g_zmm_float_gemm.exchange(mode < 0 ? -1 : mode != 0, std::memory_order_relaxed);
+}
 
 }  // namespace fastllm

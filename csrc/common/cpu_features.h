@@ -30,11 +30,16 @@ inline bool cpu_use_avx512_bf16() { return cpu_simd_level() >= kSimdAvx512Bf16; 
 // set_cpu_simd_max(enabled ? the highest level : scalar), kept for the tests that switch SIMD off.
 void set_cpu_simd_enabled(bool enabled);
 
-// Whether the float qmatmul GEMM (prefill) runs on 16-lane FMAs at the AVX-512 level: by default on Intel CPUs,
-// whose AVX-512 cores (Xeon) issue two 512-bit FMAs a cycle, and not elsewhere (Zen 4 runs a 512-bit FMA as two
-// 256-bit halves: no faster than the 8-lane GEMM, and its 32-row panels pad more). set_cpu_zmm_float_gemm(1 / 0)
-// forces it on / off (the tests run both GEMMs on one machine), -1 restores the default.
+// How many more float lanes a second this core's 16-lane FMAs give than its 8-lane ones, measured once (about
+// 0.5 ms, fma_probe_avx512.cpp) on AVX-512 CPUs (0 elsewhere): about 2 where a core issues two 512-bit FMAs a cycle
+// (Intel Xeon), about 1 where it splits them into 256-bit halves (Zen 4) or has one 512-bit port.
+double cpu_zmm_fma_gain();
+double measure_zmm_fma_gain();  // (a fresh measurement; AVX-512 CPUs only)
+// Whether the float qmatmul GEMM (prefill) runs on 16-lane FMAs at the AVX-512 level: by default where
+// cpu_zmm_fma_gain() >= 1.5 (elsewhere the 8-lane GEMM is as fast, and its smaller panels pad less).
+// set_cpu_zmm_float_gemm(1 / 0) forces it on / off (the tests run both GEMMs on one machine), -1 restores the
+// default; it returns the mode it replaced.
 bool cpu_zmm_float_gemm();
-void set_cpu_zmm_float_gemm(int mode);
+int set_cpu_zmm_float_gemm(int mode);
 
 }  // namespace fastllm

@@ -1,6 +1,7 @@
-// Private to the AVX2 qmatmul files (compiled with -mavx2 -mfma -mf16c only): a weight row and its
-// exact float dequantisation, shared by the row-pass driver (qmatmul_avx2.cpp) and the float GEMM
-// (qmatmul_gemm_avx2.cpp). Internal linkage, as everything in vec_avx2.h.
+// Private to the AVX2 qmatmul files (compiled with -mavx2 -mfma -mf16c) and the float GEMM's header: a weight row
+// and its exact float dequantisation, shared by the row-pass driver (qmatmul_avx2.cpp) and the float GEMM
+// (qmatmul_gemm_float.h, also compiled into qmatmul_gemm_float_avx512.cpp with the AVX-512 flags). Internal linkage,
+// as everything in vec_avx2.h, so each file has its own copy built with its own flags.
 #pragma once
 #include <immintrin.h>
 

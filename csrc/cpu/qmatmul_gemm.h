@@ -1,6 +1,6 @@
-// Private to the CPU qmatmul GEMMs (prefill: many rows of x): float activations (qmatmul_gemm_avx2.cpp), int8
-// activations (qmatmul_gemm_int8_avx512.cpp) and bfloat16 ones (qmatmul_gemm_avx512bf16.cpp). They share the
-// driver below and differ in how they pack x, load a tile's weights and multiply (their micro-kernels).
+// Private to the CPU qmatmul GEMMs (prefill: many rows of x): float activations (qmatmul_gemm_float.h, on 8 or
+// 16 lanes), int8 activations (qmatmul_gemm_int8_avx512.cpp) and bfloat16 ones (qmatmul_gemm_avx512bf16.cpp). They
+// share the driver below and differ in how they pack x, load a tile's weights and multiply (their micro-kernels).
 #pragma once
 #include <algorithm>
 #include <vector>
@@ -59,7 +59,7 @@ inline void prefetch_rows(const void* w, int64_t row_bytes, int64_t j0, int64_t 
       __builtin_prefetch(base + (j0 + jj) * row_bytes + o, 0, 2);  // (prefetcht1 on x86)
 }
 
-// Weight rows per tile of the GEMMs (each micro-kernel's rows per step, 6 or 12, divides it).
+// Weight rows per tile of the GEMMs (each micro-kernel's rows per step, 6, 12 or 24, divides it).
 constexpr int64_t kGemmTileRows = 48;
 
 // Writes y[i][j0 + jj] = ct[jj * ldc + i] * s_jj + bias[j0 + jj] for i < m, jj < jn <= kGemmTileRows, in double

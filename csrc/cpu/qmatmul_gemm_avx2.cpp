@@ -8,51 +8,18 @@ namespace {
 // A panel of x is MV vectors of 8 rows, a micro-tile 12 / MV weight rows: 12 accumulators, plus MV
 // registers of x and one broadcast weight. Panels have 16 rows (MV = 2: two loads per 6 broadcasts);
 // the last one 8 rows when at most 8 rows are left (MV = 1: 12 broadcasts per load, but none wasted).
-template <int MV>
-constexpr int64_t kMR = 8 * MV;
-template <int MV>
-constexpr int kNR = 12 / MV;
-// Micro::run (qmatmul_gemm_float.h) on 8-lane vectors. (The loops over registers are unrolled explicitly:
-// otherwise GCC keeps acc in memory and stores it every step.)
-template <int MV>
-void micro(const float* xt, const float* wd, int64_t kc, double* ct, int64_t ldc) {
-  constexpr int64_t MR = kMR<MV>;
-  constexpr int NR = kNR<MV>;
-  __m256 acc[NR][MV];
-#pragma GCC unroll 12
-  for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 2
-    for (int h = 0; h < MV; ++h) acc[j][h] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < kc; ++c) {
-    __m256 x[MV];
-#pragma GCC unroll 2
-    for (int h = 0; h < MV; ++h) x[h] = _mm256_loadu_ps(xt + c * MR + 8 * h);
-#pragma GCC unroll 12
-    for (int j = 0; j < NR; ++j) {
-      const __m256 w = _mm256_broadcast_ss(wd + j * kWS + c);
-#pragma GCC unroll 2
-      for (int h = 0; h < MV; ++h) acc[j][h] = _mm256_fmadd_ps(x[h], w, acc[j][h]);
-    }
-  }
-#pragma GCC unroll 12
-  for (int j = 0; j < NR; ++j) {
-    double* o = ct + j * ldc;
-#pragma GCC unroll 2
-    for (int h = 0; h < MV; ++h) {
-      const __m256 v = acc[j][h];
-      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-      _mm256_storeu_pd(o + 8 * h, _mm256_add_pd(_mm256_loadu_pd(o + 8 * h), lo));
-      _mm256_storeu_pd(o + 8 * h + 4, _mm256_add_pd(_mm256_loadu_pd(o + 8 * h + 4), hi));
-    }
-  }
-}
-
 struct Ymm {
   static constexpr int64_t kLanes = 8;
-  static constexpr int kNR2 = kNR<2>, kNR1 = kNR<1>;
+  static constexpr int kAcc = 12, kNR2 = kAcc / 2, kNR1 = kAcc;
+  using T = __m256;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T set1(float v) { return _mm256_set1_ps(v); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, T v) { _mm256_store_ps(p, v); }
   template <int MV>
   static void run(const float* xt, const float* wd, int64_t kc, double* ct, int64_t ldc) {
-    micro<MV>(xt, wd, kc, ct, ldc);
+    micro<Ymm, kAcc, MV>(xt, wd, kc, ct, ldc);
   }
 };
 

@@ -24,7 +24,8 @@
 namespace fastllm::cpu::avx2 {
 namespace {
 
-constexpr int64_t kKCMax = 256;  // K per chunk: a panel's chunk of x is 8-16 KiB, a micro-tile's weights 6-12
+constexpr int64_t kKCMax = 256;  // K per chunk: a panel's chunk of x is 8-16 KiB (16-lane: 16-32), a micro-tile's
+                                 // weights 6-12 KiB (16-lane: 12-24)
 constexpr int64_t kWS = kKCMax + 16;  // wd's row stride (rows 1 KiB apart would alias in L1)
 
 // The 8 x 8 block v (rows) transposed in place: v[j] becomes column j.
@@ -76,11 +77,53 @@ void dequant_chunk(const QMatmulArgs& a, int64_t j0, int64_t jn, int64_t b0, int
   }
 }
 
-// Micro: kLanes (L), kNR2 and kNR1 (weight rows per micro-tile of a two- and a one-vector panel; kNR2 divides
-// kNR1, and kNR1 divides kGemmTileRows) and run<MV>(xt, wd, kc, ct, ldc): ct[j * ldc + r] += sum_{c < kc}
-// xt[c * MV L + r] * wd[j * kWS + c] for j < kNR, r < MV L.
+// The micro-kernel on vectors of V::kLanes (L) floats, kAcc accumulators: ct[j * ldc + r] += sum_{c < kc}
+// xt[c * MV L + r] * wd[j * kWS + c] for j < NR = kAcc / MV, r < MV L; per k step MV loads of x and NR broadcasts
+// of weights for kAcc FMAs. V: the vector type T, zero(), load(p), set1(v), fma(a, b, c), store(p, v) (p 64-byte
+// aligned). The chunk's fp32 sums go to ct through memory and 4-lane conversions to double (once per chunk; GCC 12
+// warns about the "undefined" sources of the 512-bit conversion and extracts). (The register loops are unrolled
+// explicitly: otherwise GCC keeps acc in memory and stores it every step.)
+template <class V, int kAcc, int MV>
+void micro(const float* xt, const float* wd, int64_t kc, double* ct, int64_t ldc) {
+  constexpr int64_t L = V::kLanes, MR = L * MV;
+  constexpr int NR = kAcc / MV;
+  typename V::T acc[NR][MV];
+#pragma GCC unroll 24
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 2
+    for (int h = 0; h < MV; ++h) acc[j][h] = V::zero();
+  for (int64_t c = 0; c < kc; ++c) {
+    typename V::T x[MV];
+#pragma GCC unroll 2
+    for (int h = 0; h < MV; ++h) x[h] = V::load(xt + c * MR + L * h);
+#pragma GCC unroll 24
+    for (int j = 0; j < NR; ++j) {
+      const typename V::T w = V::set1(wd[j * kWS + c]);
+#pragma GCC unroll 2
+      for (int h = 0; h < MV; ++h) acc[j][h] = V::fma(x[h], w, acc[j][h]);
+    }
+  }
+#pragma GCC unroll 24
+  for (int j = 0; j < NR; ++j) {
+    double* o = ct + j * ldc;
+#pragma GCC unroll 2
+    for (int h = 0; h < MV; ++h) {
+      alignas(64) float v[L];
+      V::store(v, acc[j][h]);
+#pragma GCC unroll 4
+      for (int q = 0; q < L / 4; ++q)
+        _mm256_storeu_pd(o + L * h + 4 * q,
+                         _mm256_add_pd(_mm256_loadu_pd(o + L * h + 4 * q), _mm256_cvtps_pd(_mm_load_ps(v + 4 * q))));
+    }
+  }
+}
+
+// Micro: the micro-kernels of one vector width: kLanes (L), kNR2 and kNR1 (weight rows per micro-tile of a two-
+// and a one-vector panel; kNR2 divides kNR1, and kNR1 divides kGemmTileRows) and run<MV>(xt, wd, kc, ct, ldc),
+// micro<V, kAcc, MV> above.
 template <QFormat F, class Micro>
 struct GemmFloat {
+  static_assert(Micro::kNR1 % Micro::kNR2 == 0 && kGemmTileRows % Micro::kNR1 == 0, "micro-tiles must tile a tile");
   static constexpr int64_t MR = 2 * Micro::kLanes;
   const QMatmulArgs& a;
   const Panels panels;
