@@ -70,11 +70,14 @@ inline void store_tile(const QMatmulArgs& a, int64_t j0, int64_t jn, const doubl
     scale[jj] = a.fmt == QFormat::I8Channel ? static_cast<const float*>(a.scales)[j0 + jj] : 1.0;
     bias[jj] = a.bias ? load_as_float(a.bias, j0 + jj, a.dt) : 0.0;
   }
-  const size_t es = dtype_size(a.dt);
-  for (int64_t i = 0; i < a.m; ++i)  // row by row: each row of y gets jn adjacent outputs
-    for (int64_t jj = 0; jj < jn; ++jj)
-      store_from_float(static_cast<char*>(a.y) + i * a.y_stride * es, j0 + jj,
-                       static_cast<float>(ct[jj * ldc + i] * scale[jj] + bias[jj]), a.dt);
+  dispatch_dtype(a.dt, [&](auto dt) {  // (the dtype chosen once per tile, not per output)
+    constexpr DType D = decltype(dt)::value;
+    for (int64_t i = 0; i < a.m; ++i) {  // row by row: each row of y gets jn adjacent outputs
+      storage_t<D>* y = static_cast<storage_t<D>*>(a.y) + i * a.y_stride + j0;
+      for (int64_t jj = 0; jj < jn; ++jj)
+        y[jj] = from_float<D>(static_cast<float>(ct[jj * ldc + i] * scale[jj] + bias[jj]));
+    }
+  });
 }
 
 // Blocks of 32 per K chunk when nb blocks are cut into chunks of at most max_k elements, all of one size.
