@@ -389,9 +389,10 @@ def test_qmatmul_bfloat16_extremes(device, backend, scheme, group):
 @pytest.mark.parametrize("scheme,group", FORMATS, ids=str)
 def test_qmatmul_few_rows_register_tiles(device, backend, scheme, group):
     """M = 2-7 in float mode (the AVX-512 register tiles of 4 weight rows x up to 4 rows of x: M = 5-7 in two
-    uneven passes): N = 37 is two 16-row tiles of 4 + 4 + 4 + 4 rows and one of 4 + 1, K = 1152 (36 blocks)
-    runs in K chunks of 18-64 blocks, chunk ends splitting a group of 128 at M = 6 and 7."""
-    for m in (2, 3, 5, 6, 7):
+    uneven passes), and 8-10 where 16-lane FMAs pay ("cpu-avx512" forces that; three passes at 9 and 10):
+    N = 37 is two 16-row tiles of 4 + 4 + 4 + 4 rows and one of 4 + 1, K = 1152 (36 blocks) runs in K chunks
+    of 18-64 blocks, chunk ends splitting a group of 128 at M = 6 and 7."""
+    for m in (2, 3, 5, 6, 7, 8, 9, 10):
         for act in ("float", "int8"):
             if _takes(backend, m, act):
                 _check(*_case(m, 37, 1152, torch.float32, device, 23 + m, scheme, group, m % 2 == 1), act, backend)

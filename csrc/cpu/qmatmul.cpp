@@ -30,10 +30,12 @@ constexpr int64_t kBlock = 32;
 // on a 2-core Zen 4), and its register tiles of 4 weight rows x up to 4 rows of x beat the AVX2 FMA
 // loop at M = 2-7 (SmolLM2's 576 x 3072 and 1536 x 576, every format: 1.0-1.6x) but not at M = 8,
 // where the AVX2 loop takes all 8 rows in one pass (0.85-1.0x: 4 + 4 dequantises each block twice).
-// From avx2::kGemmMinM rows on the GEMM runs on 16-lane FMAs where cpu_zmm_float_gemm() (Intel), else the
-// AVX2 one, also on AVX-512 CPUs: the 16-lane one (32-row panels, 24 zmm accumulators) measured the same on
-// one Zen 4 core at multiples of 32 rows (88-98 GFLOP/s at M = 128; Zen 4 runs two 256-bit FMAs or one
-// 512-bit a cycle) and 1.1-1.5x slower elsewhere (its padding).
+// Where 16-lane FMAs pay (cpu_zmm_float_gemm()) the register tiles run up to avx2::kGemmMinM - 1 rows: on a
+// 2-core Intel Xeon at M = 8-10 they took 0.6-0.75x the AVX2 loop's time (SmolLM2's shapes and 4096 x 4096).
+// From avx2::kGemmMinM rows on the GEMM runs on 16-lane FMAs where cpu_zmm_float_gemm(), else the AVX2 one,
+// also on AVX-512 CPUs: the 16-lane one (32-row panels, 24 zmm accumulators) measured the same on one Zen 4
+// core at multiples of 32 rows (88-98 GFLOP/s at M = 128; Zen 4 runs two 256-bit FMAs or one 512-bit a cycle)
+// and 1.1-1.5x slower elsewhere (its padding).
 constexpr int64_t kAvx512FloatMaxM = 8;
 
 // Block scale of x and its int8 values (see ops.h): bit-identical to the reference because it is
@@ -210,7 +212,8 @@ void qmatmul(const void* x, int64_t x_stride, const void* w, const void* scales,
   Prepared p;
   prepare(x, x_stride, a, p);
   if (cpu_use_avx512() && !int8_act && m >= avx2::kGemmMinM && cpu_zmm_float_gemm()) return avx512::gemm_float(a);
-  if (cpu_use_avx512() && (int8_act || m < kAvx512FloatMaxM))
+  if (cpu_use_avx512() &&
+      (int8_act || m < kAvx512FloatMaxM || (m < avx2::kGemmMinM && cpu_zmm_float_gemm())))
     return avx512::qmatmul(a);
   if (cpu_use_avx2()) return avx2::qmatmul(a);
   dispatch_qformat(fmt, [&](auto f) {
