@@ -180,7 +180,7 @@ def environment(device: str) -> dict:
         ext = _backend.extension()
         if ext is not None:  # (the float qmatmul GEMM's vector width: its timings depend on it)
             info["cpu_zmm_fma_gain"] = round(ext.cpu_zmm_fma_gain(), 2)
-            info["cpu_zmm_float_gemm"] = ext.cpu_zmm_float_gemm()
+            info["cpu_zmm_float_gemm"] = ext.cpu_zmm_float_gemm() and ext.cpu_simd_level() >= 2
     try:
         import triton
 

@@ -24,8 +24,9 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machin
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
 
 # Backends each op can run on, per device type ("cpu": the C++ kernels at the best SIMD level of this CPU,
-# "cpu-avx512": capped at AVX-512 without its bfloat16 dot products, and qmatmul's float GEMM on 16-lane FMAs
-# whatever the CPU's default (cpu_zmm_float_gemm: Intel Xeons run those, Zen 4 the 8-lane one), "cpu-avx2": capped
+# "cpu-avx512": capped at AVX-512 without its bfloat16 dot products, and qmatmul's float GEMM on 16-lane FMAs (float
+# mode at M = 8-10 on the AVX-512 register tiles) whatever the CPU's default (cpu_zmm_float_gemm: Intel Xeons run
+# those, Zen 4 the 8-lane GEMM and the AVX2 loop), "cpu-avx2": capped
 # at AVX2 (ops with such paths), "cpu-scalar": with SIMD switched off).
 _BACKENDS = {
     "softmax": {"cpu": ["cpu", "cpu-scalar", "triton", "torch"], "cuda": ["triton", "torch"]},
@@ -51,7 +52,7 @@ def device_backends(op: str):
 @contextlib.contextmanager
 def running_on(backend: str):
     """Force `backend` for the ops in this block ("cpu-scalar" / "cpu-avx2" / "cpu-avx512" also cap the SIMD
-    level; "cpu-avx512" forces the 16-lane float GEMM too)."""
+    level; "cpu-avx512" forces the 16-lane float GEMM and the AVX-512 tiles at M = 8-10 too)."""
     ext = _backend.extension()
     caps = {"cpu-scalar": 0, "cpu-avx2": 1, "cpu-avx512": 2}
     if backend in caps:

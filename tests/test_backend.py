@@ -329,7 +329,8 @@ def test_simd_caps_from_the_environment():
 def test_zmm_float_gemm_switch():
     """qmatmul's float GEMM runs on 16-lane FMAs by default where they give at least 1.5x the 8-lane ones' lanes
     a second (measured once: about 2 on Intel Xeons, about 1 on Zen 4; 0 without AVX-512);
-    set_cpu_zmm_float_gemm forces it on (1) or off (0) and returns the mode it replaced, -1 restores the default."""
+    set_cpu_zmm_float_gemm forces it on (1) or off (0) and returns the mode it replaced, -1 restores the default;
+    FASTLLM_ZMM_FLOAT_GEMM=0 / 1 fixes it at load time."""
     ext = _backend.extension()
     gain = ext.cpu_zmm_fma_gain()
     if ext.cpu_has_avx512_vnni():
@@ -344,5 +345,12 @@ def test_zmm_float_gemm_switch():
         assert ext.set_cpu_zmm_float_gemm(0) == 1
         assert not ext.cpu_zmm_float_gemm()
     finally:
-        assert ext.set_cpu_zmm_float_gemm(-1) == 0
+        last = ext.set_cpu_zmm_float_gemm(-1)
+    assert last == 0
     assert ext.cpu_zmm_float_gemm() == (gain >= 1.5)
+    for value, forced in (("0", False), ("1", True)):  # FASTLLM_ZMM_FLOAT_GEMM fixes the choice at load time
+        env = {**os.environ, "FASTLLM_ZMM_FLOAT_GEMM": value}
+        code = "from fastllm import _backend; print(_backend.extension().cpu_zmm_float_gemm())"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == str(forced), (value, out.stdout)

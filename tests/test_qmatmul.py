@@ -404,7 +404,7 @@ def test_qmatmul_few_rows_register_tiles(device, backend, scheme, group):
 def test_qmatmul_many_rows(device, backend, dtype, scheme, group):
     """Prefill-sized M: the float GEMM (from 11 rows) on 8-lane vectors in panels of 16 rows, the last one
     partial (11) or of 8 rows where at most 8 are left (24: 16 + 8, 33: 32 + 1, 70: 64 + 6), on 16-lane ones
-    ("cpu-avx512", and "cpu" on Intel CPUs) in panels of 32 rows, the last one of 16 where at most 16 are left
+    ("cpu-avx512", and "cpu" where cpu_zmm_fma_gain() >= 1.5) in panels of 32 rows, the last one of 16 where at most 16 are left
     (11, 16: one of 16; 24: one of 32; 33: 32 + 1; 70: 64 + 6), micro-tiles of 12 and 24 weight rows;
     the AVX-512 int8 GEMM (from 12 rows) in one-vector panels up to 16 rows (16), two-vector panels of 32
     above, the last one partial. N = 53: a tile of 48 weight rows and one of 5, its micro-tiles padded with

@@ -88,12 +88,20 @@ void set_cpu_simd_max(int level) { g_simd_max.store(level, std::memory_order_rel
 
 void set_cpu_simd_enabled(bool enabled) { set_cpu_simd_max(enabled ? kSimdAvx512Bf16 : kSimdScalar); }
 
+double measure_zmm_fma_gain();  // fma_probe_avx512.cpp: AVX-512 instructions, so only where cpu_has_avx512_vnni()
+
 double cpu_zmm_fma_gain() {
   static const double gain = cpu_has_avx512_vnni() ? measure_zmm_fma_gain() : 0.0;
   return gain;
 }
 
-static std::atomic<int> g_zmm_float_gemm{-1};
+static int env_zmm_float_gemm() {
+  const char* v = std::getenv("FASTLLM_ZMM_FLOAT_GEMM");
+  if (!v || v[0] == '\0') return -1;
+  return std::strcmp(v, "0") != 0;
+}
+
+static std::atomic<int> g_zmm_float_gemm{env_zmm_float_gemm()};
 
 bool cpu_zmm_float_gemm() {
   const int mode = g_zmm_float_gemm.load(std::memory_order_relaxed);

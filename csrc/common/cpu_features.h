@@ -34,11 +34,12 @@ void set_cpu_simd_enabled(bool enabled);
 // 0.5 ms, fma_probe_avx512.cpp) on AVX-512 CPUs (0 elsewhere): about 2 where a core issues two 512-bit FMAs a cycle
 // (Intel Xeon), about 1 where it splits them into 256-bit halves (Zen 4) or has one 512-bit port.
 double cpu_zmm_fma_gain();
-double measure_zmm_fma_gain();  // (a fresh measurement; AVX-512 CPUs only)
 // Whether the float qmatmul GEMM (prefill) runs on 16-lane FMAs at the AVX-512 level: by default where
 // cpu_zmm_fma_gain() >= 1.5 (elsewhere the 8-lane GEMM is as fast, and its smaller panels pad less).
-// set_cpu_zmm_float_gemm(1 / 0) forces it on / off (the tests run both GEMMs on one machine), -1 restores the
-// default; it returns the mode it replaced.
+// The choice also moves float mode at M = 8-10 onto the AVX-512 register tiles (a different summation order), so
+// FASTLLM_ZMM_FLOAT_GEMM=0 / 1 in the environment fixes it at load time for runs that must not depend on a
+// timing. set_cpu_zmm_float_gemm(1 / 0) forces it on / off (the tests run both paths on one machine), -1 restores
+// the default; it returns the mode it replaced.
 bool cpu_zmm_float_gemm();
 int set_cpu_zmm_float_gemm(int mode);
 

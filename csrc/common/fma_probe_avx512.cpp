@@ -53,7 +53,7 @@ double measure_zmm_fma_gain() {
     ymm = std::min(ymm, fma_seconds(y_set, y_fma, y_first, 8192));
     zmm = std::min(zmm, fma_seconds(z_set, z_fma, z_first, 8192));
   }
-  return zmm > 0.0 ? 2.0 * ymm / zmm : 1.0;
+  return ymm > 0.0 && zmm > 0.0 ? 2.0 * ymm / zmm : 1.0;  // (a clock too coarse to time them: no preference)
 }
 
 }  // namespace fastllm
